@@ -1,0 +1,67 @@
+"""The base experiment config: every field, its default and its meaning.
+
+Files in `configs/` start from `base_config()` and override what their experiment needs; any field can
+be overridden on the command line, e.g. `--config.batch_size=8 --config.model.size=tiny`.
+"""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults shared by every experiment; each field is documented here once."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # Seeds initialisation, data order, extended-time draws and noise.
+  c.total_steps = 10_000  # Optimizer steps of the whole run.
+  c.batch_size = 64  # Global batch size (examples per step, over all processes).
+  c.log_every = 50  # Steps between training-metric summaries.
+  c.checkpoint_every = 500  # Steps between checkpoints (the last step is always saved).
+  c.keep_checkpoints = 2  # How many recent checkpoints to keep in the workdir.
+  c.sample_every = 1000  # Steps between sample GIFs written to the workdir (0: only at the end).
+  c.num_sample_videos = 16  # Videos sampled for each GIF grid.
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = 'shapes'  # Source of clips: 'shapes' or 'coloring' (procedural, no files needed).
+  c.data.seed = 0  # Seed of the procedural clip generator (which videos exist, not their order).
+  c.data.num_records = 1_000_000  # Nominal size of a procedural source (shuffled, repeated).
+  c.data.image_size = 32  # Frame height and width of 'shapes' clips.
+  c.data.min_frames = 6  # Shortest 'shapes' clip.
+  c.data.max_frames = 16  # Longest clip; the model's frame capacity at sampling time.
+  c.data.max_shapes = 2  # 'shapes': 1 or 2 shapes per clip.
+  c.data.buckets = (4, 8, 12, 16)  # Frame-axis sizes that visible frames are padded to.
+  c.data.num_threads = 2  # Grain reader threads per process.
+  c.data.prefetch = 64  # Examples Grain reads ahead.
+
+  c.flow = ml_collections.ConfigDict()
+  c.flow.kappa = 'linear'  # Insertion scheduler: 'linear', 'cubic' or 'cosine'.
+  c.flow.num_start_frames = 2  # Frames present from the start (frame 0 plus random others).
+  c.flow.tau_distribution = 'uniform'  # Global time draw: 'uniform' or 'logit_normal'.
+  c.flow.snr_shift = 1.0  # Shift of denoising time towards noise, t / (t + s (1 - t)); 1 is off.
+  c.flow.rate_weight = 1.0  # Weight of the insertion-rate loss against the velocity loss.
+  c.flow.p_uncond = 0.1  # Probability of dropping the class label (for guidance).
+
+  c.model = ml_collections.ConfigDict()
+  c.model.size = 'mini'  # Named DiT size (see `model.MODEL_SIZES`): tiny, mini, S, B, L, XL.
+  c.model.patch_size = 4  # Square patch side in pixels; frame height and width must divide by it.
+  c.model.mlp_ratio = 4.0  # MLP hidden width over model width.
+  c.model.dtype = 'float32'  # Activation dtype: 'float32' or 'bfloat16' (parameters stay float32).
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.learning_rate = 3e-4  # Peak AdamW learning rate.
+  c.optim.warmup_steps = 200  # Linear warm-up steps, then cosine decay to `end_factor`.
+  c.optim.end_factor = 0.1  # Final learning rate as a fraction of the peak.
+  c.optim.weight_decay = 0.0  # AdamW decoupled weight decay.
+  c.optim.b1 = 0.9  # AdamW first-moment decay.
+  c.optim.b2 = 0.99  # AdamW second-moment decay.
+  c.optim.grad_clip = 1.0  # Global gradient-norm clip.
+  c.optim.ema_decay = 0.999  # Decay of the EMA parameters used for sampling.
+
+  c.sampler = ml_collections.ConfigDict()
+  c.sampler.num_steps = 100  # Flow steps per unit time (a run takes at most twice as many).
+  c.sampler.insertion = 'bernoulli'  # Insertions per gap and step: 'bernoulli' or 'poisson'.
+  c.sampler.guidance_scale = 1.0  # Classifier-free guidance on the velocity (1 is off).
+  c.sampler.rate_guidance = 1.0  # Guidance on insertion log-rates (1 is off).
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # Devices on the data-parallel axis (-1: all remaining devices).
+  c.mesh.fsdp = 1  # Devices on the parameter-sharding axis.
+  return c

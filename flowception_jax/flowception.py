@@ -1,0 +1,217 @@
+"""The Flowception process maths: insertion schedulers, extended time, targets and losses.
+
+Conventions: flow time `t = 0` is noise and `t = 1` is data, `x_t = t x1 + (1 - t) x0`, target velocity
+`x1 - x0`. Every frame has its own time. A frame with delay `u_i` is inserted when the global extended
+time `tau_g` passes `u_i` and is clean one unit later.
+
+The training-side sampler (`sample_extended_time`, `compact`, `insertion_targets`) works on one example
+in NumPy because it runs on the host inside the input pipeline, where each example is compacted to its
+own length before bucketing. The schedulers and SNR shift accept NumPy or JAX arrays; the losses and
+the insertion hazard are JAX, used inside jit.
+"""
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Poisson NLL: log-rates are clipped here before `exp` so that a large logit cannot overflow.
+MAX_LOG_RATE = 11.0
+
+
+def _xp(x):
+  """The array namespace of `x`: jnp for JAX arrays and tracers, np otherwise."""
+  return jnp if isinstance(x, jax.Array) else np
+
+
+@dataclasses.dataclass(frozen=True)
+class Kappa:
+  """An insertion scheduler: `kappa(t)` is the probability that a frame is inserted by global time t.
+
+  Monotone on [0, 1] with kappa(0) = 0 and kappa(1) = 1; `inverse` maps a uniform draw to a delay.
+  """
+  name: str
+  fn: Callable
+  derivative: Callable
+  inverse: Callable
+
+
+def _linear():
+  return Kappa('linear', lambda t: t, lambda t: t * 0 + 1.0, lambda u: u)
+
+
+def _cubic():
+  return Kappa('cubic', lambda t: t**3, lambda t: 3 * t**2, lambda u: u ** (1.0 / 3.0))
+
+
+def _cosine():
+  def fn(t):
+    return 1 - _xp(t).cos(np.pi * t / 2)
+
+  def derivative(t):
+    return np.pi / 2 * _xp(t).sin(np.pi * t / 2)
+
+  def inverse(u):
+    xp = _xp(u)
+    return 2 / np.pi * xp.arccos(xp.clip(1 - u, -1.0, 1.0))
+
+  return Kappa('cosine', fn, derivative, inverse)
+
+
+KAPPAS = {'linear': _linear, 'cubic': _cubic, 'cosine': _cosine}
+
+
+def get_kappa(name: str) -> Kappa:
+  """The insertion scheduler called `name` (one of `KAPPAS`)."""
+  if name not in KAPPAS:
+    raise ValueError(f'unknown kappa {name!r}; known: {", ".join(KAPPAS)}; set --config.flow.kappa')
+  return KAPPAS[name]()
+
+
+def snr_shift(t, shift: float):
+  """Shifts denoising time towards noise: `t / (t + s (1 - t))`; identity for `shift == 1`."""
+  if shift == 1.0:
+    return t
+  return t / (t + shift * (1 - t))
+
+
+def insertion_probability_mass(kappa: Kappa, t_global, step):
+  """Expected insertions per unit rate in [t_g, t_g + step]: `(k(t+h) - k(t)) / (1 - k(t))`.
+
+  This is the exact integral of the scheduler's hazard `k'(t) / (1 - k(t))`; multiplied by a
+  predicted rate `lambda_i` it gives the Poisson mean of insertions in gap i during the step.
+  """
+  t_next = jnp.minimum(t_global + step, 1.0)
+  k_now = kappa.fn(t_global)
+  remaining = jnp.maximum(1.0 - k_now, 1e-6)
+  return jnp.clip((kappa.fn(t_next) - k_now) / remaining, 0.0, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtendedTime:
+  """One training example's extended-time state, over its `N` valid frames (uncompacted).
+
+  delays: float32 [N], 0 for start and context frames.
+  tau: float32 [N], per-frame extended time `tau_g - delays` (context frames are pinned to >= 1).
+  tau_global: float32 scalar.
+  """
+  delays: np.ndarray
+  tau: np.ndarray
+  tau_global: float
+
+  @property
+  def visible(self) -> np.ndarray:
+    """bool [N]: inserted frames (in flow or done)."""
+    return self.tau >= 0
+
+  @property
+  def in_flow(self) -> np.ndarray:
+    """bool [N]: visible frames still being denoised."""
+    return (self.tau >= 0) & (self.tau < 1)
+
+  @property
+  def times(self) -> np.ndarray:
+    """float32 [N]: per-frame flow time `clip(tau, 0, 1)`."""
+    return np.clip(self.tau, 0.0, 1.0).astype(np.float32)
+
+
+def sample_global_ratio(rng: np.random.Generator, distribution: str) -> float:
+  """Draws `r` in (0, 1), with `tau_g = r * tau_max`: 'uniform' or 'logit_normal'."""
+  if distribution == 'uniform':
+    return float(rng.uniform())
+  if distribution == 'logit_normal':
+    return float(1.0 / (1.0 + np.exp(-rng.normal())))
+  raise ValueError(f'unknown tau distribution {distribution!r}; known: uniform, logit_normal; '
+                   'set --config.flow.tau_distribution')
+
+
+def sample_extended_time(rng: np.random.Generator, num_frames: int, *, kappa: Kappa,
+                         num_start_frames: int, tau_distribution: str = 'uniform',
+                         context: np.ndarray | None = None, max_tries: int = 8) -> ExtendedTime:
+  """Samples start frames, delays and a global time for one video of `num_frames` frames.
+
+  Frame 0 and `num_start_frames - 1` other random frames start at delay 0; every other frame gets
+  `kappa^-1(U)`. `context` (bool [N]) marks clean conditioning frames: delay 0 and done from the start.
+  If no frame is in flow the global time is redrawn (at most `max_tries` times); after that the most
+  recently inserted non-context frame (or, if none is visible, the next one to be inserted) is put
+  in flow at time 0, so every example trains the velocity.
+  """
+  n = num_frames
+  context = np.zeros(n, bool) if context is None else np.asarray(context, bool)
+  delays = kappa.inverse(rng.uniform(size=n)).astype(np.float32)
+  starts = np.zeros(n, bool)
+  starts[0] = True
+  extra = min(num_start_frames - 1, n - 1)
+  if extra > 0:
+    starts[1 + rng.choice(n - 1, size=extra, replace=False)] = True
+  delays[starts | context] = 0.0
+  tau_max = float(delays.max()) + 1.0
+  flowing = ~context
+  tau = -delays  # Before any draw only the start frames are visible.
+  for _ in range(max_tries):
+    tau_global = sample_global_ratio(rng, tau_distribution) * tau_max
+    tau = tau_global - delays
+    if np.any((tau >= 0) & (tau < 1) & flowing) or not flowing.any():
+      break
+  else:
+    # Pin the global time so that a non-context frame has just entered the flow: the last one
+    # inserted, or the first one to be inserted if none is visible yet.
+    seen = flowing & (tau >= 0)
+    if seen.any():
+      tau_global = float(delays[seen].max())
+    else:
+      tau_global = float(delays[flowing].min()) if flowing.any() else 0.0
+    tau = tau_global - delays
+  tau = np.where(context, np.maximum(tau, 1.0), tau).astype(np.float32)
+  return ExtendedTime(delays=delays, tau=tau, tau_global=float(tau_global))
+
+
+def insertion_targets(visible: np.ndarray) -> np.ndarray:
+  """For each frame, the number of invisible frames after it up to the next visible frame.
+
+  visible: bool [N] over the valid frames of one video. Returns int32 [N]; entries of invisible frames
+  are 0. The last visible frame counts every invisible frame after it.
+  """
+  visible = np.asarray(visible, bool)
+  # Each invisible frame belongs to the gap of the last visible frame before it.
+  owner = np.maximum.accumulate(np.where(visible, np.arange(visible.size), -1))
+  counts = np.bincount(owner[(~visible) & (owner >= 0)], minlength=visible.size)
+  return np.where(visible, counts, 0).astype(np.int32)
+
+
+def compact(visible: np.ndarray, capacity: int) -> np.ndarray:
+  """Gather indices that move the visible frames to the front, keeping their order.
+
+  visible: bool [N]. Returns int32 [capacity]: slot s holds original frame `index[s]` for
+  `s < visible.sum()`; the remaining slots repeat index 0 and must be masked out.
+  """
+  order = np.flatnonzero(visible)
+  if order.size > capacity:
+    raise ValueError(f'{order.size} visible frames do not fit in {capacity} slots')
+  return np.pad(order, (0, capacity - order.size)).astype(np.int32)
+
+
+def velocity_loss(velocity, target, mask):
+  """Mean squared error over the elements of frames in `mask`.
+
+  velocity, target: [B, F, H, W, C]; mask: bool [B, F] (frames in flow, not context, not padding).
+  Returns a float32 scalar; 0 when the mask is empty.
+  """
+  per_frame = jnp.mean(jnp.square(velocity.astype(jnp.float32) - target.astype(jnp.float32)),
+                       axis=(2, 3, 4))
+  mask = mask.astype(jnp.float32)
+  return jnp.sum(per_frame * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def rate_loss(log_rate, targets, mask):
+  """Poisson negative log-likelihood of the insertion counts, averaged over frames in `mask`.
+
+  log_rate: [B, F] predicted log-rates; targets: int [B, F] insertion counts; mask: bool [B, F]
+  (visible frames that may insert). Its minimiser is `lambda = E[k]`.
+  """
+  rate = jnp.exp(jnp.minimum(log_rate.astype(jnp.float32), MAX_LOG_RATE))
+  nll = rate - targets.astype(jnp.float32) * jnp.log(rate + 1e-8)
+  mask = mask.astype(jnp.float32)
+  return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)

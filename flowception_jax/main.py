@@ -1,0 +1,33 @@
+r"""Trains a Flowception model.
+
+  python -m flowception_jax.main --config=configs/shapes.py --workdir=/tmp/shapes
+
+Any config field can be overridden, e.g. `--config.batch_size=8`. Running the same command again
+resumes from the latest checkpoint in the workdir.
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+from flowception_jax import train
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and samples.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.info('JAX %s, %d processes, local devices %s', jax.__version__, jax.process_count(),
+               jax.local_devices())
+  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  jax.config.config_with_absl()
+  app.run(main)

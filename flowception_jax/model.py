@@ -1,0 +1,255 @@
+"""The Flowception DiT: a transformer over space-time tokens with a time and a rate per frame.
+
+Each frame is patchified (its channels doubled by the clean context frame at the same slot) and gets
+one extra learnable rate token. All tokens of all frames attend to each other (padded frames are
+masked as keys); adaLN-Zero modulation is computed per frame from that frame's own time and the
+class, and broadcast to its tokens. Rotary embeddings encode (slot, row, column). After the last
+block the patch tokens give the velocity and the rate token gives the frame's insertion log-rate.
+
+Parameters carry logical axis names ('embed', 'mlp', 'heads', 'kv', 'patch', 'vocab') that
+`sharding.LOGICAL_RULES` maps onto the mesh; activations are constrained to ('batch', 'length',
+'embed').
+"""
+
+import math
+from typing import Any
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# Named sizes: (hidden size, depth, heads). 'tiny' is for tests; S..XL follow DiT.
+MODEL_SIZES = {
+    'tiny': (32, 2, 2),
+    'mini': (128, 4, 4),
+    'small': (256, 6, 4),
+    'S': (384, 12, 6),
+    'B': (768, 12, 12),
+    'L': (1024, 24, 16),
+    'XL': (1152, 28, 16),
+}
+_TIME_FEATURES = 256
+
+
+def _dense(features: int, axes: tuple[str, str], name: str, dtype, param_dtype,
+           zero: bool = False, use_bias: bool = True) -> nn.Dense:
+  init = nn.initializers.zeros_init() if zero else nn.initializers.xavier_uniform()
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+                  kernel_init=nn.with_logical_partitioning(init, axes),
+                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[1:]))
+
+
+def _constrain(x: jax.Array) -> jax.Array:
+  return nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
+
+
+def timestep_features(t: jax.Array, dim: int = _TIME_FEATURES) -> jax.Array:
+  """Sinusoidal features of times in [0, 1], [...] -> [..., dim] (DiT scaling by 1000)."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(10_000.0) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = 1000.0 * t[..., None].astype(jnp.float32) * freqs
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def rope_split(head_dim: int) -> tuple[int, int, int]:
+  """Rotary frequency pairs given to the (slot, row, column) axes of one attention head."""
+  if head_dim % 2:
+    raise ValueError(f'attention head size {head_dim} must be even for rotary embeddings')
+  pairs = head_dim // 2
+  spatial = pairs // 3
+  return pairs - 2 * spatial, spatial, spatial
+
+
+def rotary_angles(coords: jax.Array, head_dim: int, theta: float) -> jax.Array:
+  """Angles [..., head_dim // 2] for integer coordinates [..., 3] (slot, row, column)."""
+  parts = []
+  for axis, pairs in enumerate(rope_split(head_dim)):
+    if pairs:
+      freqs = theta ** (-jnp.arange(pairs, dtype=jnp.float32) / pairs)
+      parts.append(coords[..., axis, None].astype(jnp.float32) * freqs)
+  return jnp.concatenate(parts, axis=-1)
+
+
+def apply_rotary(x: jax.Array, angles: jax.Array) -> jax.Array:
+  """Rotates pairs (x[..., :d/2], x[..., d/2:]) of x [B, S, N, D] by angles [B, S, D/2]."""
+  cos = jnp.cos(angles)[:, :, None, :]
+  sin = jnp.sin(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+  return out.astype(x.dtype)
+
+
+def _modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+  """adaLN modulation of x [B, F, T, D] by per-frame shift and scale [B, F, D]."""
+  return x * (1.0 + scale[:, :, None, :]) + shift[:, :, None, :]
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with QK normalisation, rotary embeddings and a key mask."""
+  num_heads: int
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x: jax.Array, angles: jax.Array, key_mask: jax.Array) -> jax.Array:
+    """x [B, S, D], angles [B, S, D_head / 2], key_mask bool [B, S] -> [B, S, D]."""
+    b, s, d = x.shape
+    head_dim = d // self.num_heads
+    qkv = nn.DenseGeneral(
+        (3, self.num_heads, head_dim), dtype=self.dtype, param_dtype=self.param_dtype, name='qkv',
+        kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(),
+                                                 ('embed', None, 'heads', 'kv')),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                               (None, 'heads', 'kv')))(x)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    q = nn.RMSNorm(dtype=self.dtype, param_dtype=self.param_dtype, name='q_norm')(q)
+    k = nn.RMSNorm(dtype=self.dtype, param_dtype=self.param_dtype, name='k_norm')(k)
+    q, k = apply_rotary(q, angles), apply_rotary(k, angles)
+    out = jax.nn.dot_product_attention(q, k, v, mask=key_mask[:, None, None, :])
+    return nn.DenseGeneral(
+        d, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype, name='out',
+        kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(),
+                                                 ('heads', 'kv', 'embed')),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ('embed',)))(out)
+
+
+class Block(nn.Module):
+  """A DiT block with adaLN-Zero modulation computed per frame."""
+  num_heads: int
+  mlp_ratio: float
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x: jax.Array, cond: jax.Array, angles: jax.Array,
+               key_mask: jax.Array) -> jax.Array:
+    """x [B, F, T, D] tokens of F frames, cond [B, F, D] -> [B, F, T, D]."""
+    b, f, t, d = x.shape
+    mod = _dense(6 * d, ('embed', 'mlp'), 'adaln', self.dtype, self.param_dtype,
+                 zero=True)(nn.silu(cond))
+    shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod, 6, axis=-1)
+    norm = lambda name: nn.LayerNorm(use_bias=False, use_scale=False, dtype=self.dtype, name=name)
+
+    h = _modulate(norm('norm1')(x), shift1, scale1).reshape(b, f * t, d)
+    h = Attention(self.num_heads, self.dtype, self.param_dtype, name='attn')(
+        _constrain(h), angles, key_mask)
+    x = x + gate1[:, :, None, :] * h.reshape(b, f, t, d)
+
+    h = _modulate(norm('norm2')(x), shift2, scale2)
+    h = _dense(int(d * self.mlp_ratio), ('embed', 'mlp'), 'mlp_in', self.dtype, self.param_dtype)(h)
+    h = _dense(d, ('mlp', 'embed'), 'mlp_out', self.dtype, self.param_dtype)(nn.gelu(h))
+    return x + gate2[:, :, None, :] * h
+
+
+class DiT(nn.Module):
+  """Flowception DiT: per-frame velocity and insertion log-rate of a padded frame sequence."""
+  patch_size: int
+  channels: int
+  hidden_size: int
+  depth: int
+  num_heads: int
+  mlp_ratio: float = 4.0
+  num_classes: int = 0
+  rope_theta: float = 10_000.0
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, frames: jax.Array, context: jax.Array, frame_times: jax.Array,
+               positions: jax.Array, frame_mask: jax.Array,
+               labels: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Velocity and log-rate of every frame slot.
+
+    Args:
+      frames: [B, F, H, W, C] noisy frames (clean for done and context frames).
+      context: [B, F, H, W, C] clean context frames, zeros in other slots.
+      frame_times: [B, F] per-frame flow times in [0, 1].
+      positions: int [B, F] slot indices of the compacted sequence.
+      frame_mask: bool [B, F] real frames; padded slots are masked as keys.
+      labels: int [B] class labels, `num_classes` meaning none; ignored if `num_classes == 0`.
+
+    Returns:
+      velocity float32 [B, F, H, W, C] and log_rate float32 [B, F].
+    """
+    b, f, hgt, wid, c = frames.shape
+    p, d = self.patch_size, self.hidden_size
+    chex.assert_shape([frames, context], (b, f, hgt, wid, self.channels))
+    chex.assert_shape([frame_times, positions, frame_mask], (b, f))
+    if hgt % p or wid % p:
+      raise ValueError(f'frame size {hgt}x{wid} is not divisible by the patch size {p}; '
+                       'set --config.model.patch_size to a divisor of both')
+    if d % self.num_heads:
+      raise ValueError(f'hidden size {d} is not divisible by {self.num_heads} heads')
+    gh, gw = hgt // p, wid // p
+
+    # ---- Tokens: patches of [noisy | context] plus one rate token per frame ---------------------
+    x = jnp.concatenate([frames, context], axis=-1).astype(self.dtype)
+    x = x.reshape(b, f, gh, p, gw, p, 2 * c).transpose(0, 1, 2, 4, 3, 5, 6)
+    x = x.reshape(b, f, gh * gw, p * p * 2 * c)
+    x = _dense(d, ('patch', 'embed'), 'patch_embed', self.dtype, self.param_dtype)(x)
+    rate_token = self.param('rate_token', nn.with_logical_partitioning(
+        nn.initializers.normal(0.02), ('embed',)), (d,), self.param_dtype)
+    x = jnp.concatenate(
+        [x, jnp.broadcast_to(rate_token.astype(self.dtype), (b, f, 1, d))], axis=2)
+    tokens = gh * gw + 1
+
+    # ---- Per-frame conditioning: time (+ class) ---------------------------------------------------
+    cond = _dense(d, ('mlp', 'embed'), 'time_in', self.dtype, self.param_dtype)(
+        timestep_features(frame_times))
+    cond = _dense(d, ('embed', 'mlp'), 'time_out', self.dtype, self.param_dtype)(nn.silu(cond))
+    if self.num_classes:
+      labels = jnp.full((b,), self.num_classes, jnp.int32) if labels is None else labels
+      embed = nn.Embed(
+          self.num_classes + 1, d, dtype=self.dtype, param_dtype=self.param_dtype, name='class_embed',
+          embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                      ('vocab', 'embed')))
+      cond = cond + embed(labels)[:, None, :]
+
+    # ---- Rotary coordinates (slot, row, column) and the key mask ---------------------------------
+    rows, cols = jnp.meshgrid(jnp.arange(gh), jnp.arange(gw), indexing='ij')
+    spatial = jnp.stack([rows.ravel(), cols.ravel()], axis=-1)
+    spatial = jnp.concatenate([spatial, jnp.array([[gh, gw]])], axis=0)  # The rate token's place.
+    coords = jnp.concatenate([
+        jnp.broadcast_to(positions[:, :, None, None], (b, f, tokens, 1)),
+        jnp.broadcast_to(spatial, (b, f, tokens, 2))], axis=-1).reshape(b, f * tokens, 3)
+    angles = rotary_angles(coords, d // self.num_heads, self.rope_theta)
+    key_mask = jnp.repeat(frame_mask, tokens, axis=1)
+
+    for i in range(self.depth):
+      x = Block(self.num_heads, self.mlp_ratio, self.dtype, self.param_dtype, name=f'block_{i}')(
+          x, cond, angles, key_mask)
+
+    # ---- Heads: velocity from patch tokens, log-rate from the rate token -------------------------
+    mod = _dense(2 * d, ('embed', 'mlp'), 'final_adaln', self.dtype, self.param_dtype,
+                 zero=True)(nn.silu(cond))
+    shift, scale = jnp.split(mod, 2, axis=-1)
+    patches = nn.LayerNorm(use_bias=False, use_scale=False, dtype=self.dtype,
+                           name='final_norm')(x[:, :, :-1])
+    patches = _dense(p * p * c, ('embed', 'patch'), 'velocity_out', self.dtype, self.param_dtype,
+                     zero=True)(_modulate(patches, shift, scale))
+    velocity = patches.reshape(b, f, gh, gw, p, p, c).transpose(0, 1, 2, 4, 3, 5, 6)
+    velocity = velocity.reshape(b, f, hgt, wid, c)
+
+    r = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name='rate_norm')(x[:, :, -1])
+    r = _dense(d, ('embed', 'mlp'), 'rate_hidden', self.dtype, self.param_dtype)(r)
+    log_rate = _dense(1, ('mlp', None), 'rate_out', self.dtype, self.param_dtype,
+                      zero=True)(nn.silu(r))[..., 0]
+    return velocity.astype(jnp.float32), log_rate.astype(jnp.float32)
+
+
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def build_model(model_config, *, channels: int, num_classes: int) -> DiT:
+  """The DiT named by `model_config.size`, for frames with `channels` channels."""
+  if model_config.size not in MODEL_SIZES:
+    raise ValueError(f'unknown model size {model_config.size!r}; set --config.model.size to one of '
+                     f'{sorted(MODEL_SIZES)}')
+  if model_config.dtype not in _DTYPES:
+    raise ValueError(f'unknown activation dtype {model_config.dtype!r}; set --config.model.dtype '
+                     f'to one of {sorted(_DTYPES)}')
+  hidden, depth, heads = MODEL_SIZES[model_config.size]
+  return DiT(patch_size=model_config.patch_size, channels=channels, hidden_size=hidden, depth=depth,
+             num_heads=heads, mlp_ratio=model_config.mlp_ratio, num_classes=num_classes,
+             dtype=_DTYPES[model_config.dtype])

@@ -1,0 +1,295 @@
+"""The Flowception generative process: per-frame Euler denoising interleaved with frame insertions.
+
+A fixed buffer of `capacity` frame slots per video holds the alive frames left-aligned. Every
+iteration makes one model evaluation (two, batched, under classifier-free guidance), moves every
+alive non-context frame one Euler step towards `t = 1`, and, while the global time `t_g < 1`,
+inserts fresh noise frames after each frame with the scheduler's hazard times the predicted rate.
+Insertions that do not fit in the buffer are dropped (the leftmost gaps are served first); existing
+frames never are. The whole run is one `jax.lax.while_loop` inside `jax.jit`, so any generated
+length costs one compilation.
+
+Per-frame times are derived from integer step counts, so a frame that entered at iteration `k`
+reaches exactly `t = 1` after `num_steps` iterations and the run lasts at most `2 * num_steps`.
+"""
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import chex
+import flax
+import jax
+import jax.numpy as jnp
+
+from flowception_jax import flowception
+
+INSERTION_MODES = ('bernoulli', 'poisson')
+
+# `apply_fn(params, frames, context, frame_times, positions, frame_mask, labels)
+#   -> (velocity [B, N, H, W, C], log_rate [B, N])`.
+ApplyFn = Callable[..., tuple[jax.Array, jax.Array]]
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+  """Sampling hyper-parameters.
+
+  num_steps: Euler steps per unit of time, `h = 1 / num_steps`.
+  num_start_frames: noise frames a video starts from when it is given no initial frame.
+  kappa: insertion scheduler name (`flowception.KAPPAS`).
+  insertion: insertions per gap and step, 'bernoulli' (at most one) or 'poisson' (counts).
+  guidance_scale: classifier-free guidance weight on the velocity (1 is off).
+  rate_guidance: guidance weight on the insertion log-rates (1 is off).
+  snr_shift: the denoising-time shift the model was trained with (1 is off).
+  """
+  num_steps: int
+  num_start_frames: int
+  kappa: str = 'linear'
+  insertion: str = 'bernoulli'
+  guidance_scale: float = 1.0
+  rate_guidance: float = 1.0
+  snr_shift: float = 1.0
+
+  def __post_init__(self):
+    if self.insertion not in INSERTION_MODES:
+      raise ValueError(f'unknown insertion mode {self.insertion!r}; known: '
+                       f'{", ".join(INSERTION_MODES)}; set --config.sampler.insertion')
+    if self.num_steps < 1:
+      raise ValueError(f'num_steps must be >= 1, got {self.num_steps}; '
+                       'set --config.sampler.num_steps')
+    if self.num_start_frames < 1:
+      raise ValueError(f'num_start_frames must be >= 1, got {self.num_start_frames}; '
+                       'set --config.flow.num_start_frames')
+    flowception.get_kappa(self.kappa)
+
+  @property
+  def max_iterations(self) -> int:
+    """Hard cap on loop iterations: the last insertion needs `num_steps` more to be clean."""
+    return 2 * self.num_steps + 2
+
+
+@flax.struct.dataclass
+class SamplerState:
+  """The loop carry. Alive frames are left-aligned; dead slots hold zeros.
+
+  frames: float32 [B, N, H, W, C]; context frames are clean and never change.
+  times: float32 [B, N] per-frame flow time (1 for context frames, 0 for dead slots).
+  alive: bool [B, N].
+  context: bool [B, N] clean conditioning frames (also fed in the model's context channel).
+  passive: bool [B, N] frames that never insert.
+  insert_step: int32 [B, N] first iteration the frame takes part in: 0 for initial frames, k + 1
+    for a frame inserted during iteration k, -1 for dead slots.
+  t_global: float32 scalar, `iteration / num_steps`.
+  iteration: int32 scalar.
+  key: PRNG key.
+  """
+  frames: jax.Array
+  times: jax.Array
+  alive: jax.Array
+  context: jax.Array
+  passive: jax.Array
+  insert_step: jax.Array
+  t_global: jax.Array
+  iteration: jax.Array
+  key: jax.Array
+
+
+@flax.struct.dataclass
+class SampleOutput:
+  """Generated videos: the first `lengths[b]` slots of video b; other slots are zero.
+
+  frames: float32 [B, N, H, W, C].
+  times: float32 [B, N] final flow times (1 for every alive frame after a complete run).
+  lengths: int32 [B].
+  insert_step: int32 [B, N] as in `SamplerState`.
+  num_iterations: int32 scalar, loop iterations run.
+  """
+  frames: jax.Array
+  times: jax.Array
+  lengths: jax.Array
+  insert_step: jax.Array
+  num_iterations: jax.Array
+
+
+def insert_frames(slots: Any, alive: jax.Array, counts: jax.Array,
+                  fill: Any) -> tuple[Any, jax.Array]:
+  """Inserts `counts[b, i]` new frames right after alive slot i, keeping the order, left-aligned.
+
+  slots: pytree of [B, N, ...] per-slot arrays; alive: bool [B, N] (need not be left-aligned);
+  counts: int [B, N], ignored on dead slots; fill: pytree like `slots` whose value at output slot s
+  is used when a new frame lands there. Old frame j moves to `exclusive_cumsum(alive + counts)[j]`,
+  its new frames follow it; anything landing at index >= N is dropped. Dead output slots are zero.
+  Returns (new_slots, new_alive).
+  """
+  chex.assert_equal_shape([alive, counts])
+  capacity = alive.shape[1]
+  counts = jnp.where(alive, jnp.clip(counts, 0, capacity), 0).astype(jnp.int32)
+  occupied = alive.astype(jnp.int32) + counts
+  ends = jnp.cumsum(occupied, axis=1)
+  dest = jnp.where(alive, ends - occupied, capacity)  # Out of range: dead slots are dropped.
+  total = jnp.minimum(ends[:, -1:], capacity)
+
+  def scatter(dest_row, values):
+    return jnp.zeros_like(values).at[dest_row].set(values, mode='drop')
+
+  kept = jax.vmap(scatter)(dest, alive)
+  new = (jnp.arange(capacity)[None, :] < total) & ~kept
+
+  def place(old, filler):
+    moved = jax.vmap(scatter)(dest, old)
+    new_b = new.reshape(new.shape + (1,) * (old.ndim - 2))
+    return jnp.where(new_b, filler, moved)
+
+  return jax.tree.map(place, slots, fill), kept | new
+
+
+def _initial_state(key, config: SamplerConfig, frame_shape, init_frames, init_alive, context_mask,
+                   passive_mask) -> SamplerState:
+  """Compacted initial slots: context frames clean at t = 1, other alive slots noise at t = 0."""
+  b, n = init_alive.shape
+  noise_key, key = jax.random.split(key)
+  noise = jax.random.normal(noise_key, (b, n) + frame_shape, jnp.float32)
+  context = context_mask & init_alive
+  passive = passive_mask & init_alive
+  # A video given nothing starts like an unconditional one.
+  empty = ~jnp.any(init_alive, axis=1, keepdims=True)
+  alive = jnp.where(empty, jnp.arange(n)[None, :] < config.num_start_frames, init_alive)
+  frames = jnp.where(context[..., None, None, None], init_frames, noise)
+  slots = (frames, context.astype(jnp.float32), context, passive, jnp.zeros((b, n), jnp.int32))
+  (frames, times, context, passive, insert_step), alive = insert_frames(
+      slots, alive, jnp.zeros((b, n), jnp.int32), slots)
+  return SamplerState(frames=frames, times=times, alive=alive, context=context, passive=passive,
+                      insert_step=jnp.where(alive, insert_step, -1), t_global=jnp.float32(0.0),
+                      iteration=jnp.int32(0), key=key)
+
+
+def _evaluate(apply_fn: ApplyFn, params, state: SamplerState, labels, config: SamplerConfig,
+              num_classes: int) -> tuple[jax.Array, jax.Array]:
+  """Velocity [B, N, H, W, C] and log-rate [B, N], guided if the config asks for it."""
+  b, n = state.alive.shape
+  context = jnp.where(state.context[..., None, None, None], state.frames, 0.0)
+  inputs = (state.frames, context, flowception.snr_shift(state.times, config.snr_shift),
+            jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n)), state.alive)
+  guided = (num_classes > 0 and labels is not None
+            and (config.guidance_scale != 1.0 or config.rate_guidance != 1.0))
+  if not guided:
+    return apply_fn(params, *inputs, labels)
+  doubled = [jnp.concatenate([x, x]) for x in inputs]
+  both_labels = jnp.concatenate([labels, jnp.full_like(labels, num_classes)])
+  velocity, log_rate = apply_fn(params, *doubled, both_labels)
+  v_c, v_u = velocity[:b], velocity[b:]
+  r_c, r_u = log_rate[:b], log_rate[b:]
+  w, w_s = config.guidance_scale, config.rate_guidance
+  return v_u + w * (v_c - v_u), w_s * r_c + (1.0 - w_s) * r_u
+
+
+def _step(state: SamplerState, *, apply_fn: ApplyFn, params, labels, config: SamplerConfig,
+          kappa: flowception.Kappa, num_classes: int) -> SamplerState:
+  """One iteration: model evaluation, Euler step of the frames in flow, insertions, `t_g += h`."""
+  h = 1.0 / config.num_steps
+  key, noise_key, count_key = jax.random.split(state.key, 3)
+  velocity, log_rate = _evaluate(apply_fn, params, state, labels, config, num_classes)
+  chex.assert_equal_shape([velocity, state.frames])
+  chex.assert_equal_shape([log_rate, state.times])
+
+  # Flow: times come from step counts, so they hit exactly 1 after `num_steps` steps.
+  moving = state.alive & ~state.context & (state.times < 1.0)
+  steps_done = (state.iteration + 1 - state.insert_step).astype(jnp.float32)
+  times = jnp.where(moving, jnp.minimum(steps_done / config.num_steps, 1.0), state.times)
+  # Integrate in the model's (shifted) time: x += (t'_after - t'_before) v.
+  dt = (flowception.snr_shift(times, config.snr_shift)
+        - flowception.snr_shift(state.times, config.snr_shift))
+  frames = jnp.where(moving[..., None, None, None],
+                     state.frames + dt[..., None, None, None] * velocity.astype(jnp.float32),
+                     state.frames)
+
+  # Insertion: Poisson mean of new frames in each gap during [t_g, t_g + h].
+  mass = jnp.where(state.t_global < 1.0,
+                   flowception.insertion_probability_mass(kappa, state.t_global, h), 0.0)
+  expected = jnp.exp(jnp.minimum(log_rate.astype(jnp.float32), flowception.MAX_LOG_RATE)) * mass
+  if config.insertion == 'poisson':
+    counts = jax.random.poisson(count_key, expected, dtype=jnp.int32)
+  else:
+    counts = jax.random.bernoulli(count_key, -jnp.expm1(-expected)).astype(jnp.int32)
+  counts = jnp.where(state.alive & ~state.passive, counts, 0)
+  # Overflow drops insertions, never existing frames: free slots go to the leftmost gaps first.
+  b, n = state.alive.shape
+  free = n - jnp.sum(state.alive, axis=1, keepdims=True)
+  counts = jnp.clip(free - (jnp.cumsum(counts, axis=1) - counts), 0, counts)
+  fill = (jax.random.normal(noise_key, frames.shape, jnp.float32), jnp.zeros((b, n), jnp.float32),
+          jnp.zeros((b, n), bool), jnp.zeros((b, n), bool),
+          jnp.full((b, n), state.iteration + 1, jnp.int32))
+  slots = (frames, times, state.context, state.passive, state.insert_step)
+  (frames, times, context, passive, insert_step), alive = insert_frames(
+      slots, state.alive, counts, fill)
+
+  iteration = state.iteration + 1
+  return SamplerState(frames=frames, times=times, alive=alive, context=context, passive=passive,
+                      insert_step=jnp.where(alive, insert_step, -1),
+                      t_global=jnp.minimum(iteration / config.num_steps, 1.0).astype(jnp.float32),
+                      iteration=iteration, key=key)
+
+
+def _running(state: SamplerState, config: SamplerConfig) -> jax.Array:
+  """False once `t_g >= 1` and every alive non-context frame is clean, or at the iteration cap."""
+  in_flow = state.alive & ~state.context & (state.times < 1.0)
+  done = (state.t_global >= 1.0) & ~jnp.any(in_flow)
+  return ~done & (state.iteration < config.max_iterations)
+
+
+def make_sampler(apply_fn: ApplyFn, *, config: SamplerConfig, batch_size: int, capacity: int,
+                 frame_shape: tuple[int, ...], num_classes: int = 0) -> Callable[..., SampleOutput]:
+  """The jitted sampler of `batch_size` videos of at most `capacity` frames of `frame_shape`.
+
+  Returns `sample(params, key, labels=None, init_frames=None, init_alive=None, context_mask=None,
+  passive_mask=None) -> SampleOutput`, compiled once per combination of given arguments.
+
+  Without `init_frames` every video starts from `num_start_frames` noise frames. With `init_frames`
+  [B, N, H, W, C] and `context_mask` bool [B, N], the context frames are clean, frozen and fed in
+  the context channel; `init_alive` (default: `context_mask`) may mark further slots, which start
+  as noise at t = 0, so the caller chooses where start frames sit relative to the context (none by
+  default: insertions fill the video). Alive slots are compacted in order.
+  `passive_mask` marks frames that never insert (e.g. the last key frame of an interpolation).
+  A video whose `init_alive` is empty starts from `num_start_frames` noise frames.
+  `labels` int [B] for class-conditional models (`num_classes > 0`); None samples unconditionally.
+  """
+  frame_shape = tuple(frame_shape)
+  if config.num_start_frames > capacity:
+    raise ValueError(f'num_start_frames {config.num_start_frames} exceeds the capacity {capacity}; '
+                     'lower --config.flow.num_start_frames')
+  kappa = flowception.get_kappa(config.kappa)
+  b, n = batch_size, capacity
+
+  def sample(params, key, labels=None, init_frames=None, init_alive=None, context_mask=None,
+             passive_mask=None) -> SampleOutput:
+    if labels is not None:
+      if not num_classes:
+        raise ValueError('labels given to the sampler of an unconditional model')
+      chex.assert_shape(labels, (b,))
+    if init_frames is None:
+      if any(m is not None for m in (init_alive, context_mask, passive_mask)):
+        raise ValueError('init_alive, context_mask and passive_mask need init_frames')
+      init_frames = jnp.zeros((b, n) + frame_shape, jnp.float32)
+      init_alive = context_mask = jnp.zeros((b, n), bool)
+    elif context_mask is None:
+      raise ValueError('init_frames needs a context_mask marking the given frames')
+    init_alive = context_mask if init_alive is None else init_alive
+    passive_mask = jnp.zeros((b, n), bool) if passive_mask is None else passive_mask
+    chex.assert_shape(init_frames, (b, n) + frame_shape)
+    chex.assert_shape([init_alive, context_mask, passive_mask], (b, n))
+
+    state = _initial_state(key, config, frame_shape, init_frames.astype(jnp.float32),
+                           init_alive.astype(bool), context_mask.astype(bool),
+                           passive_mask.astype(bool))
+    body = functools.partial(_step, apply_fn=apply_fn, params=params, labels=labels, config=config,
+                             kappa=kappa, num_classes=num_classes)
+    state = jax.lax.while_loop(functools.partial(_running, config=config), body, state)
+    alive = state.alive
+    return SampleOutput(
+        frames=jnp.where(alive[..., None, None, None], state.frames, 0.0),
+        times=jnp.where(alive, state.times, 0.0),
+        lengths=jnp.sum(alive, axis=1, dtype=jnp.int32),
+        insert_step=state.insert_step,
+        num_iterations=state.iteration)
+
+  return jax.jit(sample)

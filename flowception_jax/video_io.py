@@ -1,0 +1,69 @@
+"""Video grids and GIF files for looking at samples and data."""
+
+import os
+import tempfile
+
+import numpy as np
+from PIL import Image
+
+MIN_TILE = 48  # Default upscaling makes each tile at least this many pixels on its short side.
+_ENDED = 128  # Grey shown in a tile once its video has ended.
+_SEPARATOR = 255  # White 1-pixel lines between tiles.
+
+
+def video_grid(videos: np.ndarray, lengths: np.ndarray, columns: int | None = None,
+               scale: int | None = None) -> np.ndarray:
+  """Tiles a batch of videos into one video, row-major, with 1-pixel separators.
+
+  Args:
+    videos: float [B, N, H, W, C] in [0, 1] (clipped), C 1 or 3.
+    lengths: int [B]; frames at or past a video's length show as grey.
+    columns: tiles per row; default about the square root of B.
+    scale: integer nearest-neighbour upscaling; default the smallest that makes tiles at least
+      `MIN_TILE` pixels, so 3x3 frames are visible.
+
+  Returns:
+    uint8 [N, R * H * scale + R - 1, columns * W * scale + columns - 1, 3], `R` the number of rows.
+  """
+  videos = np.asarray(videos, np.float32)
+  lengths = np.asarray(lengths)
+  if videos.ndim != 5 or videos.shape[-1] not in (1, 3) or lengths.shape != videos.shape[:1]:
+    raise ValueError(f'expected videos [B, N, H, W, 1 or 3] and lengths [B], got {videos.shape} '
+                     f'and {lengths.shape}')
+  b, n, h, w, _ = videos.shape
+  columns = columns or int(np.ceil(np.sqrt(b)))
+  rows = -(-b // columns)
+  scale = scale or max(1, -(-MIN_TILE // min(h, w)))
+  pixels = np.round(np.clip(videos, 0.0, 1.0) * 255).astype(np.uint8)
+  pixels = np.broadcast_to(pixels, (b, n, h, w, 3))
+  alive = np.arange(n)[None, :] < lengths[:, None]
+  tiles = np.where(alive[:, :, None, None, None], pixels, np.uint8(_ENDED))
+  tiles = np.concatenate([tiles, np.full((rows * columns - b, n, h, w, 3), _ENDED, np.uint8)])
+  tiles = tiles.repeat(scale, axis=2).repeat(scale, axis=3)
+  tiles = np.pad(tiles, ((0, 0), (0, 0), (0, 1), (0, 1), (0, 0)), constant_values=_SEPARATOR)
+  th, tw = tiles.shape[2:4]
+  grid = tiles.reshape(rows, columns, n, th, tw, 3).transpose(2, 0, 3, 1, 4, 5)
+  return grid.reshape(n, rows * th, columns * tw, 3)[:, :-1, :-1]
+
+
+def write_gif(path: str, frames: np.ndarray, fps: float = 8) -> None:
+  """Writes uint8 [T, H, W, 3] frames as a looping GIF, atomically.
+
+  The GIF goes to a temporary file in the same directory and is then renamed over `path`, so an
+  interrupted write never leaves a partial file. GIF encoders merge identical consecutive frames
+  (adding their durations), so a reader may count fewer frames while the timing is kept.
+  """
+  frames = np.asarray(frames)
+  if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or not len(frames):
+    raise ValueError(f'expected uint8 frames [T >= 1, H, W, 3], got {frames.dtype} {frames.shape}')
+  images = [Image.fromarray(frame) for frame in frames]
+  directory, name = os.path.split(os.path.abspath(path))
+  fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f'.{name}.', suffix='.tmp')
+  try:
+    with os.fdopen(fd, 'wb') as f:
+      images[0].save(f, format='GIF', save_all=True, append_images=images[1:],
+                     duration=round(1000 / fps), loop=0)
+    os.replace(tmp_path, path)
+  except BaseException:
+    os.remove(tmp_path)
+    raise

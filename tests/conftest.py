@@ -1,0 +1,18 @@
+"""Test setup that must run before JAX or Grain is imported.
+
+XLA only reads `--xla_force_host_platform_device_count` when the CPU backend starts, so it is set
+here, first, to give the tests two fake CPU devices on which the sharding paths actually split data.
+Grain's multiprocessing and other absl-using code read absl flags, which are only parsed inside
+`app.run`; the flags are parsed here so that such code also works under pytest.
+"""
+
+import os
+
+_DEVICE_FLAG = '--xla_force_host_platform_device_count=2'
+if _DEVICE_FLAG not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {_DEVICE_FLAG}'.strip()
+
+from absl import flags  # pylint: disable=g-import-not-at-top
+
+if not flags.FLAGS.is_parsed():
+  flags.FLAGS(['pytest'])

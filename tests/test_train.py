@@ -1,0 +1,163 @@
+"""Trainer end to end: compile counts, exact resumption, the NaN guard, bad workdirs, sampling."""
+
+import functools
+import os
+import signal
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from configs import coloring
+from flowception_jax import checkpoint
+from flowception_jax import data
+from flowception_jax import datasets
+from flowception_jax import sample
+from flowception_jax import sharding
+from flowception_jax import train
+
+
+def _config(**overrides):
+  """The tiny coloring config with two buckets, so the bucketing iterator state is exercised."""
+  config = coloring.get_config('tiny')
+  config.data.buckets = (16, 30)
+  config.data.num_threads = 1
+  config.sample_every = 0
+  for dotted, value in overrides.items():
+    *parents, leaf = dotted.split('__')
+    functools.reduce(getattr, parents, config)[leaf] = value
+  return config
+
+
+def _train_state(workdir):
+  """The latest train state and data-iterator state saved in `workdir`."""
+  config = _config()
+  _, info = datasets.make_source(config.data)
+  manager = checkpoint.make_manager(workdir, read_only=True)
+  step = manager.latest_step()
+  _, _, init_fn = train.build(train.resolve(config, info), info)
+  abstract, _ = train.state_layout(init_fn, sharding.make_mesh(config.mesh))
+  state = checkpoint.restore_state(manager, step, abstract)
+  data_dir = os.path.join(workdir, 'checkpoints', str(step), 'data')
+  data_state = {name: open(os.path.join(data_dir, name)).read() for name in os.listdir(data_dir)}
+  manager.close()
+  return step, jax.device_get(state), data_state
+
+
+class _Interrupt(Exception):
+  pass
+
+
+def _run_interrupted(config, workdir, monkeypatch, at_step, how):
+  """Runs training and interrupts it while fetching the batch of `at_step`."""
+  original = sharding.to_global_batch
+  calls = {'n': 0}
+  first = (checkpoint.make_manager(workdir).latest_step() or 0) + 1
+
+  def wrapped(batch, mesh):
+    if first + calls['n'] == at_step:
+      if how == 'sigterm':
+        os.kill(os.getpid(), signal.SIGTERM)
+      else:
+        raise _Interrupt()
+    calls['n'] += 1
+    return original(batch, mesh)
+
+  monkeypatch.setattr(sharding, 'to_global_batch', wrapped)
+  try:
+    train.train_and_evaluate(config, workdir)
+  except _Interrupt:
+    pass
+  monkeypatch.setattr(sharding, 'to_global_batch', original)
+
+
+def test_train_step_compiles_once_per_bucket():
+  config = _config()
+  source, info = datasets.make_source(config.data)
+  config = train.resolve(config, info)
+  mesh = sharding.make_mesh(config.mesh)
+  model, tx, init_fn = train.build(config, info)
+  _, shardings = train.state_layout(init_fn, mesh)
+  dataset = data.make_train_dataset(source, config.data, config.flow, batch_size=config.batch_size,
+                                    seed=0, max_frames=info.max_frames)
+  step_fn = jax.jit(functools.partial(train.train_step, model=model, tx=tx, config=config),
+                    in_shardings=(shardings, sharding.batch_sharding(mesh)))
+  with jax.set_mesh(mesh):
+    state = jax.jit(lambda k: nn.unbox(init_fn(k)),
+                    out_shardings=shardings)(jax.random.key(0))
+    seen = set()
+    for batch in [b for _, b in zip(range(12), iter(dataset))]:
+      seen.add(batch['frames'].shape[1])
+      state, metrics = step_fn(state, sharding.to_global_batch(batch, mesh))
+  assert seen == {16, 30}
+  assert step_fn._cache_size() == len(seen)
+  assert int(state.step) == 12 and np.isfinite(float(metrics['loss']))
+  assert 0.0 < float(metrics['visible_share']) <= 1.0
+
+
+def test_interrupted_runs_end_like_an_uninterrupted_one(tmp_path, monkeypatch):
+  config = _config()
+  train.train_and_evaluate(config, str(tmp_path / 'straight'))
+  resumed = str(tmp_path / 'resumed')
+  _run_interrupted(config, resumed, monkeypatch, at_step=7, how='sigterm')
+  assert checkpoint.make_manager(resumed).latest_step() == 7  # Saved on SIGTERM.
+  _run_interrupted(config, resumed, monkeypatch, at_step=14, how='kill')
+  assert checkpoint.make_manager(resumed).latest_step() == 10  # Steps 11-13 are lost and redone.
+  train.train_and_evaluate(config, resumed)
+
+  step_a, state_a, data_a = _train_state(str(tmp_path / 'straight'))
+  step_b, state_b, data_b = _train_state(resumed)
+  assert step_a == step_b == config.total_steps == int(state_b.step)
+  jax.tree.map(np.testing.assert_array_equal, state_a, state_b)  # Params, EMA, moments, step.
+  assert data_a == data_b  # The same position in the data stream.
+  assert os.path.exists(os.path.join(resumed, f'samples_{config.total_steps:06d}.gif'))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+  original = sharding.to_global_batch
+  calls = {'n': 0}
+
+  def poisoned(batch, mesh):
+    calls['n'] += 1
+    if calls['n'] == 12:
+      batch = dict(batch, frames=np.full_like(batch['frames'], np.nan))
+    return original(batch, mesh)
+
+  monkeypatch.setattr(sharding, 'to_global_batch', poisoned)
+  with pytest.raises(FloatingPointError, match='step 12.*last good checkpoint .step 10'):
+    train.train_and_evaluate(_config(), str(tmp_path))
+  manager = checkpoint.make_manager(str(tmp_path))
+  assert manager.all_steps() == [10]
+
+
+def test_incompatible_workdir_and_bad_config_are_refused(tmp_path):
+  train.train_and_evaluate(_config(total_steps=2, checkpoint_every=2), str(tmp_path))
+  with pytest.raises(ValueError, match='incompatible config.*model.size'):
+    train.train_and_evaluate(_config(total_steps=4, model__size='mini'), str(tmp_path))
+  with pytest.raises(ValueError, match='--config.model.patch_size'):
+    train.train_and_evaluate(_config(model__patch_size=2), str(tmp_path / 'other'))
+  with pytest.raises(ValueError, match='--config.data.buckets'):
+    train.train_and_evaluate(_config(data__buckets=(8, 16)), str(tmp_path / 'other'))
+
+
+def test_sample_restores_and_is_reproducible(tmp_path):
+  workdir = str(tmp_path)
+  config = _config(total_steps=2, checkpoint_every=2)
+  train.train_and_evaluate(config, workdir)
+  videos, lengths, saved_config = sample.sample_videos(workdir, num_videos=3, seed=5)
+  assert saved_config.data.name == 'coloring'
+  assert videos.shape == (3, 30, 3, 3, 3) and videos.dtype == np.float32
+  assert lengths.shape == (3,) and lengths.dtype == np.int32
+  assert np.all((lengths >= 1) & (lengths <= 30))
+  assert videos.min() >= 0.0 and videos.max() <= 1.0
+  for video, length in zip(videos, lengths):
+    assert not np.any(video[length:])
+  again, lengths_again, _ = sample.sample_videos(workdir, num_videos=3, seed=5)
+  np.testing.assert_array_equal(videos, again)
+  np.testing.assert_array_equal(lengths, lengths_again)
+
+
+def test_sample_on_an_empty_workdir_says_to_train_first(tmp_path):
+  with pytest.raises(FileNotFoundError, match='no checkpoint.*flowception_jax.main'):
+    sample.sample_videos(str(tmp_path), num_videos=2, seed=0)
