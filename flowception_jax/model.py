@@ -40,6 +40,12 @@ def _dense(features: int, axes: tuple[str, str], name: str, dtype, param_dtype,
                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[1:]))
 
 
+def _fan_avg_uniform(in_axis, out_axis):
+  """Xavier-uniform initialiser for kernels whose fan-in and fan-out span several axes."""
+  return nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform', in_axis=in_axis,
+                                          out_axis=out_axis)
+
+
 def _constrain(x: jax.Array) -> jax.Array:
   return nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
 
@@ -95,23 +101,28 @@ class Attention(nn.Module):
   def __call__(self, x: jax.Array, angles: jax.Array, key_mask: jax.Array) -> jax.Array:
     """x [B, S, D], angles [B, S, D_head / 2], key_mask bool [B, S] -> [B, S, D]."""
     b, s, d = x.shape
-    head_dim = d // self.num_heads
-    qkv = nn.DenseGeneral(
-        (3, self.num_heads, head_dim), dtype=self.dtype, param_dtype=self.param_dtype, name='qkv',
-        kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(),
-                                                 ('embed', None, 'heads', 'kv')),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
-                                               (None, 'heads', 'kv')))(x)
+    h, head_dim = self.num_heads, d // self.num_heads
+    # Kernels are declared in their head layout (not through DenseGeneral, which initialises a
+    # flattened kernel that its 4-axis partitioning cannot constrain under a mesh).
+    qkv_kernel = self.param('qkv_kernel', nn.with_logical_partitioning(
+        _fan_avg_uniform(in_axis=0, out_axis=(1, 2, 3)), ('embed', None, 'heads', 'kv')),
+        (d, 3, h, head_dim), self.param_dtype)
+    qkv_bias = self.param('qkv_bias', nn.with_logical_partitioning(
+        nn.initializers.zeros_init(), (None, 'heads', 'kv')), (3, h, head_dim), self.param_dtype)
+    qkv = jnp.einsum('bsd,dthk->bsthk', x.astype(self.dtype), qkv_kernel.astype(self.dtype))
+    qkv = qkv + qkv_bias.astype(self.dtype)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q = nn.RMSNorm(dtype=self.dtype, param_dtype=self.param_dtype, name='q_norm')(q)
     k = nn.RMSNorm(dtype=self.dtype, param_dtype=self.param_dtype, name='k_norm')(k)
     q, k = apply_rotary(q, angles), apply_rotary(k, angles)
     out = jax.nn.dot_product_attention(q, k, v, mask=key_mask[:, None, None, :])
-    return nn.DenseGeneral(
-        d, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype, name='out',
-        kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(),
-                                                 ('heads', 'kv', 'embed')),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ('embed',)))(out)
+    out_kernel = self.param('out_kernel', nn.with_logical_partitioning(
+        _fan_avg_uniform(in_axis=(0, 1), out_axis=2), ('heads', 'kv', 'embed')),
+        (h, head_dim, d), self.param_dtype)
+    out_bias = self.param('out_bias', nn.with_logical_partitioning(
+        nn.initializers.zeros_init(), ('embed',)), (d,), self.param_dtype)
+    out = jnp.einsum('bshk,hkd->bsd', out, out_kernel.astype(self.dtype))
+    return out + out_bias.astype(self.dtype)
 
 
 class Block(nn.Module):

@@ -121,8 +121,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   params = optax.apply_updates(state.params, updates)
   ema_params = optax.incremental_update(params, state.ema_params, 1.0 - config.optim.ema_decay)
   frame_mask = batch['frame_mask'].astype(jnp.float32)
-  metrics = dict(aux, loss=loss, grad_norm=optax.global_norm(grads),
-                 param_norm=optax.global_norm(params),
+  metrics = dict(aux, loss=loss, grad_norm=optax.tree.norm(grads),
+                 param_norm=optax.tree.norm(params),
                  visible_frames=jnp.mean(jnp.sum(frame_mask, axis=1)),
                  visible_share=jnp.mean(jnp.sum(frame_mask, axis=1) / batch['length']),
                  bucket_fill=jnp.mean(frame_mask))
@@ -191,6 +191,22 @@ def state_layout(init_fn, mesh: jax.sharding.Mesh) -> tuple[TrainState, TrainSta
   return abstract, shardings
 
 
+def init_sharded(init_fn, mesh: jax.sharding.Mesh, shardings: TrainState,
+                 key: jax.Array) -> TrainState:
+  """A fresh train state whose arrays are created directly with their final shardings."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    return jax.jit(lambda k: nn.unbox(init_fn(k)), out_shardings=shardings)(key)
+
+
+def jit_train_step(model: nn.Module, tx: optax.GradientTransformation, config,
+                   mesh: jax.sharding.Mesh, shardings: TrainState):
+  """`train_step` jitted with explicit shardings; the old state's buffers are donated."""
+  return jax.jit(
+      functools.partial(train_step, model=model, tx=tx, config=config),
+      in_shardings=(shardings, sharding.batch_sharding(mesh)),
+      out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+
+
 class _Preemption:
   """Turns SIGTERM into a flag the loop checks, so a preempted run saves before it exits."""
 
@@ -242,16 +258,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     state = checkpoint.restore(manager, latest, abstract_state, data_iterator)
     logging.info('resumed from step %d in %s', latest, workdir)
   else:
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-      state = jax.jit(lambda k: nn.unbox(init_fn(k)), out_shardings=state_shardings)(init_key)
+    state = init_sharded(init_fn, mesh, state_shardings, init_key)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info('model %s: %.2fM parameters', config.model.size, num_params / 1e6)
 
   # ---- Update step and sampler -------------------------------------------------------------------
-  step_fn = jax.jit(
-      functools.partial(train_step, model=model, tx=tx, config=config),
-      in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-      out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+  step_fn = jit_train_step(model, tx, config, mesh, state_shardings)
   sampler = make_sampler(model, config, info, config.num_sample_videos)
 
   def write_samples(step: int) -> None:

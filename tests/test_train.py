@@ -1,6 +1,7 @@
 """Trainer end to end: compile counts, exact resumption, the NaN guard, bad workdirs, sampling."""
 
 import functools
+import json
 import os
 import signal
 
@@ -40,7 +41,9 @@ def _train_state(workdir):
   abstract, _ = train.state_layout(init_fn, sharding.make_mesh(config.mesh))
   state = checkpoint.restore_state(manager, step, abstract)
   data_dir = os.path.join(workdir, 'checkpoints', str(step), 'data')
-  data_state = {name: open(os.path.join(data_dir, name)).read() for name in os.listdir(data_dir)}
+  data_state = {name: json.load(open(os.path.join(data_dir, name)))
+                for name in os.listdir(data_dir) if name.endswith('.json')}
+  assert data_state, f'no data-iterator state in {data_dir}'
   manager.close()
   return step, jax.device_get(state), data_state
 
@@ -81,11 +84,9 @@ def test_train_step_compiles_once_per_bucket():
   _, shardings = train.state_layout(init_fn, mesh)
   dataset = data.make_train_dataset(source, config.data, config.flow, batch_size=config.batch_size,
                                     seed=0, max_frames=info.max_frames)
-  step_fn = jax.jit(functools.partial(train.train_step, model=model, tx=tx, config=config),
-                    in_shardings=(shardings, sharding.batch_sharding(mesh)))
-  with jax.set_mesh(mesh):
-    state = jax.jit(lambda k: nn.unbox(init_fn(k)),
-                    out_shardings=shardings)(jax.random.key(0))
+  step_fn = train.jit_train_step(model, tx, config, mesh, shardings)
+  state = train.init_sharded(init_fn, mesh, shardings, jax.random.key(0))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
     seen = set()
     for batch in [b for _, b in zip(range(12), iter(dataset))]:
       seen.add(batch['frames'].shape[1])
