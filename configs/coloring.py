@@ -10,6 +10,7 @@ from flowception_jax import config as config_lib
 
 
 def get_config(arg=None):
+  config_lib.check_variant(arg, 'configs/coloring.py')
   c = config_lib.base_config()
   c.total_steps = 6000
   c.batch_size = 64
@@ -25,11 +26,5 @@ def get_config(arg=None):
   c.optim.warmup_steps = 300
   c.sampler.num_steps = 50
   if arg == 'tiny':
-    c.total_steps = 20
-    c.batch_size = 8
-    c.log_every = 5
-    c.checkpoint_every = 10
-    c.num_sample_videos = 4
-    c.model.size = 'tiny'
-    c.sampler.num_steps = 8
+    config_lib.make_tiny(c)
   return c

@@ -65,3 +65,22 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.data = -1  # Devices on the data-parallel axis (-1: all remaining devices).
   c.mesh.fsdp = 1  # Devices on the parameter-sharding axis.
   return c
+
+
+def make_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks `c` to a seconds-long smoke run (the `:tiny` variant of every config)."""
+  c.total_steps = 20
+  c.batch_size = 8
+  c.log_every = 5
+  c.checkpoint_every = 10
+  c.sample_every = 0
+  c.num_sample_videos = 4
+  c.model.size = 'tiny'
+  c.sampler.num_steps = 8
+  return c
+
+
+def check_variant(arg: str | None, config_file: str) -> None:
+  """Refuses a variant name (the part after ':' in `--config=FILE:VARIANT`) that no config knows."""
+  if arg not in (None, 'tiny'):
+    raise ValueError(f'unknown variant {arg!r} of {config_file}; known: tiny (or none)')

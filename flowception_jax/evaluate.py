@@ -102,3 +102,13 @@ def coloring_metrics(videos: np.ndarray, lengths: np.ndarray,
       'rule_accuracy': _rule_accuracy(videos, alive, tol),
       'palette_accuracy': float(_palette_ok(frames, tol).mean()) if len(frames) else 0.0,
   }
+
+
+# Datasets with a rule that samples can be scored against, and their metric.
+_TASK_METRICS = {'coloring': coloring_metrics}
+
+
+def task_metrics(dataset: str, videos: np.ndarray, lengths: np.ndarray) -> dict[str, float]:
+  """The task metrics of `dataset` for videos [B, N, H, W, C] in [0, 1]; {} if it has none."""
+  metric = _TASK_METRICS.get(dataset)
+  return metric(videos, lengths) if metric else {}

@@ -68,8 +68,7 @@ def main(argv):
   np.savez(_OUTPUT.value, videos=videos, lengths=lengths)
   video_io.write_gif(_OUTPUT.value[:-len('.npz')] + '.gif', video_io.video_grid(videos, lengths))
   summary = {'num_videos': len(lengths), 'mean_length': float(lengths.mean())}
-  if config.data.name == 'coloring':
-    summary.update(evaluate.coloring_metrics(videos, lengths))
+  summary.update(evaluate.task_metrics(config.data.name, videos, lengths))
   print(json.dumps(summary, indent=1))
 
 

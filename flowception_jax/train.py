@@ -19,6 +19,7 @@ import optax
 from flowception_jax import checkpoint
 from flowception_jax import data
 from flowception_jax import datasets
+from flowception_jax import evaluate
 from flowception_jax import flowception
 from flowception_jax import model as model_lib
 from flowception_jax import sampler as sampler_lib
@@ -271,10 +272,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     out = sampler(state.ema_params, key, labels=sample_labels(key, config.num_sample_videos,
                                                               info.num_classes))
     lengths = np.asarray(out.lengths)
-    grid = video_io.video_grid(to_pixels(out.frames, lengths), lengths)
+    videos = to_pixels(out.frames, lengths)
     if jax.process_index() == 0:
-      video_io.write_gif(os.path.join(workdir, f'samples_{step:06d}.gif'), grid)
-    writer.write_scalars(step, {'sample/mean_length': float(lengths.mean())})
+      video_io.write_gif(os.path.join(workdir, f'samples_{step:06d}.gif'),
+                         video_io.video_grid(videos, lengths))
+    metrics = evaluate.task_metrics(config.data.name, videos, lengths)
+    metrics['mean_length'] = float(lengths.mean())
+    writer.write_scalars(step, {f'sample/{k}': v for k, v in metrics.items()})
 
   # ---- Loop --------------------------------------------------------------------------------------
   first_step = int(state.step)

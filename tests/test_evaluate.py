@@ -113,3 +113,10 @@ def test_one_stride_per_video_is_enforced(ground_truth):
     clip[t] = datasets.rotate_ring(clip[t - 1], other)
   metrics = evaluate.coloring_metrics(clip[None], lengths[i:i + 1])
   assert metrics['rule_accuracy'] == pytest.approx(15 / 29)
+
+
+def test_task_metrics_dispatch_by_dataset(ground_truth):
+  videos, lengths = ground_truth
+  np.testing.assert_equal(evaluate.task_metrics('coloring', videos, lengths),
+                          evaluate.coloring_metrics(videos, lengths))
+  assert evaluate.task_metrics('shapes', videos, lengths) == {}

@@ -97,6 +97,39 @@ def test_train_step_compiles_once_per_bucket():
   assert 0.0 < float(metrics['visible_share']) <= 1.0
 
 
+def test_padded_slots_change_no_loss():
+  config = _config()
+  source, info = datasets.make_source(config.data)
+  config = train.resolve(config, info)
+  model, _, init_fn = train.build(config, info)
+  params = nn.unbox(init_fn(jax.random.key(0))).params
+  # Perturb every parameter so the zero-initialised heads and gates carry signal.
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  params = jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape)
+                                     for x, k in zip(leaves, keys)])
+  dataset = data.make_train_dataset(source, config.data, config.flow, batch_size=4, seed=0,
+                                    max_frames=info.max_frames)
+  batch = next(b for b in iter(dataset) if not b['frame_mask'].all())
+  pad = ~batch['frame_mask']
+  rng = np.random.default_rng(0)
+  garbage = dict(
+      batch,
+      frames=np.where(pad[..., None, None, None], rng.normal(size=batch['frames'].shape),
+                      batch['frames']).astype(np.float32),
+      frame_times=np.where(pad, 0.5, batch['frame_times']).astype(np.float32),
+      insert_targets=np.where(pad, 3, batch['insert_targets']).astype(np.int32))
+  losses = functools.partial(train.compute_losses, params, key=jax.random.key(2), model=model,
+                             flow_config=config.flow, num_classes=0)
+  (loss_a, aux_a), (loss_b, aux_b) = losses(batch), losses(garbage)
+  assert float(loss_a) > 0
+  np.testing.assert_allclose(float(loss_a), float(loss_b), rtol=1e-6)
+  np.testing.assert_allclose(float(aux_a['rate_loss']), float(aux_b['rate_loss']), rtol=1e-6)
+  # The same garbage in a real slot does change the loss.
+  real = dict(garbage, frame_mask=np.ones_like(pad), rate_mask=np.ones_like(pad))
+  assert abs(float(losses(real)[0]) - float(loss_a)) > 1e-3
+
+
 def test_interrupted_runs_end_like_an_uninterrupted_one(tmp_path, monkeypatch):
   config = _config()
   train.train_and_evaluate(config, str(tmp_path / 'straight'))
