@@ -53,11 +53,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.b1 = 0.9  # AdamW first-moment decay.
   c.optim.b2 = 0.99  # AdamW second-moment decay.
   c.optim.grad_clip = 1.0  # Global gradient-norm clip.
-  c.optim.ema_decay = 0.999  # Decay of the EMA parameters used for sampling.
+  c.optim.ema_decay = 0.999  # Final decay of the sampling EMA weights (warmed up from 0.1).
 
   c.sampler = ml_collections.ConfigDict()
   c.sampler.num_steps = 100  # Flow steps per unit time (a run takes at most twice as many).
-  c.sampler.insertion = 'bernoulli'  # Insertions per gap and step: 'bernoulli' or 'poisson'.
+  c.sampler.insertion = 'bernoulli'  # Law of insertions per gap and step (see SamplerConfig).
   c.sampler.guidance_scale = 1.0  # Classifier-free guidance on the velocity (1 is off).
   c.sampler.rate_guidance = 1.0  # Guidance on insertion log-rates (1 is off).
 

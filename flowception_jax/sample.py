@@ -3,8 +3,9 @@ r"""Samples videos from a trained workdir with its saved config and latest EMA w
   python -m flowception_jax.sample --workdir=/tmp/shapes --num_videos=16 --seed=0 --output=/tmp/s.npz
 
 Writes `videos` float32 [N, N_max, H, W, C] in [0, 1] (slots past each length are zero) and `lengths`
-int32 [N] to the .npz, and a GIF grid beside it. The same seed and weights give the same file. For
-the coloring task the task metrics are printed too.
+int32 [N] to the .npz, and a GIF grid beside it. The same seed and weights give the same file. The
+sampler settings come from the trained config unless a flag overrides them (`--num_steps=200
+--insertion=thinning`); a summary (with the task metrics of the coloring task) is printed as JSON.
 """
 
 import json
@@ -18,6 +19,7 @@ import numpy as np
 from flowception_jax import checkpoint
 from flowception_jax import datasets
 from flowception_jax import evaluate
+from flowception_jax import sampler as sampler_lib
 from flowception_jax import sharding
 from flowception_jax import train
 from flowception_jax import video_io
@@ -26,6 +28,12 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir holding checkp
 _NUM_VIDEOS = flags.DEFINE_integer('num_videos', 16, 'Number of videos to sample.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 _OUTPUT = flags.DEFINE_string('output', None, 'Output .npz path; a .gif is written beside it.')
+_NUM_STEPS = flags.DEFINE_integer('num_steps', None,
+                                  'Flow steps per unit time (default: the config).')
+_INSERTION = flags.DEFINE_enum('insertion', None, sampler_lib.INSERTION_MODES,
+                               'Insertion law per gap and step (default: the config).')
+_GUIDANCE = flags.DEFINE_float('guidance_scale', None, 'Velocity guidance (default: the config).')
+_RATE_GUIDANCE = flags.DEFINE_float('rate_guidance', None, 'Rate guidance (default: the config).')
 flags.mark_flags_as_required(['workdir', 'output'])
 
 
@@ -46,9 +54,13 @@ def load_ema_params(workdir: str):
   return config, info, model, state.ema_params
 
 
-def sample_videos(workdir: str, num_videos: int, seed: int):
-  """Returns (videos [N, N_max, H, W, C] in [0, 1], lengths [N], config)."""
+def sample_videos(workdir: str, num_videos: int, seed: int, sampler_overrides=None):
+  """Returns (videos [N, N_max, H, W, C] in [0, 1], lengths [N], config).
+
+  `sampler_overrides` maps `config.sampler` fields to values that replace the trained config's.
+  """
   config, info, model, params = load_ema_params(workdir)
+  config.sampler.update(sampler_overrides or {})
   sampler = train.make_sampler(model, config, info, num_videos)
   key = jax.random.key(seed)
   label_key, sample_key = jax.random.split(key)
@@ -63,11 +75,16 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not _OUTPUT.value.endswith('.npz'):
     raise app.UsageError(f'--output must end in .npz, got {_OUTPUT.value}')
-  videos, lengths, config = sample_videos(_WORKDIR.value, _NUM_VIDEOS.value, _SEED.value)
+  overrides = {'num_steps': _NUM_STEPS.value, 'insertion': _INSERTION.value,
+               'guidance_scale': _GUIDANCE.value, 'rate_guidance': _RATE_GUIDANCE.value}
+  videos, lengths, config = sample_videos(
+      _WORKDIR.value, _NUM_VIDEOS.value, _SEED.value,
+      {k: v for k, v in overrides.items() if v is not None})
   os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
   np.savez(_OUTPUT.value, videos=videos, lengths=lengths)
   video_io.write_gif(_OUTPUT.value[:-len('.npz')] + '.gif', video_io.video_grid(videos, lengths))
-  summary = {'num_videos': len(lengths), 'mean_length': float(lengths.mean())}
+  summary = {'num_videos': len(lengths), 'mean_length': float(lengths.mean()),
+             'sampler': config.sampler.to_dict()}
   summary.update(evaluate.task_metrics(config.data.name, videos, lengths))
   print(json.dumps(summary, indent=1))
 

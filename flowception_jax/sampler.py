@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from flowception_jax import flowception
 
-INSERTION_MODES = ('bernoulli', 'poisson')
+INSERTION_MODES = ('bernoulli', 'thinning', 'poisson')
 
 # `apply_fn(params, frames, context, frame_times, positions, frame_mask, labels)
 #   -> (velocity [B, N, H, W, C], log_rate [B, N])`.
@@ -37,7 +37,12 @@ class SamplerConfig:
   num_steps: Euler steps per unit of time, `h = 1 / num_steps`.
   num_start_frames: noise frames a video starts from when it is given no initial frame.
   kappa: insertion scheduler name (`flowception.KAPPAS`).
-  insertion: insertions per gap and step, 'bernoulli' (at most one) or 'poisson' (counts).
+  insertion: the law of a gap's insertion count in a step, whose mean is `lambda * mass`:
+    'bernoulli' one frame with probability `1 - exp(-lambda * mass)`; 'poisson' counts;
+    'thinning' each of the `lambda` expected missing frames arrives with the scheduler's
+    conditional probability `mass`, i.e. `Binomial(floor(lambda), mass) + Bernoulli(frac(lambda)
+    mass)`: the exact law when the rate is an exact count, so the last step (`mass = 1`) inserts
+    every frame still missing where the other laws may drop some.
   guidance_scale: classifier-free guidance weight on the velocity (1 is off).
   rate_guidance: guidance weight on the insertion log-rates (1 is off).
   snr_shift: the denoising-time shift the model was trained with (1 is off).
@@ -206,14 +211,21 @@ def _step(state: SamplerState, *, apply_fn: ApplyFn, params, labels, config: Sam
   # Insertion: Poisson mean of new frames in each gap during [t_g, t_g + h].
   mass = jnp.where(state.t_global < 1.0,
                    flowception.insertion_probability_mass(kappa, state.t_global, h), 0.0)
-  expected = jnp.exp(jnp.minimum(log_rate.astype(jnp.float32), flowception.MAX_LOG_RATE)) * mass
+  b, n = state.alive.shape
+  rate = jnp.exp(jnp.minimum(log_rate.astype(jnp.float32), flowception.MAX_LOG_RATE))
+  expected = rate * mass
   if config.insertion == 'poisson':
     counts = jax.random.poisson(count_key, expected, dtype=jnp.int32)
-  else:
+  elif config.insertion == 'bernoulli':
     counts = jax.random.bernoulli(count_key, -jnp.expm1(-expected)).astype(jnp.int32)
+  else:
+    whole_key, frac_key = jax.random.split(count_key)
+    rate = jnp.minimum(rate, n)  # Beyond the capacity, counts are dropped anyway.
+    whole = jnp.floor(rate)
+    counts = (jax.random.binomial(whole_key, whole, mass)
+              + jax.random.bernoulli(frac_key, (rate - whole) * mass)).astype(jnp.int32)
   counts = jnp.where(state.alive & ~state.passive, counts, 0)
   # Overflow drops insertions, never existing frames: free slots go to the leftmost gaps first.
-  b, n = state.alive.shape
   free = n - jnp.sum(state.alive, axis=1, keepdims=True)
   counts = jnp.clip(free - (jnp.cumsum(counts, axis=1) - counts), 0, counts)
   fill = (jax.random.normal(noise_key, frames.shape, jnp.float32), jnp.zeros((b, n), jnp.float32),

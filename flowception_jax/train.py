@@ -111,6 +111,17 @@ def compute_losses(params, batch: dict[str, jax.Array], key: jax.Array, *, model
   return loss, aux
 
 
+def ema_decay(step: jax.Array, decay: float) -> jax.Array:
+  """EMA decay at `step`: `min(decay, (1 + step) / (10 + step))`.
+
+  The warm-up keeps the average near the current weights early on, so samples of a short run are
+  not dragged towards the random initialisation (which a constant 0.999 still weighs by e^-1 after
+  1000 steps).
+  """
+  step = step.astype(jnp.float32)
+  return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
                tx: optax.GradientTransformation, config) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step. Randomness comes from the seed folded with the step, so resumes repeat it."""
@@ -120,7 +131,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
                                num_classes=config.num_classes)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  ema_params = optax.incremental_update(params, state.ema_params, 1.0 - config.optim.ema_decay)
+  ema_params = optax.incremental_update(params, state.ema_params,
+                                       1.0 - ema_decay(state.step, config.optim.ema_decay))
   frame_mask = batch['frame_mask'].astype(jnp.float32)
   metrics = dict(aux, loss=loss, grad_norm=optax.tree.norm(grads),
                  param_norm=optax.tree.norm(params),

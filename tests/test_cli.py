@@ -36,6 +36,13 @@ def test_train_then_sample(tmp_path):
   assert os.path.exists(output[:-len('.npz')] + '.gif')
   summary = json.loads(result.stdout[result.stdout.index('{'):])
   assert summary['num_videos'] == 3 and 0.0 <= summary['rule_accuracy'] <= 1.0
+  assert summary['sampler']['insertion'] == 'thinning'  # The trained config's.
+
+  result = _run('flowception_jax.sample', f'--workdir={workdir}', '--num_videos=3', '--seed=1',
+                f'--output={output}', '--num_steps=3', '--insertion=poisson')
+  assert result.returncode == 0, result.stderr[-3000:]
+  sampler = json.loads(result.stdout[result.stdout.index('{'):])['sampler']
+  assert sampler['insertion'] == 'poisson' and sampler['num_steps'] == 3
 
   # The same command again resumes: nothing left to do, the checkpoints stay as they were.
   result = _run(*train_args)

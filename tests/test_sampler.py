@@ -96,7 +96,7 @@ def test_zero_rate_keeps_start_frames():
   np.testing.assert_allclose(np.asarray(out.frames)[alive], 0.5, atol=1e-5)
 
 
-@pytest.mark.parametrize('insertion', ['bernoulli', 'poisson'])
+@pytest.mark.parametrize('insertion', sampler_lib.INSERTION_MODES)
 def test_overflow_is_dropped(insertion):
   capacity = 6
   out = _sampler(_fake_model(log_rate=50.0), capacity=capacity,
@@ -177,6 +177,41 @@ def test_insertions_per_gap_match_the_rate(insertion, num_steps):
     h = 1.0 / num_steps
     np.testing.assert_allclose(inserted.mean(), num_steps * -np.expm1(-m * h), atol=tolerance)
     np.testing.assert_allclose(inserted.mean(), m, atol=m * m * h / 2 + tolerance)
+
+
+def _exact_count_rate(length):
+  """Log-rate of an oracle that knows the video has `length` frames, all missing ones at the end.
+
+  The last alive frame's rate is the exact number of missing frames, the others' zero: the
+  ideal trained model of a fixed-length video grown from one start frame.
+  """
+
+  def log_rate(times, mask, labels):
+    del times, labels
+    count = jnp.sum(mask, axis=1, keepdims=True)
+    last = mask & (jnp.cumsum(mask, axis=1) == count)
+    missing = (length - count).astype(jnp.float32)
+    return jnp.where(last & (missing > 0), jnp.log(jnp.maximum(missing, 1e-12)), -30.0)
+
+  return log_rate
+
+
+@pytest.mark.parametrize('kappa', ['linear', 'cubic'])
+def test_thinning_reaches_the_exact_length_of_an_oracle(kappa):
+  b, length, num_steps = 1000, 8, 20
+  shares = {}
+  for insertion in ('thinning', 'bernoulli'):
+    out = _sampler(_fake_model(log_rate=_exact_count_rate(length)), batch_size=b, capacity=12,
+                   num_steps=num_steps, num_start_frames=1, insertion=insertion, kappa=kappa)(
+                       None, jax.random.key(9))
+    _check_complete(out, 12)
+    lengths = np.asarray(out.lengths)
+    assert lengths.max() <= length  # The oracle never asks for more.
+    shares[insertion] = float(np.mean(lengths == length))
+  # Thinning inserts a last missing frame for sure on the final step (mass 1); Bernoulli gives it
+  # 1 - exp(-1), so each missing frame survives the whole run with probability ~exp(-H_steps).
+  assert shares['thinning'] >= 0.97, shares
+  assert shares['bernoulli'] <= shares['thinning'] - 0.05, shares
 
 
 def test_compiles_once_for_new_keys():

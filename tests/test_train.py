@@ -97,6 +97,14 @@ def test_train_step_compiles_once_per_bucket():
   assert 0.0 < float(metrics['visible_share']) <= 1.0
 
 
+def test_ema_forgets_the_initialisation_early_and_settles_at_the_decay():
+  decays = np.asarray(jax.vmap(lambda s: train.ema_decay(s, 0.999))(np.arange(20_000)))
+  assert np.all(np.diff(decays) >= 0) and np.all((decays > 0) & (decays <= 0.999))
+  assert decays[-1] == np.float32(0.999)
+  # Weight left on the initial parameters after 1000 updates (a constant 0.999 leaves e^-1).
+  assert np.prod(decays[:1000].astype(np.float64)) < 0.01
+
+
 def test_padded_slots_change_no_loss():
   config = _config()
   source, info = datasets.make_source(config.data)
