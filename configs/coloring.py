@@ -12,8 +12,8 @@ from flowception_jax import config as config_lib
 def get_config(arg=None):
   config_lib.check_variant(arg, 'configs/coloring.py')
   c = config_lib.base_config()
-  c.total_steps = 2200  # About 20 minutes on a 2-core CPU (2700 steps took 24 minutes).
-  c.batch_size = 64
+  c.total_steps = 9000  # About 20 minutes on a 2-core CPU, at about 9 steps per second.
+  c.batch_size = 16  # At a fixed budget, 4x the updates of batch 64 denoise better.
   c.checkpoint_every = 1000
   c.sample_every = 0
   c.num_sample_videos = 256
@@ -22,7 +22,7 @@ def get_config(arg=None):
   c.data.buckets = (8, 16, 24, 30)
   c.model.size = 'mini'
   c.model.patch_size = 3
-  c.optim.learning_rate = 1e-3
+  c.optim.learning_rate = 5e-4
   c.optim.warmup_steps = 300
   c.sampler.num_steps = 50
   c.sampler.insertion = 'thinning'  # Exact final lengths when the rates are exact counts.

@@ -214,6 +214,54 @@ def test_thinning_reaches_the_exact_length_of_an_oracle(kappa):
   assert shares['bernoulli'] <= shares['thinning'] - 0.05, shares
 
 
+def _posterior_rate(lengths, use_count=True):
+  """Log-rate of the Bayes-optimal model of videos whose length is uniform over `lengths`.
+
+  Grown from one start frame with linear kappa, a video of length L shows `n - 1 ~ Binomial(L - 1,
+  t_g)` inserted frames at global time `t_g`, so the posterior mean of the missing count is
+  `E[L - n | n, t_g]`; it goes to the last frame (`t_g` is the start frame's time). With
+  `use_count=False` the rate ignores `n` and asks for `E[L] - n`: right on average, wrong in law.
+  """
+  support = jnp.asarray(lengths, jnp.float32)
+
+  def log_rate(times, mask, labels):
+    del labels
+    n = jnp.sum(mask, axis=1, keepdims=True).astype(jnp.float32)  # [B, 1]
+    t = jnp.clip(times[:, :1], 1e-6, 1 - 1e-6)
+    if use_count:
+      k = n - 1
+      log_w = (jax.scipy.special.gammaln(support) - jax.scipy.special.gammaln(k + 1)
+               - jax.scipy.special.gammaln(support - k) + k * jnp.log(t)
+               + (support - n) * jnp.log1p(-t))
+      log_w = jnp.where(support >= n, log_w, -jnp.inf)
+      weights = jax.nn.softmax(log_w, axis=1)
+      missing = jnp.sum(weights * jnp.maximum(support - n, 0.0), axis=1, keepdims=True)
+    else:
+      missing = jnp.maximum(jnp.mean(support) - n, 0.0)
+    last = mask & (jnp.cumsum(mask, axis=1) == n.astype(jnp.int32))
+    return jnp.where(last & (missing > 0), jnp.log(jnp.maximum(missing, 1e-12)), -30.0)
+
+  return log_rate
+
+
+def test_posterior_mean_rates_reproduce_the_length_distribution():
+  """The method's claim: rates equal to the posterior mean of the missing count generate the data's
+  lengths; a rate right only on average does not."""
+  b, lengths = 2000, (3, 9)
+  shares = {}
+  for use_count in (True, False):
+    out = _sampler(_fake_model(log_rate=_posterior_rate(lengths, use_count)), batch_size=b,
+                   capacity=12, num_steps=100, num_start_frames=1, insertion='poisson')(
+                       None, jax.random.key(11))
+    _check_complete(out, 12)
+    generated = np.asarray(out.lengths)
+    shares[use_count] = [float(np.mean(generated == length)) for length in lengths]
+  # Within the Euler error of 100 steps (a few % of videos end off the support) and the noise.
+  np.testing.assert_allclose(shares[True], 0.5, atol=0.1)
+  assert sum(shares[True]) >= 0.85, shares
+  assert sum(shares[False]) < 0.5, shares
+
+
 def test_compiles_once_for_new_keys():
   calls = []
   sample = _sampler(_fake_model(log_rate=0.0, calls=calls))
