@@ -179,6 +179,12 @@ def test_insertions_per_gap_match_the_rate(insertion, num_steps):
     np.testing.assert_allclose(inserted.mean(), m, atol=m * m * h / 2 + tolerance)
 
 
+def _rate_on_last_frame(mask, missing):
+  """Log-rates [B, N] asking for `missing` [B, 1] frames after the last alive one, none elsewhere."""
+  last = mask & (jnp.cumsum(mask, axis=1) == jnp.sum(mask, axis=1, keepdims=True))
+  return jnp.where(last & (missing > 0), jnp.log(jnp.maximum(missing, 1e-12)), -30.0)
+
+
 def _exact_count_rate(length):
   """Log-rate of an oracle that knows the video has `length` frames, all missing ones at the end.
 
@@ -188,10 +194,8 @@ def _exact_count_rate(length):
 
   def log_rate(times, mask, labels):
     del times, labels
-    count = jnp.sum(mask, axis=1, keepdims=True)
-    last = mask & (jnp.cumsum(mask, axis=1) == count)
-    missing = (length - count).astype(jnp.float32)
-    return jnp.where(last & (missing > 0), jnp.log(jnp.maximum(missing, 1e-12)), -30.0)
+    return _rate_on_last_frame(mask, (length - jnp.sum(mask, axis=1, keepdims=True)).astype(
+        jnp.float32))
 
   return log_rate
 
@@ -238,8 +242,7 @@ def _posterior_rate(lengths, use_count=True):
       missing = jnp.sum(weights * jnp.maximum(support - n, 0.0), axis=1, keepdims=True)
     else:
       missing = jnp.maximum(jnp.mean(support) - n, 0.0)
-    last = mask & (jnp.cumsum(mask, axis=1) == n.astype(jnp.int32))
-    return jnp.where(last & (missing > 0), jnp.log(jnp.maximum(missing, 1e-12)), -30.0)
+    return _rate_on_last_frame(mask, missing)
 
   return log_rate
 
