@@ -12,7 +12,7 @@ from flowception_jax import config as config_lib
 def get_config(arg=None):
   config_lib.check_variant(arg, 'configs/coloring.py')
   c = config_lib.base_config()
-  c.total_steps = 9000  # About 20 minutes on a 2-core CPU, at about 9 steps per second.
+  c.total_steps = 8000  # About 19 minutes on a 2-core CPU, at about 8 steps per second.
   c.batch_size = 16  # At a fixed budget, 4x the updates of batch 64 denoise better.
   c.checkpoint_every = 1000
   c.sample_every = 0
@@ -22,7 +22,7 @@ def get_config(arg=None):
   c.data.buckets = (8, 16, 24, 30)
   c.model.size = 'mini'
   c.model.patch_size = 3
-  c.optim.learning_rate = 5e-4
+  c.optim.learning_rate = 2e-3  # At batch 16 it denoises faster than 5e-4 (README figures).
   c.optim.warmup_steps = 300
   c.sampler.num_steps = 50
   c.sampler.insertion = 'thinning'  # Exact final lengths when the rates are exact counts.
