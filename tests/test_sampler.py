@@ -194,8 +194,8 @@ def _exact_count_rate(length):
 
   def log_rate(times, mask, labels):
     del times, labels
-    return _rate_on_last_frame(mask, (length - jnp.sum(mask, axis=1, keepdims=True)).astype(
-        jnp.float32))
+    missing = (length - jnp.sum(mask, axis=1, keepdims=True)).astype(jnp.float32)
+    return _rate_on_last_frame(mask, missing)
 
   return log_rate
 
@@ -233,12 +233,8 @@ def _posterior_rate(lengths, use_count=True):
     n = jnp.sum(mask, axis=1, keepdims=True).astype(jnp.float32)  # [B, 1]
     t = jnp.clip(times[:, :1], 1e-6, 1 - 1e-6)
     if use_count:
-      k = n - 1
-      log_w = (jax.scipy.special.gammaln(support) - jax.scipy.special.gammaln(k + 1)
-               - jax.scipy.special.gammaln(support - k) + k * jnp.log(t)
-               + (support - n) * jnp.log1p(-t))
-      log_w = jnp.where(support >= n, log_w, -jnp.inf)
-      weights = jax.nn.softmax(log_w, axis=1)
+      # Lengths below the visible count have probability 0 (log-pmf -inf).
+      weights = jax.nn.softmax(jax.scipy.stats.binom.logpmf(n - 1, support - 1, t), axis=1)
       missing = jnp.sum(weights * jnp.maximum(support - n, 0.0), axis=1, keepdims=True)
     else:
       missing = jnp.maximum(jnp.mean(support) - n, 0.0)
