@@ -2,7 +2,7 @@ r"""The coloring toy task: 3x3 frames whose ring of colours rotates by a per-vid
 
   python -m flowception_jax.main --config=configs/coloring.py --workdir=/tmp/coloring
 
-Lengths are uniform over {15, 20, 25, 30}; one token per frame (patch 3). `evaluate.coloring_metrics`
+Lengths are uniform over {15, 20, 25, 30}; one token per frame (patch 3). `datasets/coloring.py`
 scores samples: length histogram against uniform, and the share of frame pairs that follow the rule.
 """
 

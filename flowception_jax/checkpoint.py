@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 import grain
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -64,6 +65,15 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any, data
 
 
 def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state: Any):
-  """Restores only the train state (for sampling and evaluation)."""
+  """Restores only the train state, without moving any data iterator."""
   return manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract_state)))['state']
+
+
+def restore_ema_params(manager: ocp.CheckpointManager, step: int, abstract_params: Any):
+  """Restores only the EMA parameters (sharded like `abstract_params`), reading nothing else."""
+  item = {'ema_params': abstract_params}
+  restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), item)
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item=item, restore_args=restore_args, partial_restore=True)))
+  return restored['state']['ema_params']

@@ -1,6 +1,6 @@
 """Grain input pipeline: extended-time samples, compacted and padded to a bucket, batched per bucket.
 
-Each example is a video `[N, H, W, C]` from a source in `datasets.py`. `ExtendedTimeTransform` draws its
+Each example is a video `[N, H, W, C]` from a source in `datasets/`. `ExtendedTimeTransform` draws its
 start frames, delays and global time, keeps the visible frames in order (left-aligned) and pads the
 frame axis to the smallest configured bucket that holds them. `BucketBatchIterDataset` then forms
 batches of examples that share a bucket, so the model only ever computes on visible frames plus a

@@ -264,3 +264,13 @@ def build_model(model_config, *, channels: int, num_classes: int) -> DiT:
   return DiT(patch_size=model_config.patch_size, channels=channels, hidden_size=hidden, depth=depth,
              num_heads=heads, mlp_ratio=model_config.mlp_ratio, num_classes=num_classes,
              dtype=_DTYPES[model_config.dtype])
+
+
+def init_inputs(frame_shape: tuple[int, int, int], frames: int, num_classes: int) -> tuple:
+  """Zero arguments of `DiT.__call__` for one video of `frames` slots, to initialise or trace."""
+  shape = (1, frames)
+  labels = jnp.zeros((1,), jnp.int32) if num_classes else None
+  return (jnp.zeros(shape + tuple(frame_shape), jnp.float32),
+          jnp.zeros(shape + tuple(frame_shape), jnp.float32), jnp.zeros(shape, jnp.float32),
+          jnp.broadcast_to(jnp.arange(frames, dtype=jnp.int32), shape), jnp.ones(shape, bool),
+          labels)

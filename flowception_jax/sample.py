@@ -16,12 +16,9 @@ from absl import flags
 import jax
 import numpy as np
 
-from flowception_jax import checkpoint
 from flowception_jax import datasets
-from flowception_jax import evaluate
+from flowception_jax import inference
 from flowception_jax import sampler as sampler_lib
-from flowception_jax import sharding
-from flowception_jax import train
 from flowception_jax import video_io
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir holding checkpoints.')
@@ -37,37 +34,20 @@ _RATE_GUIDANCE = flags.DEFINE_float('rate_guidance', None, 'Rate guidance (defau
 flags.mark_flags_as_required(['workdir', 'output'])
 
 
-def load_ema_params(workdir: str):
-  """The resolved config and the latest EMA parameters saved in `workdir`."""
-  manager = checkpoint.make_manager(workdir, read_only=True)
-  step = manager.latest_step() if os.path.isdir(manager.directory) else None
-  if step is None:
-    raise FileNotFoundError(f'no checkpoint in {workdir}; train first with '
-                            f'python -m flowception_jax.main --config=... --workdir={workdir}')
-  config = checkpoint.restore_config(manager, step)
-  _, info = datasets.make_source(config.data)
-  mesh = sharding.make_mesh(config.mesh)
-  model, _, init_fn = train.build(config, info)
-  abstract_state, _ = train.state_layout(init_fn, mesh)
-  state = checkpoint.restore_state(manager, step, abstract_state)
-  manager.close()
-  return config, info, model, state.ema_params
-
-
 def sample_videos(workdir: str, num_videos: int, seed: int, sampler_overrides=None):
   """Returns (videos [N, N_max, H, W, C] in [0, 1], lengths [N], config).
 
   `sampler_overrides` maps `config.sampler` fields to values that replace the trained config's.
   """
-  config, info, model, params = load_ema_params(workdir)
+  trained = inference.load(workdir)
+  config = trained.config
   config.sampler.update(sampler_overrides or {})
-  sampler = train.make_sampler(model, config, info, num_videos)
-  key = jax.random.key(seed)
-  label_key, sample_key = jax.random.split(key)
-  out = sampler(params, sample_key,
-                labels=train.sample_labels(label_key, num_videos, info.num_classes))
+  sampler = inference.make_sampler(trained.model, config, trained.info, num_videos)
+  label_key, sample_key = jax.random.split(jax.random.key(seed))
+  labels = inference.sample_labels(label_key, num_videos, trained.info.num_classes)
+  out = sampler(trained.params, sample_key, labels=labels)
   lengths = np.asarray(out.lengths, np.int32)
-  return train.to_pixels(out.frames, lengths), lengths, config
+  return inference.to_pixels(out.frames, lengths), lengths, config
 
 
 def main(argv):
@@ -85,7 +65,7 @@ def main(argv):
   video_io.write_gif(_OUTPUT.value[:-len('.npz')] + '.gif', video_io.video_grid(videos, lengths))
   summary = {'num_videos': len(lengths), 'mean_length': float(lengths.mean()),
              'sampler': config.sampler.to_dict()}
-  summary.update(evaluate.task_metrics(config.data.name, videos, lengths))
+  summary.update(datasets.task_metrics(config.data.name, videos, lengths))
   print(json.dumps(summary, indent=1))
 
 

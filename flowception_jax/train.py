@@ -19,10 +19,8 @@ import optax
 from flowception_jax import checkpoint
 from flowception_jax import data
 from flowception_jax import datasets
-from flowception_jax import evaluate
 from flowception_jax import flowception
-from flowception_jax import model as model_lib
-from flowception_jax import sampler as sampler_lib
+from flowception_jax import inference
 from flowception_jax import sharding
 from flowception_jax import video_io
 
@@ -58,29 +56,9 @@ def model_inputs(batch: dict[str, jax.Array], x_t: jax.Array, times: jax.Array, 
 def init_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Array,
                info: datasets.SourceInfo, frames: int) -> TrainState:
   """A fresh train state with boxed (logically partitioned) parameters."""
-  batch = dummy_batch(info, frames)
-  labels = batch['label'] if info.num_classes else None
-  params = model.init(key, *model_inputs(batch, batch['frames'], batch['frame_times'], labels))
-  params = params['params']
+  params = inference.init_params(model, info, frames, key)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
                     opt_state=tx.init(params))
-
-
-def dummy_batch(info: datasets.SourceInfo, frames: int, batch_size: int = 1) -> dict[str, Any]:
-  """A batch of the pipeline's structure (zeros), for initialisation and shape inference."""
-  b, f = batch_size, frames
-  return {
-      'frames': jnp.zeros((b, f) + tuple(info.frame_shape), jnp.float32),
-      'frame_times': jnp.zeros((b, f), jnp.float32),
-      'positions': jnp.broadcast_to(jnp.arange(f, dtype=jnp.int32), (b, f)),
-      'frame_mask': jnp.ones((b, f), bool),
-      'flow_mask': jnp.ones((b, f), bool),
-      'rate_mask': jnp.ones((b, f), bool),
-      'insert_targets': jnp.zeros((b, f), jnp.int32),
-      'context_mask': jnp.zeros((b, f), bool),
-      'label': jnp.zeros((b,), jnp.int32),
-      'length': jnp.full((b,), f, jnp.int32),
-  }
 
 
 def compute_losses(params, batch: dict[str, jax.Array], key: jax.Array, *, model: nn.Module,
@@ -144,40 +122,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   return new_state, metrics
 
 
-def make_sampler(model: nn.Module, config, info: datasets.SourceInfo, num_videos: int):
-  """A jitted `(params, key) -> SampleOutput` for `num_videos` videos of up to `max_frames`."""
-  sampler_config = sampler_lib.SamplerConfig(
-      num_steps=config.sampler.num_steps, num_start_frames=config.flow.num_start_frames,
-      kappa=config.flow.kappa, insertion=config.sampler.insertion,
-      guidance_scale=config.sampler.guidance_scale, rate_guidance=config.sampler.rate_guidance,
-      snr_shift=config.flow.snr_shift)
-
-  def apply_fn(params, *inputs):
-    return model.apply({'params': params}, *inputs)
-
-  return sampler_lib.make_sampler(apply_fn, config=sampler_config, batch_size=num_videos,
-                                  capacity=info.max_frames, frame_shape=tuple(info.frame_shape),
-                                  num_classes=info.num_classes)
-
-
-def to_pixels(frames: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-  """Model-space frames [B, N, H, W, C] in [-1, 1] to [0, 1], padded slots zero."""
-  alive = np.arange(frames.shape[1])[None, :] < np.asarray(lengths)[:, None]
-  pixels = np.clip((np.asarray(frames, np.float32) + 1.0) / 2.0, 0.0, 1.0)
-  return np.where(alive[:, :, None, None, None], pixels, 0.0).astype(np.float32)
-
-
-def sample_labels(key: jax.Array, num_videos: int, num_classes: int):
-  """Random class labels for conditional models, None for unconditional ones."""
-  if not num_classes:
-    return None
-  return jax.random.randint(key, (num_videos,), 0, num_classes)
-
-
 def build(config, info: datasets.SourceInfo):
   """The model, the optimizer and `init_fn(key) -> TrainState` (boxed) of a resolved config."""
-  model = model_lib.build_model(config.model, channels=info.frame_shape[-1],
-                                num_classes=info.num_classes)
+  model = inference.build_model(config, info)
   tx = make_optimizer(config.optim, config.total_steps)
   init_fn = functools.partial(init_state, model, tx, info=info, frames=min(config.data.buckets))
   return model, tx, init_fn
@@ -277,18 +224,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   # ---- Update step and sampler -------------------------------------------------------------------
   step_fn = jit_train_step(model, tx, config, mesh, state_shardings)
-  sampler = make_sampler(model, config, info, config.num_sample_videos)
+  sampler = inference.make_sampler(model, config, info, config.num_sample_videos)
 
   def write_samples(step: int) -> None:
     key = jax.random.fold_in(jax.random.key(config.seed + 1), step)
-    out = sampler(state.ema_params, key, labels=sample_labels(key, config.num_sample_videos,
-                                                              info.num_classes))
+    labels = inference.sample_labels(key, config.num_sample_videos, info.num_classes)
+    out = sampler(state.ema_params, key, labels=labels)
     lengths = np.asarray(out.lengths)
-    videos = to_pixels(out.frames, lengths)
+    videos = inference.to_pixels(out.frames, lengths)
     if jax.process_index() == 0:
       video_io.write_gif(os.path.join(workdir, f'samples_{step:06d}.gif'),
                          video_io.video_grid(videos, lengths))
-    metrics = evaluate.task_metrics(config.data.name, videos, lengths)
+    metrics = datasets.task_metrics(config.data.name, videos, lengths)
     metrics['mean_length'] = float(lengths.mean())
     writer.write_scalars(step, {f'sample/{k}': v for k, v in metrics.items()})
 

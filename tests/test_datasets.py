@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from flowception_jax import datasets
+from flowception_jax.datasets import coloring
 
 
 def _data_config(name, **fields):
@@ -54,44 +55,44 @@ def test_records_have_declared_shape_and_range(make):
 
 
 def test_coloring_ring_is_the_clockwise_boundary():
-  ring = np.array(datasets.COLORING_RING)
-  assert len(set(datasets.COLORING_RING)) == 8
-  assert datasets.COLORING_CENTRE not in datasets.COLORING_RING
+  ring = np.array(coloring.RING)
+  assert len(set(coloring.RING)) == 8
+  assert coloring.CENTRE not in coloring.RING
   steps = np.abs(np.diff(np.concatenate([ring, ring[:1]]), axis=0)).sum(axis=1)
   np.testing.assert_array_equal(steps, 1)  # Neighbours along the ring, closing the loop.
-  assert datasets.COLORING_RING[:3] == ((0, 0), (0, 1), (0, 2))  # Top row left to right.
+  assert coloring.RING[:3] == ((0, 0), (0, 1), (0, 2))  # Top row left to right.
 
 
 def test_rotate_ring_moves_colours_clockwise_and_keeps_the_centre():
   frame = np.random.default_rng(0).uniform(size=(3, 3, 3))
-  for stride in datasets.COLORING_STRIDES:
-    rotated = datasets.rotate_ring(frame, stride)
+  for stride in coloring.STRIDES:
+    rotated = coloring.rotate_ring(frame, stride)
     np.testing.assert_array_equal(rotated[1, 1], frame[1, 1])
-    for k, (r, c) in enumerate(datasets.COLORING_RING):
-      dest = datasets.COLORING_RING[(k + stride) % 8]
+    for k, (r, c) in enumerate(coloring.RING):
+      dest = coloring.RING[(k + stride) % 8]
       np.testing.assert_array_equal(rotated[dest], frame[r, c])
-  np.testing.assert_array_equal(datasets.rotate_ring(frame, 8), frame)
+  np.testing.assert_array_equal(coloring.rotate_ring(frame, 8), frame)
   np.testing.assert_array_equal(
-      datasets.rotate_ring(datasets.rotate_ring(frame, 1), 2), datasets.rotate_ring(frame, 3))
+      coloring.rotate_ring(coloring.rotate_ring(frame, 1), 2), coloring.rotate_ring(frame, 3))
   batch = np.stack([frame, frame[::-1]])[None]  # Leading axes broadcast.
-  np.testing.assert_array_equal(datasets.rotate_ring(batch, 2)[0, 1],
-                                datasets.rotate_ring(frame[::-1], 2))
+  np.testing.assert_array_equal(coloring.rotate_ring(batch, 2)[0, 1],
+                                coloring.rotate_ring(frame[::-1], 2))
 
 
 def test_coloring_clips_follow_exactly_one_stride():
   source, _ = _coloring()
   for i in range(50):
     video = source[i]['video']
-    fitting = [s for s in datasets.COLORING_STRIDES
-               if np.allclose(datasets.rotate_ring(video[:-1], s), video[1:], atol=1e-6)]
+    fitting = [s for s in coloring.STRIDES
+               if np.allclose(coloring.rotate_ring(video[:-1], s), video[1:], atol=1e-6)]
     assert len(fitting) == 1, (i, fitting)
 
 
 def test_coloring_lengths_are_uniform_over_the_set():
   source, _ = _coloring()
   counts = collections.Counter(source[i]['video'].shape[0] for i in range(400))
-  assert set(counts) == set(datasets.COLORING_LENGTHS)
-  for length in datasets.COLORING_LENGTHS:
+  assert set(counts) == set(coloring.LENGTHS)
+  for length in coloring.LENGTHS:
     assert abs(counts[length] / 400 - 0.25) < 0.08, counts
 
 

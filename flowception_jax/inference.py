@@ -1,0 +1,110 @@
+"""A trained model, ready to sample: config, model and EMA weights loaded from a workdir.
+
+This is the path that sampling, evaluation and notebooks take; it reads checkpoints but does not need
+the trainer (no optimizer state is read). `make_sampler` builds the on-device sampler of `sampler.py`
+for a model and its config, the same one the trainer uses for its sample GIFs.
+"""
+
+import dataclasses
+import functools
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from flowception_jax import checkpoint
+from flowception_jax import datasets
+from flowception_jax import model as model_lib
+from flowception_jax import sampler as sampler_lib
+from flowception_jax import sharding
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedModel:
+  """What sampling needs from a training run."""
+  config: ml_collections.ConfigDict  # The resolved config the weights were trained with.
+  info: datasets.SourceInfo  # Frame shape, capacity and class count of its data.
+  model: model_lib.DiT
+  params: Any  # EMA parameters.
+  step: int  # The training step of the checkpoint.
+
+
+def build_model(config: ml_collections.ConfigDict, info: datasets.SourceInfo) -> model_lib.DiT:
+  """The DiT of `config.model` for the frames and classes of `info`."""
+  return model_lib.build_model(config.model, channels=info.frame_shape[-1],
+                               num_classes=info.num_classes)
+
+
+def init_params(model: model_lib.DiT, info: datasets.SourceInfo, frames: int, key: jax.Array):
+  """Fresh boxed (logically partitioned) parameters of `model`, traced on `frames` slots."""
+  inputs = model_lib.init_inputs(info.frame_shape, frames, info.num_classes)
+  return model.init(key, *inputs)['params']
+
+
+def sampler_config(config: ml_collections.ConfigDict) -> sampler_lib.SamplerConfig:
+  """The sampler settings of a resolved config (`config.sampler` and the process of `config.flow`)."""
+  return sampler_lib.SamplerConfig(
+      num_steps=config.sampler.num_steps, num_start_frames=config.flow.num_start_frames,
+      kappa=config.flow.kappa, insertion=config.sampler.insertion,
+      guidance_scale=config.sampler.guidance_scale, rate_guidance=config.sampler.rate_guidance,
+      snr_shift=config.flow.snr_shift)
+
+
+def make_sampler(model: model_lib.DiT, config: ml_collections.ConfigDict,
+                 info: datasets.SourceInfo, num_videos: int):
+  """A jitted sampler (see `sampler.make_sampler`) of `num_videos` videos of up to `max_frames`."""
+
+  def apply_fn(params, *inputs):
+    return model.apply({'params': params}, *inputs)
+
+  return sampler_lib.make_sampler(apply_fn, config=sampler_config(config), batch_size=num_videos,
+                                  capacity=info.max_frames, frame_shape=tuple(info.frame_shape),
+                                  num_classes=info.num_classes)
+
+
+def load(workdir: str, *, step: int | None = None,
+         mesh: jax.sharding.Mesh | None = None) -> TrainedModel:
+  """The model saved in `workdir` at `step` (default: the latest), with its EMA parameters.
+
+  Parameters are placed by the model's logical axis rules on `mesh` (default: every device on the
+  data axis, i.e. replicated), whatever mesh the run was trained on.
+  """
+  manager = checkpoint.make_manager(workdir, read_only=True)
+  steps = manager.all_steps() if os.path.isdir(manager.directory) else []
+  if not steps:
+    raise FileNotFoundError(f'no checkpoint in {workdir}; train first with '
+                            f'python -m flowception_jax.main --config=... --workdir={workdir}')
+  step = max(steps) if step is None else step
+  if step not in steps:
+    raise FileNotFoundError(f'no checkpoint of step {step} in {workdir}; saved steps: {steps}')
+  config = checkpoint.restore_config(manager, step)
+  _, info = datasets.make_source(config.data)
+  model = build_model(config, info)
+  mesh = mesh or sharding.make_mesh(ml_collections.ConfigDict({'data': -1, 'fsdp': 1}))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    boxed = jax.eval_shape(functools.partial(init_params, model, info, min(config.data.buckets)),
+                           jax.random.key(0))
+    shardings = sharding.logical_shardings(boxed, mesh)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          nn.unbox(boxed), shardings)
+  params = checkpoint.restore_ema_params(manager, step, abstract)
+  manager.close()
+  return TrainedModel(config=config, info=info, model=model, params=params, step=step)
+
+
+def to_pixels(frames: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+  """Model-space frames [B, N, H, W, C] in [-1, 1] to [0, 1], padded slots zero."""
+  alive = np.arange(frames.shape[1])[None, :] < np.asarray(lengths)[:, None]
+  pixels = np.clip((np.asarray(frames, np.float32) + 1.0) / 2.0, 0.0, 1.0)
+  return np.where(alive[:, :, None, None, None], pixels, 0.0).astype(np.float32)
+
+
+def sample_labels(key: jax.Array, num_videos: int, num_classes: int) -> jax.Array | None:
+  """Random class labels int32 [num_videos] for conditional models, None for unconditional ones."""
+  if not num_classes:
+    return None
+  return jax.random.randint(key, (num_videos,), 0, num_classes, jnp.int32)
