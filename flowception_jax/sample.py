@@ -5,7 +5,8 @@ r"""Samples videos from a trained workdir with its saved config and latest EMA w
 Writes `videos` float32 [N, N_max, H, W, C] in [0, 1] (slots past each length are zero) and `lengths`
 int32 [N] to the .npz, and a GIF grid beside it. The same seed and weights give the same file. The
 sampler settings come from the trained config unless a flag overrides them (`--num_steps=200
---insertion=thinning`); a summary (with the task metrics of the coloring task) is printed as JSON.
+--insertion=thinning`); a summary (with the data set's exact metrics, for coloring and shapes) is
+printed as JSON.
 """
 
 import json
@@ -65,7 +66,7 @@ def main(argv):
   video_io.write_gif(_OUTPUT.value[:-len('.npz')] + '.gif', video_io.video_grid(videos, lengths))
   summary = {'num_videos': len(lengths), 'mean_length': float(lengths.mean()),
              'sampler': config.sampler.to_dict()}
-  summary.update(datasets.task_metrics(config.data.name, videos, lengths))
+  summary.update(datasets.task_metrics(config.data.name, videos, lengths, config.data))
   print(json.dumps(summary, indent=1))
 
 

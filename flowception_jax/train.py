@@ -235,7 +235,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     if jax.process_index() == 0:
       video_io.write_gif(os.path.join(workdir, f'samples_{step:06d}.gif'),
                          video_io.video_grid(videos, lengths))
-    metrics = datasets.task_metrics(config.data.name, videos, lengths)
+    metrics = datasets.task_metrics(config.data.name, videos, lengths, config.data)
     metrics['mean_length'] = float(lengths.mean())
     writer.write_scalars(step, {f'sample/{k}': v for k, v in metrics.items()})
 

@@ -120,7 +120,8 @@ def test_task_metrics_dispatch_by_dataset(ground_truth):
   videos, lengths = ground_truth
   np.testing.assert_equal(datasets.task_metrics('coloring', videos, lengths),
                           coloring.metrics(videos, lengths))
-  assert datasets.task_metrics('shapes', videos, lengths) == {}
+  with pytest.raises(ValueError, match='data_config=config.data'):
+    datasets.task_metrics('shapes', videos, lengths)  # Its settings are needed.
 
 
 def test_total_variation_is_a_distance_between_histograms():

@@ -5,9 +5,10 @@ threads and processes can hold copies. Record `i` is a dict
   video: float32 [N, H, W, C] in [0, 1], `N` varying per record (1 <= N <= SourceInfo.max_frames).
   label: int32 scalar class (0 for unconditional sources).
 The built-in sources are procedural: record `i` is a pure function of `(data.seed, i)`, so no files
-are needed and every process sees the same clips. Each data set is one module holding its source, its
-`make(data_config)` factory and, where samples can be scored exactly, its `metrics(videos, lengths)`;
-`_DATASETS` below registers it by name.
+are needed and every process sees the same clips. Each data set is one module holding its source and
+its `make(data_config)` factory, and, where samples can be scored exactly, a metrics function
+(`coloring.metrics`; `shapes_metrics.metrics`, built on the reusable `shapes_tracker`);
+`_DATASETS` below registers them by name.
 """
 
 from collections.abc import Callable
@@ -18,19 +19,22 @@ import numpy as np
 
 from flowception_jax.datasets import coloring
 from flowception_jax.datasets import shapes
+from flowception_jax.datasets import shapes_metrics
 from flowception_jax.datasets.base import SourceInfo
 
 
 @dataclasses.dataclass(frozen=True)
 class _Dataset:
   make: Callable[[Any], tuple[Any, SourceInfo]]
-  # `metrics(videos [B, N, H, W, C] in [0, 1], lengths [B]) -> {name: value}`, None if unscored.
-  metrics: Callable[[np.ndarray, np.ndarray], dict[str, float]] | None = None
+  # `metrics(videos [B, N, H, W, C] in [0, 1], lengths [B], data_config) -> {name: value}`, None
+  # if unscored.
+  metrics: Callable[[np.ndarray, np.ndarray, Any], dict[str, float]] | None = None
 
 
 _DATASETS = {
-    'coloring': _Dataset(coloring.make, coloring.metrics),
-    'shapes': _Dataset(shapes.make),
+    # The coloring rules do not depend on the config.
+    'coloring': _Dataset(coloring.make, lambda videos, lengths, _: coloring.metrics(videos, lengths)),
+    'shapes': _Dataset(shapes.make, shapes_metrics.metrics),
 }
 
 
@@ -51,7 +55,12 @@ def make_source(data_config) -> tuple[Any, SourceInfo]:
   return _get(data_config.get('name')).make(data_config)
 
 
-def task_metrics(name: str, videos: np.ndarray, lengths: np.ndarray) -> dict[str, float]:
-  """The exact metrics of data set `name` for videos [B, N, H, W, C] in [0, 1]; {} if it has none."""
+def task_metrics(name: str, videos: np.ndarray, lengths: np.ndarray,
+                 data_config=None) -> dict[str, float]:
+  """The exact metrics of data set `name` for videos [B, N, H, W, C] in [0, 1]; {} if it has none.
+
+  `data_config` is the `config.data` the videos are meant to follow; `shapes` needs it (its frame
+  counts and shapes per clip are settings), `coloring` does not.
+  """
   metric = _get(name).metrics
-  return metric(videos, lengths) if metric else {}
+  return metric(videos, lengths, data_config) if metric else {}

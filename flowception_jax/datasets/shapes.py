@@ -11,10 +11,10 @@ import numpy as np
 from flowception_jax.datasets import base
 
 KINDS = ('disc', 'square', 'triangle')
-_SHAPE_RADIUS = (0.12, 0.25)  # Half-extent of a shape as a fraction of the image size.
-_SHAPE_CONTRAST = 0.35  # Smallest L-inf distance between a shape's colour and the background.
+SHAPE_RADIUS = (0.12, 0.25)  # Half-extent of a shape as a fraction of the image size.
+SHAPE_CONTRAST = 0.35  # Smallest L-inf distance between a shape's colour and the background.
 _PATH_OFFSET = 0.2  # Largest distance of the primary path from the frame centre, in image sizes.
-_SUPERSAMPLE = 2  # Sub-pixel samples per axis for anti-aliased edges.
+SUPERSAMPLE = 2  # Sub-pixel samples per axis for anti-aliased edges.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +58,7 @@ class ShapesSource:
     times = np.arange(length, dtype=np.float64)
 
     # Primary shape: a straight path through the central region, from just outside to just outside.
-    radius = rng.uniform(*_SHAPE_RADIUS) * size
+    radius = rng.uniform(*SHAPE_RADIUS) * size
     direction = _unit(rng.uniform(0, 2 * np.pi))
     normal = np.array([-direction[1], direction[0]])
     through = size / 2 + normal * rng.uniform(-_PATH_OFFSET, _PATH_OFFSET) * size
@@ -68,7 +68,7 @@ class ShapesSource:
     layers = [(start + velocity * (times[:, None] + 1), radius)]
 
     if num_shapes == 2:  # Secondary shape: anywhere, any direction, a speed primaries also have.
-      radius2 = rng.uniform(*_SHAPE_RADIUS) * size
+      radius2 = rng.uniform(*SHAPE_RADIUS) * size
       first = rng.uniform(-radius2, size + radius2, size=2)
       speed = rng.uniform(size / (self.max_frames + 1), 2 * size / (self.min_frames + 1))
       velocity2 = _unit(rng.uniform(0, 2 * np.pi)) * speed
@@ -78,7 +78,7 @@ class ShapesSource:
     for centres, r in layers:
       kind = KINDS[rng.integers(len(KINDS))]
       colour = _contrasting_colour(rng, background)
-      alpha = _coverage(kind, centres, r, self.image_size)[..., None]
+      alpha = coverage(kind, centres, r, self.image_size)[..., None]
       video = video * (1 - alpha) + colour * alpha
     return {'video': video.astype(np.float32), 'label': np.int32(0)}
 
@@ -98,32 +98,32 @@ def _exit_distance(point: np.ndarray, direction: np.ndarray, radius: float, size
 
 
 def _contrasting_colour(rng: np.random.Generator, background: np.ndarray) -> np.ndarray:
-  """A random RGB colour at least `_SHAPE_CONTRAST` (L-inf) away from `background`."""
+  """A random RGB colour at least `SHAPE_CONTRAST` (L-inf) away from `background`."""
   while True:
     colour = rng.uniform(size=3)
-    if np.abs(colour - background).max() >= _SHAPE_CONTRAST:
+    if np.abs(colour - background).max() >= SHAPE_CONTRAST:
       return colour
 
 
-def _coverage(kind: str, centres: np.ndarray, radius: float, image_size: int) -> np.ndarray:
+def coverage(kind: str, centres: np.ndarray, radius: float, image_size: int) -> np.ndarray:
   """Anti-aliased coverage float [T, S, S] in [0, 1] of a shape at `centres` [T, 2] (x, y).
 
   Pixel `(row, col)` covers `[col, col + 1] x [row, row + 1]`; coverage is the share of its
-  `_SUPERSAMPLE^2` sub-pixel samples inside the shape (half-extent `radius` pixels).
+  `SUPERSAMPLE^2` sub-pixel samples inside the shape (half-extent `radius` pixels).
   """
-  k = _SUPERSAMPLE
+  k = SUPERSAMPLE
   samples = (np.arange(image_size * k) + 0.5) / k
-  xs, ys = np.meshgrid(samples, samples)  # [S k, S k], ys indexes rows.
-  dx = (xs[None] - centres[:, 0, None, None]) / radius
-  dy = (ys[None] - centres[:, 1, None, None]) / radius
+  # Offsets of the samples from each centre in radii: dx [T, 1, S k] by column, dy [T, S k, 1].
+  dx = (samples[None, None, :] - centres[:, 0, None, None]) / radius
+  dy = (samples[None, :, None] - centres[:, 1, None, None]) / radius
   if kind == 'disc':
     inside = dx**2 + dy**2 <= 1
   elif kind == 'square':
-    inside = np.maximum(np.abs(dx), np.abs(dy)) <= 1
+    inside = (np.abs(dx) <= 1) & (np.abs(dy) <= 1)
   else:  # Triangle: apex at the top centre of the box, base along its bottom side.
     inside = (dy <= 1) & (np.abs(dx) <= (dy + 1) / 2)
-  t = centres.shape[0]
-  return inside.reshape(t, image_size, k, image_size, k).mean(axis=(2, 4))
+  counts = sum(inside[:, i::k, j::k].astype(np.uint8) for i in range(k) for j in range(k))
+  return counts / k**2
 
 
 def make(data_config) -> tuple[ShapesSource, base.SourceInfo]:
