@@ -3,12 +3,12 @@ r"""Scores a trained model's samples against its data: lengths, exact task metri
   python -m flowception_jax.evaluate --workdir=/tmp/shapes --num_videos=256 --seed=0 \
       --output=/tmp/shapes/eval.json --fvd
 
-Samples `--num_videos` videos from the workdir's EMA weights (or reads `--samples=F.npz`, a file that
-`flowception_jax.sample` wrote) and compares them with the first `--num_data` records of the data set
-the workdir was trained on: the length histogram and its total variation to the data's, the data
-set's exact metrics (`datasets.task_metrics`), and with `--fvd` the Frechet Video Distance (see
-`fvd.py`). The data's I3D statistics are cached in the workdir, so a second evaluation only computes
-the samples' features. The training loop logs the same metrics for its sample batches
+Samples `--num_videos` videos from the workdir's EMA weights (or reads `--samples=F.npz`, a file
+that `flowception_jax.sample` wrote) and compares them with the first `--num_data` records of the
+data set the workdir was trained on: the length histogram and its total variation to the data's,
+the data set's exact metrics (`datasets.task_metrics`), and with `--fvd` the Frechet Video Distance
+(see `fvd.py`). The data's I3D statistics are cached in the workdir, so a second evaluation only
+computes the samples' features. The training loop logs the same metrics for its sample batches
 (`evaluate_samples`). Every JSON key is listed in the README.
 """
 

