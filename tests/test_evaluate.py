@@ -35,8 +35,8 @@ def _data_as_samples(data_config, num: int):
 @pytest.mark.parametrize('name', ['coloring', 'shapes'])
 def test_the_data_scores_as_the_data(name):
   config = importlib.import_module(f'configs.{name}').get_config('tiny')
-  reference = evaluate.data_reference(config.data, 40)
-  videos, lengths = _data_as_samples(config.data, 40)
+  reference = evaluate.data_reference(config.data, 16)
+  videos, lengths = _data_as_samples(config.data, 16)
   np.testing.assert_array_equal(reference.lengths, lengths)
   result = evaluate.evaluate_samples(videos, lengths, reference)
   assert result['data_length_tv'] == 0.0
@@ -45,9 +45,9 @@ def test_the_data_scores_as_the_data(name):
   assert sum(result['length_histogram'].values()) == pytest.approx(1.0)
   task = datasets.task_metrics(name, videos, lengths, config.data)
   assert {k: result[k] for k in task} == task
-  # Every clip cut to one frame: no data clip is that short, so the histograms are disjoint.
-  cut = evaluate.evaluate_samples(videos, np.ones_like(lengths), reference)
-  assert cut['data_length_tv'] == 1.0 and cut['mean_length'] == 1.0
+  # Every clip cut to two frames: no data clip is that short, so the histograms are disjoint.
+  cut = evaluate.evaluate_samples(videos, np.full_like(lengths, 2), reference)
+  assert cut['data_length_tv'] == 1.0 and cut['mean_length'] == 2.0
   logged = evaluate.scalars(result)
   assert 'data_length_tv' in logged and 'num_videos' not in logged
   assert all(isinstance(v, float) for v in logged.values())
