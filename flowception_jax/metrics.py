@@ -1,4 +1,4 @@
-"""Metrics shared by every data set: the distribution of generated lengths."""
+"""Metrics shared by every data set: the distribution of generated lengths against the data's."""
 
 from collections.abc import Mapping, Sequence
 
@@ -21,3 +21,26 @@ def total_variation(p: Mapping[int, float], q: Mapping[int, float]) -> float:
 def uniform_histogram(support: Sequence[int]) -> dict[int, float]:
   """The uniform distribution on `support` as a histogram."""
   return {int(k): 1.0 / len(support) for k in support}
+
+
+def length_statistics(lengths: Sequence[int] | np.ndarray,
+                      data_lengths: Sequence[int] | np.ndarray) -> dict:
+  """Generated lengths int [B] against the data's int [M]: moments, histograms, total variation.
+
+  Returns `mean_length`, `std_length`, `min_length`, `max_length`, `data_mean_length`,
+  `data_length_tv` (total variation between the two length histograms; 0 is a perfect match),
+  `length_histogram` and `data_length_histogram` ({length: share}).
+  """
+  lengths = np.asarray(lengths, np.int64)
+  data_lengths = np.asarray(data_lengths, np.int64)
+  histogram, data_histogram = length_histogram(lengths), length_histogram(data_lengths)
+  return {
+      'mean_length': float(lengths.mean()),
+      'std_length': float(lengths.std()),
+      'min_length': int(lengths.min()),
+      'max_length': int(lengths.max()),
+      'data_mean_length': float(data_lengths.mean()),
+      'data_length_tv': total_variation(histogram, data_histogram),
+      'length_histogram': histogram,
+      'data_length_histogram': data_histogram,
+  }

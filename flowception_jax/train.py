@@ -19,7 +19,9 @@ import optax
 from flowception_jax import checkpoint
 from flowception_jax import data
 from flowception_jax import datasets
+from flowception_jax import evaluate
 from flowception_jax import flowception
+from flowception_jax import fvd
 from flowception_jax import inference
 from flowception_jax import sharding
 from flowception_jax import video_io
@@ -225,6 +227,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   # ---- Update step and sampler -------------------------------------------------------------------
   step_fn = jit_train_step(model, tx, config, mesh, state_shardings)
   sampler = inference.make_sampler(model, config, info, config.num_sample_videos)
+  i3d = fvd.load_i3d(config.eval.i3d_weights or None) if config.eval.fvd else None
+  reference = evaluate.data_reference(config.data, config.eval.num_data_videos, i3d=i3d,
+                                      cache_dir=workdir)
 
   def write_samples(step: int) -> None:
     key = jax.random.fold_in(jax.random.key(config.seed + 1), step)
@@ -235,8 +240,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     if jax.process_index() == 0:
       video_io.write_gif(os.path.join(workdir, f'samples_{step:06d}.gif'),
                          video_io.video_grid(videos, lengths))
-    metrics = datasets.task_metrics(config.data.name, videos, lengths, config.data)
-    metrics['mean_length'] = float(lengths.mean())
+    metrics = evaluate.scalars(evaluate.evaluate_samples(videos, lengths, reference, i3d=i3d))
     writer.write_scalars(step, {f'sample/{k}': v for k, v in metrics.items()})
 
   # ---- Loop --------------------------------------------------------------------------------------
