@@ -26,6 +26,7 @@ import optax
 
 from flowception_jax import flowception
 from flowception_jax import model as model_lib
+from flowception_jax import orders
 from flowception_jax import sampler as sampler_lib
 
 METHODS = ('flowception', 'full_sequence', 'autoregressive')
@@ -35,11 +36,13 @@ LENGTH_RECORDS = 1024
 
 
 def check_method(config) -> None:
-  """Refuses an unknown `config.method` and an insertion order on a method without insertions."""
+  """Refuses an unknown `config.method` or `config.sampler.order`, and an insertion order on a
+  method without insertions (before training starts, not at its first samples)."""
   if config.method not in METHODS:
     raise ValueError(f'unknown method {config.method!r}; set --config.method to one of '
                      f'{", ".join(METHODS)}')
-  order = config.sampler.get('order', 'learned')
+  order = config.sampler.order
+  orders.check_order(order)
   if config.method != 'flowception' and order != 'learned':
     raise ValueError(f'insertion order {order!r} needs the flowception method, not '
                      f'{config.method!r}; drop --config.sampler.order (or --order)')

@@ -9,7 +9,7 @@ little padding, and every bucket size compiles once.
 A batch is a dict of NumPy arrays, `F` the bucket size:
   frames:         float32 [B, F, H, W, C] clean visible frames in [-1, 1], zeros in padding.
   frame_times:    float32 [B, F] per-frame flow time `clip(tau_i, 0, 1)`, 0 in padding.
-  positions:      int32   [B, F] slot index in the compacted sequence.
+  positions:      int32   [B, F] slot index in the compacted sequence (autoregressive: frame index).
   frame_mask:     bool    [B, F] real (visible) frames.
   flow_mask:      bool    [B, F] frames in flow (`0 <= tau_i < 1`), not context: the velocity loss.
   rate_mask:      bool    [B, F] frames that may insert (not passive, not padding): the rate loss.

@@ -308,6 +308,14 @@ def test_each_method_trains_samples_and_keeps_its_checkpoints(tmp_path, method):
     train.train_and_evaluate(_config('flowception', total_steps=4), workdir)
 
 
-def test_unknown_method_names_the_flag(tmp_path):
+def test_bad_methods_and_orders_are_refused_before_training(tmp_path):
   with pytest.raises(ValueError, match='--config.method'):
     train.train_and_evaluate(_config('diffusion'), str(tmp_path))
+  config = _config('flowception')
+  config.sampler.order = 'middle_first'
+  with pytest.raises(ValueError, match='--config.sampler.order'):
+    train.train_and_evaluate(config, str(tmp_path))
+  config = _config('autoregressive')
+  config.sampler.order = 'random'
+  with pytest.raises(ValueError, match='needs the flowception method'):
+    train.train_and_evaluate(config, str(tmp_path))
