@@ -11,11 +11,10 @@
                   past in one pass); sampling makes one frame at a time from the clean frames before
                   it and stops by a learned end-of-video decision, whose logit is the rate head's
                   output on the last clean frame (`end_loss`).
-Both samplers run on device in one `jax.lax.while_loop` with fixed shapes and return the
+Both samplers run on device in one `jax.lax` loop under `jax.jit`, with fixed shapes, and return the
 `sampler.SampleOutput` of the Flowception sampler.
 """
 
-import functools
 from typing import Any, Callable
 
 import chex

@@ -1,6 +1,9 @@
 """The baselines in the same code: attention masks of each method, their training examples, the
 end-of-video loss, their samplers with fake models, and each method from training to samples."""
 
+import os
+
+from absl.testing import flagsaver
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -303,8 +306,11 @@ def test_each_method_trains_samples_and_keeps_its_checkpoints(tmp_path, method):
   assert np.all((lengths >= 1) & (lengths <= 30))
   for video, length in zip(videos, lengths):
     assert not np.any(video[length:])
-  with pytest.raises(ValueError, match="needs the flowception method"):
-    sample.sample_videos(workdir, num_videos=3, seed=0, sampler_overrides={'order': 'random'})
+  output = str(tmp_path / 'samples.npz')
+  with flagsaver.flagsaver(workdir=workdir, output=output, order='random'), \
+      pytest.raises(ValueError, match='needs the flowception method'):
+    sample.main(['sample'])
+  assert not os.path.exists(output)
   with pytest.raises(ValueError, match=f"incompatible config.*method: checkpoint '{method}'"):
     train.train_and_evaluate(_config('flowception', total_steps=4), workdir)
 
