@@ -233,8 +233,9 @@ def make_sampler(method: str, apply_fn, *, config: sampler_lib.SamplerConfig, ba
     return sampler_lib.make_sampler(apply_fn, **common)
   if method == 'full_sequence':
     if length_probabilities is None:
-      raise ValueError('the full_sequence sampler needs the length distribution measured in '
-                       'training (config.length_distribution); train with this code version')
+      raise ValueError('the full_sequence sampler needs the length distribution that training '
+                       'measures (config.length_distribution); train with '
+                       '--config.method=full_sequence')
     return make_full_sequence_sampler(apply_fn, length_probabilities=length_probabilities,
                                       **common)
   if method == 'autoregressive':

@@ -4,8 +4,9 @@ With the `learned` order the sampler inserts after frame i at the model's rate `
 prescribed order keeps when and how many frames arrive and only moves where they go: at every step
 the video's expected number of missing frames, `M = sum_i lambda_i` over the frames that may insert,
 goes whole to one gap chosen by the order, and the insertion law and the scheduler's hazard apply to
-it as to a learned rate. So every order has the learned model's expected count, and all prescribed
-orders draw the same number of frames per step (the law of one gap of rate `M`):
+it as to a learned rate. All prescribed orders thus draw the same number of frames per step (the law
+of one gap of rate `M`), whose mean is the learned one under the `thinning` and `poisson` laws
+(`bernoulli`, at most one frame per gap and step, gives one fed gap fewer than many):
   left_to_right: the gap after the last frame that may insert (the video grows at its end).
   random:        a gap drawn uniformly among the frames that may insert, anew at every step.
   hierarchical:  the middle of the largest remaining gap first.
@@ -14,8 +15,9 @@ Hierarchical needs room to measure gaps in. Every frame carries a planned final 
 tracked in the sampler state): the initial frames are planned at 0, 1, ...; the room of the gap
 between two frames is the number of indices their plans leave free, and the room after the last
 frame is what `M` expects beyond the plan (`M` minus the room inside, at least 0). A frame inserted
-into a gap is planned in its middle (several frames in one step share it evenly). Ties go to the
-leftmost gap. The model never sees plans: it still gets the slots of the compacted sequence.
+into a gap is planned at its middle, the lower of two (several frames in one step share it evenly).
+Ties go to the leftmost gap. The model never sees plans: it still gets the slots of the compacted
+sequence.
 
 Arrays are [B, N] over the sampler's left-aligned slots.
 """
