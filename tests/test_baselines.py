@@ -95,7 +95,8 @@ def test_teacher_forcing_computes_each_frame_as_the_sampler_does():
                       frame_attention=model_lib.causal_attention(positions, noisy=is_noisy))
   # The sampler's sequences for every frame i at once, stacked on the batch axis: [F * B, F].
   current = (np.arange(F)[:, None, None] == slots[None])
-  alone = np.where(current[..., None, None, None], noisy[None], clean[None]).reshape(F * B, F, H, W, C)
+  alone = np.where(current[..., None, None, None], noisy[None], clean[None])
+  alone = alone.reshape(F * B, F, H, W, C)
   alone_times = np.where(current, noisy_times[None], 1.0).reshape(F * B, F)
   mask = np.broadcast_to(slots[None] <= np.arange(F)[:, None, None], (F, B, F)).reshape(F * B, F)
   alone_slots = np.tile(slots, (F, 1))
@@ -133,7 +134,8 @@ def test_full_sequence_examples_show_every_frame_at_one_time():
     assert not example['rate_mask'].any() and not example['context_mask'].any()
     np.testing.assert_array_equal(example['positions'], np.arange(size))
     np.testing.assert_allclose((example['frames'][:n, 0, 0, 0] + 1) / 2 * 8, np.arange(n))
-    assert len(set(example['frame_times'][real])) == 1 and np.all(example['frame_times'][~real] == 0)
+    assert len(set(example['frame_times'][real])) == 1
+    assert np.all(example['frame_times'][~real] == 0)
     times.append(example['frame_times'][0])
   assert 0 <= min(times) and max(times) < 1 and len(set(times)) == len(times)
 
@@ -235,7 +237,8 @@ def test_full_sequence_sampler_draws_lengths_from_the_data_and_denoises_together
 
 def _autoregressive_model(end_logit, calls=None):
   """Frame s goes to `frames[s - 1] + 1` (0.5 for s = 0), so the results show that each frame is
-  made from its finished predecessor; `end_logit(visible)` of the number of frames each frame sees."""
+  made from its finished predecessor; the end logit is `end_logit(seen)` of the number of frames
+  each frame sees."""
 
   def apply_fn(params, frames, context, times, positions, mask, labels, frame_attention=None):
     del params, context, positions, labels
@@ -255,7 +258,8 @@ def test_autoregressive_sampler_makes_frames_in_order_and_stops_by_the_end_decis
   # time lands on the targets only if the model's times and the steps use the same shift.
   calls, capacity, shift = [], 7, 3.0
   sample_fn = baselines.make_sampler(
-      'autoregressive', _autoregressive_model(lambda seen: jnp.where(seen == 4, 30.0, -30.0), calls),
+      'autoregressive',
+      _autoregressive_model(lambda seen: jnp.where(seen == 4, 30.0, -30.0), calls),
       config=_sampler_config(snr_shift=shift), batch_size=3, capacity=capacity, frame_shape=FRAME)
   out = sample_fn(None, jax.random.key(0))
   np.testing.assert_array_equal(out.lengths, 4)
