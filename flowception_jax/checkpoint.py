@@ -16,9 +16,11 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from flowception_jax import config as config_lib
+
 # Config fields that determine the shapes of the parameters or the meaning of the weights.
-_ARCHITECTURE_FIELDS = ('data.name', 'data.image_size', 'model.size', 'model.patch_size',
-                        'model.mlp_ratio')
+_ARCHITECTURE_FIELDS = ('method', 'data.name', 'data.image_size', 'model.size', 'model.patch_size',
+                        'model.mlp_ratio', 'model.attn_window')
 
 
 def make_manager(workdir: str, *, keep: int = 2, read_only: bool = False) -> ocp.CheckpointManager:
@@ -35,9 +37,22 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator, c
       config=ocp.args.JsonSave(config.to_dict())))
 
 
+def _with_defaults(saved: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+  """`saved` plus the fields it lacks, taken from `defaults` (nested dicts merged)."""
+  merged = dict(saved)
+  for key, value in defaults.items():
+    if key not in merged:
+      merged[key] = value
+    elif isinstance(value, dict) and isinstance(merged[key], dict):
+      merged[key] = _with_defaults(merged[key], value)
+  return merged
+
+
 def restore_config(manager: ocp.CheckpointManager, step: int) -> ml_collections.ConfigDict:
+  """The config saved at `step`; fields added to `base_config` since then take their defaults."""
   restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-  return ml_collections.ConfigDict(restored['config'])
+  return ml_collections.ConfigDict(
+      _with_defaults(restored['config'], config_lib.base_config().to_dict()))
 
 
 def _get(config: Mapping, dotted: str):

@@ -11,6 +11,7 @@ def base_config() -> ml_collections.ConfigDict:
   """Defaults shared by every experiment; each field is documented here once."""
   c = ml_collections.ConfigDict()
   c.seed = 0  # Seeds initialisation, data order, extended-time draws and noise.
+  c.method = 'flowception'  # Generative process, or a baseline (baselines.py): see METHODS there.
   c.total_steps = 10_000  # Optimizer steps of the whole run.
   c.batch_size = 64  # Global batch size (examples per step, over all processes).
   c.log_every = 50  # Steps between training-metric summaries.
@@ -44,6 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.patch_size = 4  # Square patch side in pixels; frame height and width must divide by it.
   c.model.mlp_ratio = 4.0  # MLP hidden width over model width.
   c.model.dtype = 'float32'  # Activation dtype: 'float32' or 'bfloat16' (parameters stay float32).
+  c.model.attn_window = 0  # Frames see frames at most this many slots away (0: all), any method.
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 3e-4  # Peak AdamW learning rate.
@@ -60,6 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.sampler.insertion = 'bernoulli'  # Law of insertions per gap and step (see SamplerConfig).
   c.sampler.guidance_scale = 1.0  # Classifier-free guidance on the velocity (1 is off).
   c.sampler.rate_guidance = 1.0  # Guidance on insertion log-rates (1 is off).
+  c.sampler.order = 'learned'  # Insertion positions: 'learned' or a prescribed order (orders.py).
 
   c.eval = ml_collections.ConfigDict()
   c.eval.num_data_videos = 1000  # Data records whose lengths (and I3D statistics) samples face.

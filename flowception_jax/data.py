@@ -9,7 +9,7 @@ little padding, and every bucket size compiles once.
 A batch is a dict of NumPy arrays, `F` the bucket size:
   frames:         float32 [B, F, H, W, C] clean visible frames in [-1, 1], zeros in padding.
   frame_times:    float32 [B, F] per-frame flow time `clip(tau_i, 0, 1)`, 0 in padding.
-  positions:      int32   [B, F] slot index in the compacted sequence.
+  positions:      int32   [B, F] slot index in the compacted sequence (autoregressive: frame index).
   frame_mask:     bool    [B, F] real (visible) frames.
   flow_mask:      bool    [B, F] frames in flow (`0 <= tau_i < 1`), not context: the velocity loss.
   rate_mask:      bool    [B, F] frames that may insert (not passive, not padding): the rate loss.
@@ -18,6 +18,10 @@ A batch is a dict of NumPy arrays, `F` the bucket size:
   label:          int32   [B] class label (0 for unlabelled sources).
   length:         int32   [B] the full clip's number of frames.
 Noise is not drawn here: the train step draws it from a key folded with the step.
+
+The baselines (`config.method`) fill the same keys with their own examples: `FullSequenceTransform`
+(every frame visible and in flow at one shared time) and `AutoregressiveTransform` (teacher forcing:
+clean frames followed by a noisy copy of each, `2 F` slots).
 """
 
 from collections.abc import Sequence
@@ -88,6 +92,92 @@ class ExtendedTimeTransform(grain.transforms.RandomMap):
     }
 
 
+def _pad(values: np.ndarray, size: int) -> np.ndarray:
+  """values [N, ...] zero-padded along the first axis to [size, ...]."""
+  return np.pad(values, [(0, size - values.shape[0])] + [(0, 0)] * (values.ndim - 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class FullSequenceTransform(grain.transforms.RandomMap):
+  """Turns a clip into a full-sequence example: every frame visible, in flow at one shared time.
+
+  The shared time is drawn like the global ratio of extended time (`flow.tau_distribution`). No frame
+  may insert (`rate_mask` is empty): this baseline takes its lengths from the data's distribution.
+  """
+  tau_distribution: str
+  buckets: tuple[int, ...]
+
+  def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    video = np.asarray(element['video'], np.float32)
+    n = video.shape[0]
+    size = bucket_for(n, self.buckets)
+    real = np.arange(size) < n
+    time = flowception.sample_global_ratio(rng, self.tau_distribution)
+    return {
+        'frames': _pad(video * 2.0 - 1.0, size),
+        'frame_times': np.where(real, time, 0.0).astype(np.float32),
+        'positions': np.arange(size, dtype=np.int32),
+        'frame_mask': real,
+        'flow_mask': real.copy(),
+        'rate_mask': np.zeros(size, bool),
+        'insert_targets': np.zeros(size, np.int32),
+        'context_mask': np.zeros(size, bool),
+        'label': np.int32(element['label']),
+        'length': np.int32(n),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoregressiveTransform(grain.transforms.RandomMap):
+  """Turns a clip into a teacher-forcing example of `2 F` slots, `F` the clip's bucket.
+
+  Slots `[0, F)` hold the clip clean (t = 1); slots `[F, 2F)` a noisy copy of every frame (the
+  `flow_mask`), each at its own time drawn like the global ratio of extended time. Both halves carry
+  positions `0..F-1`. Under `model.causal_attention(positions, noisy=flow_mask)` the noisy copy of
+  frame i sees the clean frames before it and itself, as when the sampler makes frame i, so one pass
+  trains the denoising of every frame from its clean past. The clean frames decide where the video
+  ends: `rate_mask` marks them and `insert_targets` counts the frames after each (0 on the last one).
+  """
+  tau_distribution: str
+  buckets: tuple[int, ...]
+
+  def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    video = np.asarray(element['video'], np.float32)
+    n = video.shape[0]
+    size = bucket_for(n, self.buckets)
+    real = np.arange(size) < n
+    none = np.zeros(size, bool)
+    noisy_times = flowception.sample_global_ratio(rng, self.tau_distribution, size=size)
+    frames = _pad(video * 2.0 - 1.0, size)
+    return {
+        'frames': np.concatenate([frames, frames]),
+        'frame_times': np.concatenate([real, np.where(real, noisy_times, 0.0)]).astype(np.float32),
+        'positions': np.tile(np.arange(size, dtype=np.int32), 2),
+        'frame_mask': np.concatenate([real, real]),
+        'flow_mask': np.concatenate([none, real]),
+        'rate_mask': np.concatenate([real, none]),
+        'insert_targets': np.concatenate([np.where(real, n - 1 - np.arange(size), 0),
+                                          np.zeros(size)]).astype(np.int32),
+        'context_mask': np.concatenate([none, none]),
+        'label': np.int32(element['label']),
+        'length': np.int32(n),
+    }
+
+
+def make_transform(method: str, flow_config, buckets: tuple[int, ...]) -> grain.transforms.RandomMap:
+  """The per-example transform of `method` ('flowception' or a baseline, see `baselines.METHODS`)."""
+  if method == 'flowception':
+    return ExtendedTimeTransform(
+        kappa=flow_config.kappa, num_start_frames=flow_config.num_start_frames,
+        tau_distribution=flow_config.tau_distribution, buckets=buckets)
+  if method == 'full_sequence':
+    return FullSequenceTransform(tau_distribution=flow_config.tau_distribution, buckets=buckets)
+  if method == 'autoregressive':
+    return AutoregressiveTransform(tau_distribution=flow_config.tau_distribution, buckets=buckets)
+  raise ValueError(f'unknown method {method!r}; set --config.method to flowception, full_sequence '
+                   'or autoregressive')
+
+
 class _BucketBatchIterator(grain.DatasetIterator):
   """Buffers examples per bucket size and emits a batch whenever one bucket is full.
 
@@ -138,16 +228,15 @@ def _with_index(index: int, example: dict) -> tuple[int, dict]:
 
 
 def make_train_dataset(source, data_config, flow_config, *, batch_size: int, seed: int,
-                       max_frames: int) -> grain.IterDataset:
+                       max_frames: int, method: str = 'flowception') -> grain.IterDataset:
   """The training pipeline over `source` for this process's share of the data.
 
   `batch_size` is per process. Shuffling and the extended-time draws are seeded by `seed` and the
-  record index, so the stream is a pure function of the seed and the position in it.
+  record index, so the stream is a pure function of the seed and the position in it. `method`
+  chooses the examples (`make_transform`).
   """
   buckets = check_buckets(data_config.buckets, max_frames)
-  transform = ExtendedTimeTransform(
-      kappa=flow_config.kappa, num_start_frames=flow_config.num_start_frames,
-      tau_distribution=flow_config.tau_distribution, buckets=buckets)
+  transform = make_transform(method, flow_config, buckets)
   records = (
       grain.MapDataset.source(source)
       .seed(seed)

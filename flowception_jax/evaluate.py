@@ -28,6 +28,7 @@ from flowception_jax import datasets
 from flowception_jax import fvd
 from flowception_jax import inference
 from flowception_jax import metrics
+from flowception_jax import orders
 from flowception_jax import sampler as sampler_lib
 
 
@@ -205,6 +206,8 @@ def _define_flags() -> None:
                     'Insertion law per gap and step (default: the config).')
   flags.DEFINE_float('guidance_scale', None, 'Velocity guidance (default: the config).')
   flags.DEFINE_float('rate_guidance', None, 'Rate guidance (default: the config).')
+  flags.DEFINE_enum('order', None, orders.ORDERS,
+                    'Insertion order: learned or prescribed (default: the config).')
   flags.mark_flags_as_required(['workdir', 'output'])
 
 
@@ -215,7 +218,7 @@ def main(argv):
   if not args.output.endswith('.json'):
     raise app.UsageError(f'--output must end in .json, got {args.output}')
   overrides = {name: args[name].value
-               for name in ('num_steps', 'insertion', 'guidance_scale', 'rate_guidance')
+               for name in ('num_steps', 'insertion', 'guidance_scale', 'rate_guidance', 'order')
                if args[name].value is not None}
   summary = evaluate(args.workdir, num_videos=args.num_videos, seed=args.seed,
                      samples=args.samples, step=args.step, with_fvd=args.fvd,

@@ -117,14 +117,19 @@ class ExtendedTime:
     return np.clip(self.tau, 0.0, 1.0).astype(np.float32)
 
 
-def sample_global_ratio(rng: np.random.Generator, distribution: str) -> float:
-  """Draws `r` in (0, 1), with `tau_g = r * tau_max`: 'uniform' or 'logit_normal'."""
+def sample_global_ratio(rng: np.random.Generator, distribution: str, size: int | None = None):
+  """Draws `r` in (0, 1), with `tau_g = r * tau_max`: 'uniform' or 'logit_normal'.
+
+  Returns a float, or float32 [size] independent draws if `size` is given.
+  """
   if distribution == 'uniform':
-    return float(rng.uniform())
-  if distribution == 'logit_normal':
-    return float(1.0 / (1.0 + np.exp(-rng.normal())))
-  raise ValueError(f'unknown tau distribution {distribution!r}; known: uniform, logit_normal; '
-                   'set --config.flow.tau_distribution')
+    r = rng.uniform(size=size)
+  elif distribution == 'logit_normal':
+    r = 1.0 / (1.0 + np.exp(-rng.normal(size=size)))
+  else:
+    raise ValueError(f'unknown tau distribution {distribution!r}; known: uniform, logit_normal; '
+                     'set --config.flow.tau_distribution')
+  return float(r) if size is None else r.astype(np.float32)
 
 
 def sample_extended_time(rng: np.random.Generator, num_frames: int, *, kappa: Kappa,

@@ -1,8 +1,9 @@
 """A trained model, ready to sample: config, model and EMA weights loaded from a workdir.
 
 This is the path that sampling, evaluation and notebooks take; it reads checkpoints but does not need
-the trainer (no optimizer state is read). `make_sampler` builds the on-device sampler of `sampler.py`
-for a model and its config, the same one the trainer uses for its sample GIFs.
+the trainer (no optimizer state is read). `make_sampler` builds the on-device sampler of the config's
+method (`sampler.py`, or a baseline's in `baselines.py`) for a model and its config, the same one the
+trainer uses for its sample GIFs.
 """
 
 import dataclasses
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from flowception_jax import baselines
 from flowception_jax import checkpoint
 from flowception_jax import datasets
 from flowception_jax import model as model_lib
@@ -51,19 +53,24 @@ def sampler_config(config: ml_collections.ConfigDict) -> sampler_lib.SamplerConf
       num_steps=config.sampler.num_steps, num_start_frames=config.flow.num_start_frames,
       kappa=config.flow.kappa, insertion=config.sampler.insertion,
       guidance_scale=config.sampler.guidance_scale, rate_guidance=config.sampler.rate_guidance,
-      snr_shift=config.flow.snr_shift)
+      snr_shift=config.flow.snr_shift, order=config.sampler.order)
 
 
 def make_sampler(model: model_lib.DiT, config: ml_collections.ConfigDict,
                  info: datasets.SourceInfo, num_videos: int):
-  """A jitted sampler (see `sampler.make_sampler`) of `num_videos` videos of up to `max_frames`."""
+  """A jitted sampler (see `sampler.make_sampler`) of `num_videos` videos of up to `max_frames`.
 
-  def apply_fn(params, *inputs):
-    return model.apply({'params': params}, *inputs)
+  The sampler of `config.method`: Flowception's, or a baseline's (`baselines.make_sampler`).
+  """
 
-  return sampler_lib.make_sampler(apply_fn, config=sampler_config(config), batch_size=num_videos,
-                                  capacity=info.max_frames, frame_shape=tuple(info.frame_shape),
-                                  num_classes=info.num_classes)
+  def apply_fn(params, *inputs, **kwargs):
+    return model.apply({'params': params}, *inputs, **kwargs)
+
+  baselines.check_method(config)
+  return baselines.make_sampler(
+      config.method, apply_fn, config=sampler_config(config), batch_size=num_videos,
+      capacity=info.max_frames, frame_shape=tuple(info.frame_shape), num_classes=info.num_classes,
+      length_probabilities=config.get('length_distribution'))
 
 
 def _checkpoint_step(manager, workdir: str, step: int | None) -> int:

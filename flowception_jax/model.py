@@ -2,9 +2,11 @@
 
 Each frame is patchified (its channels doubled by the clean context frame at the same slot) and gets
 one extra learnable rate token. All tokens of all frames attend to each other (padded frames are
-masked as keys); adaLN-Zero modulation is computed per frame from that frame's own time and the
-class, and broadcast to its tokens. Rotary embeddings encode (slot, row, column). After the last
-block the patch tokens give the velocity and the rate token gives the frame's insertion log-rate.
+masked as keys) unless a frame-level mask restricts which frames see which: causal for the
+autoregressive baseline, a band of `attn_window` neighbouring frames for any method. adaLN-Zero
+modulation is computed per frame from that frame's own time and the class, and broadcast to its
+tokens. Rotary embeddings encode (slot, row, column). After the last block the patch tokens give the
+velocity and the rate token gives the frame's insertion log-rate.
 
 Parameters carry logical axis names ('embed', 'mlp', 'heads', 'kv', 'patch', 'vocab') that
 `sharding.LOGICAL_RULES` maps onto the mesh; activations are constrained to ('batch', 'length',
@@ -91,15 +93,49 @@ def _modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
   return x * (1.0 + scale[:, :, None, :]) + shift[:, :, None, :]
 
 
+def causal_attention(positions: jax.Array, noisy: jax.Array | None = None) -> jax.Array:
+  """Frame-level causal mask: every frame sees itself and the clean frames at earlier positions.
+
+  positions: int [B, F] frame indices; noisy: bool [B, F] frames no other frame may see (the noisy
+  copies of teacher forcing, which share their position with the clean frame they learn to make),
+  None for none. Returns bool [B, F, F], `[b, q, k]` True where query frame q may attend to key k.
+  With distinct positions and no noisy frames this is block-causal attention.
+  """
+  earlier = positions[:, None, :] < positions[:, :, None]
+  if noisy is not None:
+    earlier &= ~noisy[:, None, :]
+  return earlier | jnp.eye(positions.shape[1], dtype=bool)
+
+
+def window_attention(positions: jax.Array, window: int) -> jax.Array:
+  """Frame-level band mask bool [B, F, F]: frames at most `window` positions apart see each other."""
+  return jnp.abs(positions[:, None, :] - positions[:, :, None]) <= window
+
+
+def token_attention_mask(frame_mask: jax.Array, frame_attention: jax.Array | None,
+                         tokens: int) -> jax.Array:
+  """The token-level mask of `jax.nn.dot_product_attention` for frames of `tokens` tokens each.
+
+  frame_mask: bool [B, F] real frames (the only keys); frame_attention: bool [B, F, F] (query frame,
+  key frame) or None for all frames. Returns bool [B, 1, 1, F * tokens] (keys only) without a frame
+  mask, else [B, 1, F * tokens, F * tokens].
+  """
+  keys = jnp.repeat(frame_mask, tokens, axis=1)
+  if frame_attention is None:
+    return keys[:, None, None, :]
+  allowed = jnp.repeat(jnp.repeat(frame_attention, tokens, axis=1), tokens, axis=2)
+  return (allowed & keys[:, None, :])[:, None]
+
+
 class Attention(nn.Module):
-  """Multi-head self-attention with QK normalisation, rotary embeddings and a key mask."""
+  """Multi-head self-attention with QK normalisation, rotary embeddings and an attention mask."""
   num_heads: int
   dtype: Any
   param_dtype: Any
 
   @nn.compact
-  def __call__(self, x: jax.Array, angles: jax.Array, key_mask: jax.Array) -> jax.Array:
-    """x [B, S, D], angles [B, S, D_head / 2], key_mask bool [B, S] -> [B, S, D]."""
+  def __call__(self, x: jax.Array, angles: jax.Array, mask: jax.Array) -> jax.Array:
+    """x [B, S, D], angles [B, S, D_head / 2], mask bool [B, 1, 1 or S, S] -> [B, S, D]."""
     b, s, d = x.shape
     h, head_dim = self.num_heads, d // self.num_heads
     # Kernels are declared in their head layout (not through DenseGeneral, which initialises a
@@ -115,7 +151,7 @@ class Attention(nn.Module):
     q = nn.RMSNorm(dtype=self.dtype, param_dtype=self.param_dtype, name='q_norm')(q)
     k = nn.RMSNorm(dtype=self.dtype, param_dtype=self.param_dtype, name='k_norm')(k)
     q, k = apply_rotary(q, angles), apply_rotary(k, angles)
-    out = jax.nn.dot_product_attention(q, k, v, mask=key_mask[:, None, None, :])
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask)
     out_kernel = self.param('out_kernel', nn.with_logical_partitioning(
         _fan_avg_uniform(in_axis=(0, 1), out_axis=2), ('heads', 'kv', 'embed')),
         (h, head_dim, d), self.param_dtype)
@@ -134,7 +170,7 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, cond: jax.Array, angles: jax.Array,
-               key_mask: jax.Array) -> jax.Array:
+               mask: jax.Array) -> jax.Array:
     """x [B, F, T, D] tokens of F frames, cond [B, F, D] -> [B, F, T, D]."""
     b, f, t, d = x.shape
     mod = _dense(6 * d, ('embed', 'mlp'), 'adaln', self.dtype, self.param_dtype,
@@ -144,7 +180,7 @@ class Block(nn.Module):
 
     h = _modulate(norm('norm1')(x), shift1, scale1).reshape(b, f * t, d)
     h = Attention(self.num_heads, self.dtype, self.param_dtype, name='attn')(
-        _constrain(h), angles, key_mask)
+        _constrain(h), angles, mask)
     x = x + gate1[:, :, None, :] * h.reshape(b, f, t, d)
 
     h = _modulate(norm('norm2')(x), shift2, scale2)
@@ -163,13 +199,15 @@ class DiT(nn.Module):
   mlp_ratio: float = 4.0
   num_classes: int = 0
   rope_theta: float = 10_000.0
+  attn_window: int = 0  # Frames attend only to frames at most this many positions away; 0: all.
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, frames: jax.Array, context: jax.Array, frame_times: jax.Array,
                positions: jax.Array, frame_mask: jax.Array,
-               labels: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+               labels: jax.Array | None = None,
+               frame_attention: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Velocity and log-rate of every frame slot.
 
     Args:
@@ -179,6 +217,9 @@ class DiT(nn.Module):
       positions: int [B, F] slot indices of the compacted sequence.
       frame_mask: bool [B, F] real frames; padded slots are masked as keys.
       labels: int [B] class labels, `num_classes` meaning none; ignored if `num_classes == 0`.
+      frame_attention: bool [B, F, F], True where query frame q may attend to key frame k (e.g.
+        `causal_attention`); None lets every frame see every real frame. `attn_window` further
+        restricts it.
 
     Returns:
       velocity float32 [B, F, H, W, C] and log_rate float32 [B, F].
@@ -217,7 +258,7 @@ class DiT(nn.Module):
                                                       ('vocab', 'embed')))
       cond = cond + embed(labels)[:, None, :]
 
-    # ---- Rotary coordinates (slot, row, column) and the key mask ---------------------------------
+    # ---- Rotary coordinates (slot, row, column) and the attention mask ---------------------------
     rows, cols = jnp.meshgrid(jnp.arange(gh), jnp.arange(gw), indexing='ij')
     spatial = jnp.stack([rows.ravel(), cols.ravel()], axis=-1)
     spatial = jnp.concatenate([spatial, jnp.array([[gh, gw]])], axis=0)  # The rate token's place.
@@ -225,11 +266,14 @@ class DiT(nn.Module):
         jnp.broadcast_to(positions[:, :, None, None], (b, f, tokens, 1)),
         jnp.broadcast_to(spatial, (b, f, tokens, 2))], axis=-1).reshape(b, f * tokens, 3)
     angles = rotary_angles(coords, d // self.num_heads, self.rope_theta)
-    key_mask = jnp.repeat(frame_mask, tokens, axis=1)
+    if self.attn_window:
+      band = window_attention(positions, self.attn_window)
+      frame_attention = band if frame_attention is None else frame_attention & band
+    mask = token_attention_mask(frame_mask, frame_attention, tokens)
 
     for i in range(self.depth):
       x = Block(self.num_heads, self.mlp_ratio, self.dtype, self.param_dtype, name=f'block_{i}')(
-          x, cond, angles, key_mask)
+          x, cond, angles, mask)
 
     # ---- Heads: velocity from patch tokens, log-rate from the rate token -------------------------
     mod = _dense(2 * d, ('embed', 'mlp'), 'final_adaln', self.dtype, self.param_dtype,
@@ -260,10 +304,14 @@ def build_model(model_config, *, channels: int, num_classes: int) -> DiT:
   if model_config.dtype not in _DTYPES:
     raise ValueError(f'unknown activation dtype {model_config.dtype!r}; set --config.model.dtype '
                      f'to one of {sorted(_DTYPES)}')
+  attn_window = model_config.get('attn_window', 0)
+  if attn_window < 0:
+    raise ValueError(f'attn_window must be >= 0 (0: unrestricted), got {attn_window}; set '
+                     '--config.model.attn_window')
   hidden, depth, heads = MODEL_SIZES[model_config.size]
   return DiT(patch_size=model_config.patch_size, channels=channels, hidden_size=hidden, depth=depth,
              num_heads=heads, mlp_ratio=model_config.mlp_ratio, num_classes=num_classes,
-             dtype=_DTYPES[model_config.dtype])
+             attn_window=attn_window, dtype=_DTYPES[model_config.dtype])
 
 
 def init_inputs(frame_shape: tuple[int, int, int], frames: int, num_classes: int) -> tuple:

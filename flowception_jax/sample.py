@@ -5,8 +5,8 @@ r"""Samples videos from a trained workdir with its saved config and latest EMA w
 Writes `videos` float32 [N, N_max, H, W, C] in [0, 1] (slots past each length are zero) and `lengths`
 int32 [N] to the .npz, and a GIF grid beside it. The same seed and weights give the same file. The
 sampler settings come from the trained config unless a flag overrides them (`--num_steps=200
---insertion=thinning`); a summary (with the data set's exact metrics, for coloring and shapes) is
-printed as JSON.
+--insertion=thinning`, or `--order=hierarchical` for a prescribed insertion order); a summary (with
+the data set's exact metrics, for coloring and shapes) is printed as JSON.
 """
 
 import json
@@ -19,6 +19,7 @@ import numpy as np
 
 from flowception_jax import datasets
 from flowception_jax import inference
+from flowception_jax import orders
 from flowception_jax import sampler as sampler_lib
 from flowception_jax import video_io
 
@@ -32,6 +33,8 @@ _INSERTION = flags.DEFINE_enum('insertion', None, sampler_lib.INSERTION_MODES,
                                'Insertion law per gap and step (default: the config).')
 _GUIDANCE = flags.DEFINE_float('guidance_scale', None, 'Velocity guidance (default: the config).')
 _RATE_GUIDANCE = flags.DEFINE_float('rate_guidance', None, 'Rate guidance (default: the config).')
+_ORDER = flags.DEFINE_enum('order', None, orders.ORDERS,
+                           'Insertion order: learned or prescribed (default: the config).')
 flags.mark_flags_as_required(['workdir', 'output'])
 
 
@@ -57,14 +60,16 @@ def main(argv):
   if not _OUTPUT.value.endswith('.npz'):
     raise app.UsageError(f'--output must end in .npz, got {_OUTPUT.value}')
   overrides = {'num_steps': _NUM_STEPS.value, 'insertion': _INSERTION.value,
-               'guidance_scale': _GUIDANCE.value, 'rate_guidance': _RATE_GUIDANCE.value}
+               'guidance_scale': _GUIDANCE.value, 'rate_guidance': _RATE_GUIDANCE.value,
+               'order': _ORDER.value}
   videos, lengths, config = sample_videos(
       _WORKDIR.value, _NUM_VIDEOS.value, _SEED.value,
       {k: v for k, v in overrides.items() if v is not None})
   os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
   np.savez(_OUTPUT.value, videos=videos, lengths=lengths)
   video_io.write_gif(_OUTPUT.value[:-len('.npz')] + '.gif', video_io.video_grid(videos, lengths))
-  summary = {'num_videos': len(lengths), 'mean_length': float(lengths.mean()),
+  summary = {'method': config.method, 'num_videos': len(lengths),
+             'mean_length': float(lengths.mean()),
              'sampler': config.sampler.to_dict()}
   summary.update(datasets.task_metrics(config.data.name, videos, lengths, config.data))
   print(json.dumps(summary, indent=1))

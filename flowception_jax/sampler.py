@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from flowception_jax import flowception
+from flowception_jax import orders
 
 INSERTION_MODES = ('bernoulli', 'thinning', 'poisson')
 
@@ -46,6 +47,8 @@ class SamplerConfig:
   guidance_scale: classifier-free guidance weight on the velocity (1 is off).
   rate_guidance: guidance weight on the insertion log-rates (1 is off).
   snr_shift: the denoising-time shift the model was trained with (1 is off).
+  order: where frames are inserted: 'learned' (the model's rates) or a prescribed order at the same
+    expected count (`orders.ORDERS`).
   """
   num_steps: int
   num_start_frames: int
@@ -54,6 +57,7 @@ class SamplerConfig:
   guidance_scale: float = 1.0
   rate_guidance: float = 1.0
   snr_shift: float = 1.0
+  order: str = 'learned'
 
   def __post_init__(self):
     if self.insertion not in INSERTION_MODES:
@@ -66,6 +70,7 @@ class SamplerConfig:
       raise ValueError(f'num_start_frames must be >= 1, got {self.num_start_frames}; '
                        'set --config.flow.num_start_frames')
     flowception.get_kappa(self.kappa)
+    orders.check_order(self.order)
 
   @property
   def max_iterations(self) -> int:
@@ -84,6 +89,7 @@ class SamplerState:
   passive: bool [B, N] frames that never insert.
   insert_step: int32 [B, N] first iteration the frame takes part in: 0 for initial frames, k + 1
     for a frame inserted during iteration k, -1 for dead slots.
+  planned: int32 [B, N] planned final index of each frame (see `orders`), -1 for dead slots.
   t_global: float32 scalar, `iteration / num_steps`.
   iteration: int32 scalar.
   key: PRNG key.
@@ -94,6 +100,7 @@ class SamplerState:
   context: jax.Array
   passive: jax.Array
   insert_step: jax.Array
+  planned: jax.Array
   t_global: jax.Array
   iteration: jax.Array
   key: jax.Array
@@ -164,8 +171,9 @@ def _initial_state(key, config: SamplerConfig, frame_shape, init_frames, init_al
   (frames, times, context, passive, insert_step), alive = insert_frames(
       slots, alive, jnp.zeros((b, n), jnp.int32), slots)
   return SamplerState(frames=frames, times=times, alive=alive, context=context, passive=passive,
-                      insert_step=jnp.where(alive, insert_step, -1), t_global=jnp.float32(0.0),
-                      iteration=jnp.int32(0), key=key)
+                      insert_step=jnp.where(alive, insert_step, -1),
+                      planned=jnp.where(alive, jnp.arange(n), -1).astype(jnp.int32),
+                      t_global=jnp.float32(0.0), iteration=jnp.int32(0), key=key)
 
 
 def _evaluate(apply_fn: ApplyFn, params, state: SamplerState, labels, config: SamplerConfig,
@@ -213,6 +221,8 @@ def _step(state: SamplerState, *, apply_fn: ApplyFn, params, labels, config: Sam
                    flowception.insertion_probability_mass(kappa, state.t_global, h), 0.0)
   b, n = state.alive.shape
   rate = jnp.exp(jnp.minimum(log_rate.astype(jnp.float32), flowception.MAX_LOG_RATE))
+  rate, tail_room = orders.order_rates(config.order, rate, state.alive & ~state.passive,
+                                       state.planned, state.alive, jax.random.fold_in(count_key, 1))
   expected = rate * mass
   if config.insertion == 'poisson':
     counts = jax.random.poisson(count_key, expected, dtype=jnp.int32)
@@ -230,14 +240,15 @@ def _step(state: SamplerState, *, apply_fn: ApplyFn, params, labels, config: Sam
   counts = jnp.clip(free - (jnp.cumsum(counts, axis=1) - counts), 0, counts)
   fill = (jax.random.normal(noise_key, frames.shape, jnp.float32), jnp.zeros((b, n), jnp.float32),
           jnp.zeros((b, n), bool), jnp.zeros((b, n), bool),
-          jnp.full((b, n), state.iteration + 1, jnp.int32))
-  slots = (frames, times, state.context, state.passive, state.insert_step)
-  (frames, times, context, passive, insert_step), alive = insert_frames(
+          jnp.full((b, n), state.iteration + 1, jnp.int32), jnp.full((b, n), -1, jnp.int32))
+  slots = (frames, times, state.context, state.passive, state.insert_step, state.planned)
+  (frames, times, context, passive, insert_step, planned), alive = insert_frames(
       slots, state.alive, counts, fill)
 
   iteration = state.iteration + 1
   return SamplerState(frames=frames, times=times, alive=alive, context=context, passive=passive,
                       insert_step=jnp.where(alive, insert_step, -1),
+                      planned=orders.plan_new_frames(planned, alive, tail_room),
                       t_global=jnp.minimum(iteration / config.num_steps, 1.0).astype(jnp.float32),
                       iteration=iteration, key=key)
 

@@ -73,9 +73,8 @@ def _pad_frames(batch: Mapping[str, np.ndarray], size: int) -> dict[str, np.ndar
     widths = [(0, 0), (0, size - frames)] + [(0, 0)] * (x.ndim - 2)
     return np.pad(x, widths)
 
-  padded = {k: pad(v) for k, v in batch.items()}
-  padded['positions'] = np.broadcast_to(np.arange(size, dtype=np.int32), padded['frame_mask'].shape)
-  return padded
+  # Positions are padded like the rest, not renumbered: teacher-forcing batches repeat them.
+  return {k: pad(v) for k, v in batch.items()}
 
 
 def to_global_batch(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:

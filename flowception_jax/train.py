@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from flowception_jax import baselines
 from flowception_jax import checkpoint
 from flowception_jax import data
 from flowception_jax import datasets
@@ -23,6 +24,7 @@ from flowception_jax import evaluate
 from flowception_jax import flowception
 from flowception_jax import fvd
 from flowception_jax import inference
+from flowception_jax import model as model_lib
 from flowception_jax import sharding
 from flowception_jax import video_io
 
@@ -64,8 +66,12 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Arra
 
 
 def compute_losses(params, batch: dict[str, jax.Array], key: jax.Array, *, model: nn.Module,
-                   flow_config, num_classes: int):
-  """Velocity and rate losses of one batch; noise and label dropout drawn from `key`."""
+                   flow_config, num_classes: int, method: str = 'flowception'):
+  """Velocity and rate losses of one batch; noise and label dropout drawn from `key`.
+
+  The autoregressive method attends causally (teacher forcing, see `data.AutoregressiveTransform`)
+  and its rate loss is the end-of-video loss (`baselines.end_loss`).
+  """
   noise_key, drop_key = jax.random.split(key)
   x1 = batch['frames']
   x0 = jax.random.normal(noise_key, x1.shape, x1.dtype)
@@ -76,18 +82,27 @@ def compute_losses(params, batch: dict[str, jax.Array], key: jax.Array, *, model
   if num_classes:
     drop = jax.random.bernoulli(drop_key, flow_config.p_uncond, batch['label'].shape)
     labels = jnp.where(drop, num_classes, batch['label'])
-  velocity, log_rate = model.apply({'params': params}, *model_inputs(batch, x_t, times, labels))
+  autoregressive = method == 'autoregressive'
+  frame_attention = None
+  if autoregressive:
+    frame_attention = model_lib.causal_attention(batch['positions'], noisy=batch['flow_mask'])
+  velocity, log_rate = model.apply({'params': params}, *model_inputs(batch, x_t, times, labels),
+                                   frame_attention=frame_attention)
   vel_loss = flowception.velocity_loss(velocity, x1 - x0, batch['flow_mask'])
-  rate_loss = flowception.rate_loss(log_rate, batch['insert_targets'], batch['rate_mask'])
+  if autoregressive:
+    rate_loss = baselines.end_loss(log_rate, batch['insert_targets'], batch['rate_mask'])
+  else:
+    rate_loss = flowception.rate_loss(log_rate, batch['insert_targets'], batch['rate_mask'])
   loss = vel_loss + flow_config.rate_weight * rate_loss
   rate_mask = batch['rate_mask'].astype(jnp.float32)
-  aux = {
-      'velocity_loss': vel_loss,
-      'rate_loss': rate_loss,
-      'mean_rate': jnp.sum(jnp.exp(jnp.minimum(log_rate, flowception.MAX_LOG_RATE)) * rate_mask)
-                   / jnp.maximum(jnp.sum(rate_mask), 1.0),
-      'mean_target': jnp.sum(batch['insert_targets'] * rate_mask) / jnp.maximum(jnp.sum(rate_mask), 1.0),
-  }
+  mean = lambda x: jnp.sum(x * rate_mask) / jnp.maximum(jnp.sum(rate_mask), 1.0)
+  aux = {'velocity_loss': vel_loss, 'rate_loss': rate_loss}
+  if autoregressive:
+    aux.update(end_probability=mean(jax.nn.sigmoid(log_rate)),
+               end_share=mean(batch['insert_targets'] == 0))
+  else:
+    aux.update(mean_rate=mean(jnp.exp(jnp.minimum(log_rate, flowception.MAX_LOG_RATE))),
+               mean_target=mean(batch['insert_targets']))
   return loss, aux
 
 
@@ -108,7 +123,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   key = jax.random.fold_in(jax.random.key(config.seed), state.step)
   grad_fn = jax.value_and_grad(compute_losses, has_aux=True)
   (loss, aux), grads = grad_fn(state.params, batch, key, model=model, flow_config=config.flow,
-                               num_classes=config.num_classes)
+                               num_classes=config.num_classes, method=config.method)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema_params = optax.incremental_update(params, state.ema_params,
@@ -134,6 +149,7 @@ def build(config, info: datasets.SourceInfo):
 
 def resolve(config: ml_collections.ConfigDict, info: datasets.SourceInfo):
   """The config with the source's facts (class count) filled in; checked for consistency."""
+  baselines.check_method(config)
   config = ml_collections.ConfigDict(config.to_dict())
   config.num_classes = info.num_classes
   h, w, _ = info.frame_shape
@@ -193,6 +209,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   # ---- Data source and config -------------------------------------------------------------------
   source, info = datasets.make_source(config.data)
   config = resolve(config, info)
+  if config.method == 'full_sequence':  # Its sampler draws lengths from the data's distribution.
+    config.length_distribution = baselines.length_distribution(source, info.max_frames)
   os.makedirs(workdir, exist_ok=True)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
 
@@ -204,7 +222,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   # ---- Input pipeline --------------------------------------------------------------------------
   dataset = data.make_train_dataset(source, config.data, config.flow, batch_size=local_batch_size,
-                                    seed=config.seed, max_frames=info.max_frames)
+                                    seed=config.seed, max_frames=info.max_frames,
+                                    method=config.method)
   data_iterator = iter(dataset)
 
   # ---- Model, optimizer and sharded initialisation ----------------------------------------------

@@ -1,0 +1,332 @@
+"""The baselines in the same code: attention masks of each method, their training examples, the
+end-of-video loss, their samplers with fake models, and each method from training to samples."""
+
+import os
+
+from absl.testing import flagsaver
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import coloring
+from flowception_jax import baselines
+from flowception_jax import data
+from flowception_jax import model as model_lib
+from flowception_jax import sample
+from flowception_jax import sampler as sampler_lib
+from flowception_jax import train
+
+B, F, H, W, C = 2, 6, 4, 4, 3
+
+
+def _net(attn_window=0):
+  config = ml_collections.ConfigDict(dict(size='tiny', patch_size=4, mlp_ratio=2.0,
+                                          dtype='float32', attn_window=attn_window))
+  net = model_lib.build_model(config, channels=C, num_classes=0)
+  # Random weights everywhere (no zero-initialised heads or gates), drawn on the host: compiling
+  # the initialisers would cost more than the test.
+  shapes = nn.unbox(jax.eval_shape(net.init, jax.random.key(0), *_inputs()))
+  rng = np.random.default_rng(1)
+  params = jax.tree.map(lambda x: rng.normal(0.0, 0.2, x.shape).astype(np.float32), shapes)
+  return jax.jit(lambda *args, **kwargs: net.apply(params, *args, **kwargs))
+
+
+def _inputs(frames=F):
+  rng = np.random.default_rng(0)
+  video = jnp.asarray(rng.normal(size=(B, frames, H, W, C)), jnp.float32)
+  times = jnp.asarray(rng.uniform(size=(B, frames)), jnp.float32)
+  positions = jnp.broadcast_to(jnp.arange(frames), (B, frames))
+  return video, jnp.zeros_like(video), times, positions, jnp.ones((B, frames), bool)
+
+
+def _changed_frames(apply, inputs, frame, **kwargs):
+  """bool [F]: which frames' velocity or rate output moves when input `frame` changes."""
+  video = inputs[0]
+  changed = video.at[:, frame].add(1.0)
+  v1, r1 = apply(*inputs, **kwargs)
+  v2, r2 = apply(changed, *inputs[1:], **kwargs)
+  dv = np.abs(np.asarray(v1 - v2)).reshape(B, video.shape[1], -1).max(-1)
+  dr = np.abs(np.asarray(r1 - r2))
+  return ((dv > 1e-5) | (dr > 1e-5)).all(axis=0)
+
+
+def test_causal_attention_blocks_the_future_and_full_sequence_sees_every_frame():
+  apply, inputs = _net(), _inputs()
+  causal = model_lib.causal_attention(inputs[3])
+  for frame in range(F):
+    np.testing.assert_array_equal(_changed_frames(apply, inputs, frame, frame_attention=causal),
+                                  np.arange(F) >= frame)
+    np.testing.assert_array_equal(_changed_frames(apply, inputs, frame), True)
+
+
+def test_attention_window_reaches_only_neighbouring_frames():
+  # Each block attends `window` frames away, so information travels `depth * window` frames.
+  window, depth = 1, model_lib.MODEL_SIZES['tiny'][1]
+  apply, inputs = _net(attn_window=window), _inputs()
+  for causal in (False, True):
+    kwargs = {'frame_attention': model_lib.causal_attention(inputs[3])} if causal else {}
+    for frame in range(F):
+      distance = np.arange(F) - frame
+      reach = (distance >= 0) if causal else (distance >= -depth * window)
+      np.testing.assert_array_equal(_changed_frames(apply, inputs, frame, **kwargs),
+                                    reach & (distance <= depth * window))
+    # A padded frame far from every real one attends to nothing; its output stays finite.
+    video, context, times, positions, _ = inputs
+    mask = np.arange(F)[None, :] < np.array([[1], [F]])
+    for output in apply(video, context, times, positions, mask, **kwargs):
+      assert np.isfinite(np.asarray(output)).all()
+
+
+def test_teacher_forcing_computes_each_frame_as_the_sampler_does():
+  """The noisy copy of frame i in a teacher-forcing sequence gets exactly the outputs it gets in the
+  sampler's sequence (clean frames before it, itself noisy, nothing after)."""
+  apply = _net()
+  clean, _, noisy_times, slots, _ = map(np.asarray, _inputs())
+  t = noisy_times[..., None, None, None]
+  noisy = t * clean + (1 - t) * np.random.default_rng(2).normal(size=clean.shape)
+  positions = np.concatenate([slots, slots], axis=1)
+  is_noisy = np.broadcast_to(np.arange(2 * F) >= F, (B, 2 * F))
+  frames = np.concatenate([clean, noisy], axis=1)
+  times = np.concatenate([np.ones((B, F)), noisy_times], axis=1)
+  velocity, _ = apply(frames, np.zeros_like(frames), times, positions, np.ones((B, 2 * F), bool),
+                      frame_attention=model_lib.causal_attention(positions, noisy=is_noisy))
+  # The sampler's sequences for every frame i at once, stacked on the batch axis: [F * B, F].
+  current = (np.arange(F)[:, None, None] == slots[None])
+  alone = np.where(current[..., None, None, None], noisy[None], clean[None])
+  alone = alone.reshape(F * B, F, H, W, C)
+  alone_times = np.where(current, noisy_times[None], 1.0).reshape(F * B, F)
+  mask = np.broadcast_to(slots[None] <= np.arange(F)[:, None, None], (F, B, F)).reshape(F * B, F)
+  alone_slots = np.tile(slots, (F, 1))
+  expected, _ = apply(alone, np.zeros_like(alone), alone_times, alone_slots, mask,
+                      frame_attention=model_lib.causal_attention(alone_slots))
+  expected = np.asarray(expected).reshape(F, B, F, H, W, C)
+  for i in range(F):
+    np.testing.assert_allclose(velocity[:, F + i], expected[i, :, i], atol=2e-5)
+
+
+class _Clips:
+  """Clips of 1..7 frames whose pixels hold their frame index."""
+
+  def __len__(self):
+    return 16
+
+  def __getitem__(self, index):
+    n = 1 + index % 7
+    video = np.broadcast_to(np.arange(n, dtype=np.float32)[:, None, None, None] / 8, (n, 2, 2, 1))
+    return {'video': video, 'label': np.int32(0)}
+
+
+def test_full_sequence_examples_show_every_frame_at_one_time():
+  flow = ml_collections.ConfigDict({'tau_distribution': 'uniform'})
+  transform = data.make_transform('full_sequence', flow, (4, 8))
+  rng = np.random.default_rng(0)
+  times = []
+  for index in range(len(_Clips())):
+    n = 1 + index % 7
+    example = transform.random_map(_Clips()[index], rng)
+    size = 4 if n <= 4 else 8
+    real = np.arange(size) < n
+    np.testing.assert_array_equal(example['frame_mask'], real)
+    np.testing.assert_array_equal(example['flow_mask'], real)
+    assert not example['rate_mask'].any() and not example['context_mask'].any()
+    np.testing.assert_array_equal(example['positions'], np.arange(size))
+    np.testing.assert_allclose((example['frames'][:n, 0, 0, 0] + 1) / 2 * 8, np.arange(n))
+    assert len(set(example['frame_times'][real])) == 1
+    assert np.all(example['frame_times'][~real] == 0)
+    times.append(example['frame_times'][0])
+  assert 0 <= min(times) and max(times) < 1 and len(set(times)) == len(times)
+
+
+def test_autoregressive_examples_pair_each_noisy_frame_with_its_clean_past():
+  flow = ml_collections.ConfigDict({'tau_distribution': 'logit_normal'})
+  transform = data.make_transform('autoregressive', flow, (4, 8))
+  rng = np.random.default_rng(0)
+  for index in (2, 5, 6):
+    n = 1 + index % 7
+    example = transform.random_map(_Clips()[index], rng)
+    size = 4 if n <= 4 else 8
+    real = np.arange(size) < n
+    none = np.zeros(size, bool)
+    assert example['frames'].shape == (2 * size, 2, 2, 1)
+    np.testing.assert_array_equal(example['frames'][:size], example['frames'][size:])
+    np.testing.assert_array_equal(example['positions'], np.tile(np.arange(size), 2))
+    np.testing.assert_array_equal(example['frame_mask'], np.concatenate([real, real]))
+    np.testing.assert_array_equal(example['flow_mask'], np.concatenate([none, real]))
+    np.testing.assert_array_equal(example['rate_mask'], np.concatenate([real, none]))
+    # The clean copies count the frames after them: the last one ends the video.
+    np.testing.assert_array_equal(example['insert_targets'][:n], np.arange(n)[::-1])
+    times = example['frame_times']
+    np.testing.assert_array_equal(times[:size], real.astype(np.float32))
+    noisy = times[size:][real]
+    assert np.all((noisy > 0) & (noisy < 1)) and len(set(noisy)) == n
+  with pytest.raises(ValueError, match='--config.method'):
+    data.make_transform('diffusion', flow, (4, 8))
+
+
+def test_end_loss_is_minimised_by_the_hazard():
+  # Clips of 1, 2 or 3 frames, equally likely: the video ends after frame 0 with probability 1/3,
+  # after frame 1 (given it has one) with 1/2, after frame 2 surely.
+  lengths = np.array([1, 2, 3])
+  frames_after = np.array([[0, 0, 0], [1, 0, 0], [2, 1, 0]])
+  mask = np.arange(3)[None, :] < lengths[:, None]
+
+  def loss(logits):
+    return baselines.end_loss(jnp.broadcast_to(logits, (3, 3)), frames_after, mask)
+
+  hazard = jnp.array([np.log(1 / 2), 0.0, 30.0])  # Logits of 1/3, 1/2 and ~1.
+  np.testing.assert_allclose(jax.jit(jax.grad(loss))(hazard), 0.0, atol=1e-6)
+  p = 1 / (1 + np.exp(-np.array([0.3, -0.2, 1.0])))
+  bce = -(np.log(p[0]) * 1 + np.log(1 - p[0]) * 2 + np.log(p[1]) + np.log(1 - p[1]) + np.log(p[2]))
+  np.testing.assert_allclose(jax.jit(loss)(jnp.array([0.3, -0.2, 1.0])), bce / mask.sum(),
+                             rtol=1e-5)
+
+
+def test_length_distribution_is_read_from_the_source():
+  shares = baselines.length_distribution(_Clips(), max_frames=9)
+  expected = np.bincount([1 + i % 7 for i in range(16)], minlength=10) / 16
+  np.testing.assert_allclose(shares, expected)
+  with pytest.raises(ValueError, match='--config.data.max_frames'):
+    baselines.length_distribution(_Clips(), max_frames=5)
+
+
+FRAME = (1, 1, 1)
+
+
+def _sampler_config(**kwargs):
+  return sampler_lib.SamplerConfig(**{'num_steps': 4, 'num_start_frames': 1, **kwargs})
+
+
+def test_full_sequence_sampler_draws_lengths_from_the_data_and_denoises_together():
+  calls = []
+
+  def apply_fn(params, frames, context, times, positions, mask, labels):
+    del params, context, positions, labels
+    calls.append(frames.shape)
+    # Every frame sees one shared time, and only its own video's length is real.
+    same = jnp.all(jnp.where(mask, times, times[:, :1]) == times[:, :1])
+    t = times[..., None, None, None]
+    velocity = jnp.where(same, (0.25 - frames) / jnp.maximum(1 - t, 1e-6), 0.0)
+    return velocity, jnp.zeros(times.shape)
+
+  capacity, b = 6, 2000
+  shares = np.zeros(capacity + 1)
+  shares[[2, 5]] = [0.25, 0.75]
+  sample_fn = baselines.make_sampler(
+      'full_sequence', apply_fn, config=_sampler_config(snr_shift=3.0), batch_size=b,
+      capacity=capacity, frame_shape=FRAME, length_probabilities=shares)
+  out = sample_fn(None, jax.random.key(0))
+  lengths = np.asarray(out.lengths)
+  assert set(lengths) == {2, 5}
+  np.testing.assert_allclose(np.mean(lengths == 2), 0.25, atol=0.04)
+  alive = np.arange(capacity)[None, :] < lengths[:, None]
+  np.testing.assert_allclose(np.asarray(out.frames)[alive], 0.25, atol=1e-5)
+  assert np.all(np.asarray(out.frames)[~alive] == 0)
+  np.testing.assert_array_equal(np.asarray(out.times), alive)
+  assert int(out.num_iterations) == 4
+  again = sample_fn(None, jax.random.key(1))
+  assert not np.array_equal(np.asarray(again.lengths), lengths)
+  assert len(calls) == 1 and sample_fn._cache_size() == 1
+  with pytest.raises(ValueError, match='needs the flowception method'):
+    baselines.make_sampler('full_sequence', apply_fn, config=_sampler_config(order='random'),
+                           batch_size=b, capacity=capacity, frame_shape=FRAME,
+                           length_probabilities=shares)
+
+
+def _autoregressive_model(end_logit, calls=None):
+  """Frame s goes to `frames[s - 1] + 1` (0.5 for s = 0), so the results show that each frame is
+  made from its finished predecessor; the end logit is `end_logit(seen)` of the number of frames
+  each frame sees."""
+
+  def apply_fn(params, frames, context, times, positions, mask, labels, frame_attention=None):
+    del params, context, positions, labels
+    if calls is not None:
+      calls.append(frames.shape)
+    previous = jnp.concatenate([frames[:, :1] * 0 - 0.5, frames[:, :-1]], axis=1)
+    t = times[..., None, None, None]
+    velocity = jnp.where(t < 1, (previous + 1 - frames) / jnp.maximum(1 - t, 1e-6), 0.0)
+    seen = jnp.sum(frame_attention & mask[:, None, :], axis=-1)
+    return velocity, end_logit(seen)
+
+  return apply_fn
+
+
+def test_autoregressive_sampler_makes_frames_in_order_and_stops_by_the_end_decision():
+  # Ends after the frame that sees four frames: under causal attention the fourth one. The shifted
+  # time lands on the targets only if the model's times and the steps use the same shift.
+  calls, capacity, shift = [], 7, 3.0
+  sample_fn = baselines.make_sampler(
+      'autoregressive',
+      _autoregressive_model(lambda seen: jnp.where(seen == 4, 30.0, -30.0), calls),
+      config=_sampler_config(snr_shift=shift), batch_size=3, capacity=capacity, frame_shape=FRAME)
+  out = sample_fn(None, jax.random.key(0))
+  np.testing.assert_array_equal(out.lengths, 4)
+  np.testing.assert_allclose(np.asarray(out.frames)[:, :4, 0, 0, 0],
+                             np.broadcast_to([0.5, 1.5, 2.5, 3.5], (3, 4)), atol=1e-4)
+  assert np.all(np.asarray(out.frames)[:, 4:] == 0)
+  np.testing.assert_array_equal(out.insert_step[0], [0, 4, 8, 12, -1, -1, -1])
+  assert int(out.num_iterations) == 4 * 4 + 1  # The evaluation that decides the end of frame 3.
+  sample_fn(None, jax.random.key(1))
+  assert len(calls) == 1 and sample_fn._cache_size() == 1
+
+
+def test_autoregressive_lengths_follow_the_end_probability():
+  capacity, b = 6, 4000
+  sample_fn = baselines.make_sampler(
+      'autoregressive', _autoregressive_model(lambda seen: jnp.zeros(seen.shape)),
+      config=_sampler_config(num_steps=1),
+      batch_size=b, capacity=capacity, frame_shape=FRAME)
+  lengths = np.asarray(sample_fn(None, jax.random.key(3)).lengths)
+  expected = [0.5**length for length in range(1, capacity)] + [0.5 ** (capacity - 1)]
+  shares = [np.mean(lengths == length) for length in range(1, capacity + 1)]
+  np.testing.assert_allclose(shares, expected, atol=0.03)
+
+
+def _config(method, total_steps=2):
+  """Tiny coloring runs with one bucket, so each compiles one train step."""
+  config = coloring.get_config('tiny')
+  config.method = method
+  config.total_steps = total_steps
+  config.checkpoint_every = 2
+  config.num_sample_videos = 2
+  config.data.buckets = (30,)
+  config.data.num_threads = 1
+  config.sampler.num_steps = 3
+  return config
+
+
+@pytest.mark.parametrize('method', ['full_sequence', 'autoregressive'])
+def test_each_method_trains_samples_and_keeps_its_checkpoints(tmp_path, method):
+  workdir = str(tmp_path)
+  train.train_and_evaluate(_config(method), workdir)
+  videos, lengths, config = sample.sample_videos(workdir, num_videos=3, seed=0)
+  assert config.method == method
+  assert videos.shape == (3, 30, 3, 3, 3) and videos.min() >= 0 and videos.max() <= 1
+  if method == 'full_sequence':  # Lengths come from the data: coloring's are 15, 20, 25 or 30.
+    assert set(lengths) <= {15, 20, 25, 30}
+    np.testing.assert_allclose(config.length_distribution[15::5], 0.25, atol=0.05)
+  assert np.all((lengths >= 1) & (lengths <= 30))
+  for video, length in zip(videos, lengths):
+    assert not np.any(video[length:])
+  output = str(tmp_path / 'samples.npz')
+  with flagsaver.flagsaver(workdir=workdir, output=output, order='random'), \
+      pytest.raises(ValueError, match='needs the flowception method'):
+    sample.main(['sample'])
+  assert not os.path.exists(output)
+  with pytest.raises(ValueError, match=f"incompatible config.*method: checkpoint '{method}'"):
+    train.train_and_evaluate(_config('flowception', total_steps=4), workdir)
+
+
+def test_bad_methods_and_orders_are_refused_before_training(tmp_path):
+  with pytest.raises(ValueError, match='--config.method'):
+    train.train_and_evaluate(_config('diffusion'), str(tmp_path))
+  config = _config('flowception')
+  config.sampler.order = 'middle_first'
+  with pytest.raises(ValueError, match='--config.sampler.order'):
+    train.train_and_evaluate(config, str(tmp_path))
+  config = _config('autoregressive')
+  config.sampler.order = 'random'
+  with pytest.raises(ValueError, match='needs the flowception method'):
+    train.train_and_evaluate(config, str(tmp_path))
