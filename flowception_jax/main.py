@@ -4,9 +4,9 @@ r"""Trains a Flowception model.
 
 Any config field can be overridden, e.g. `--config.batch_size=8`. Running the same command again
 resumes from the latest checkpoint in the workdir. On several hosts every process runs the same
-command; on TPU pod slices and under cluster managers (SLURM, Open MPI) the processes find each other
-by themselves, elsewhere add `--coordinator_address=HOST:PORT --num_processes=N --process_id=I`
-(`launch/` holds scripts for TPU VMs, GPU clusters and local multi-process runs).
+command; on TPU pod slices and under cluster managers (SLURM, Open MPI) the processes find each
+other by themselves, elsewhere add `--coordinator_address=HOST:PORT --num_processes=N
+--process_id=I` (`launch/` holds scripts for TPU VMs, GPU clusters and local multi-process runs).
 """
 
 from absl import app

@@ -1,4 +1,4 @@
-r"""Per-chip training memory of a config on a mesh of any size, from abstract shapes: no device needed.
+r"""Per-chip training memory of a config on a mesh of any size, from abstract shapes alone.
 
   python -m flowception_jax.memory_estimate --config=configs/shapes.py --chips=256 --hbm_gib=16 \
       --config.model.size=XL --config.data.image_size=256 --config.model.patch_size=16 \
@@ -9,7 +9,8 @@ r"""Per-chip training memory of a config on a mesh of any size, from abstract sh
 The train state (parameters, EMA parameters, AdamW moments) is counted exactly: it is traced with
 `jax.eval_shape`, each array is split by the logical axis rules over the mesh the config asks for on
 `chips` devices, and the largest shard is counted. Gradients are counted like the parameters (the
-compiled step keeps them sharded the same way under FSDP). Activations are an analytic estimate for
+compiled step keeps them sharded the same way under FSDP), plus one block's parameters gathered whole
+for its computation. Activations are an analytic estimate for
 the largest bucket (see `activation_bytes`): what the backward pass keeps per block under the remat
 policy, plus one block's working set, attention logits in float32. The compiled step's own figure on
 real devices is logged by the trainer before step 0 (`train.log_memory`).

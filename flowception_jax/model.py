@@ -58,7 +58,7 @@ def _constrain_heads(x: jax.Array) -> jax.Array:
   return nn.with_logical_constraint(x, ('batch', 'length', 'heads', 'kv'))
 
 
-# `model.remat`: what the backward pass may keep from a block's forward pass (the rest is recomputed).
+# `model.remat`: what the backward pass keeps of a block's forward pass (it recomputes the rest).
 REMAT_POLICIES = {
     'none': None,  # Keep everything (no recomputation).
     'full': jax.checkpoint_policies.nothing_saveable,  # Keep only each block's inputs.
@@ -300,9 +300,10 @@ class DiT(nn.Module):
           x, cond, angles, mask)
 
     # ---- Heads: velocity from patch tokens, log-rate from the rate token -------------------------
-    # Both heads read the tokens split over the batch only. Without this constraint (and the one on
-    # `cond`) XLA's SPMD partitioner (checked with jax 0.10.2 on CPU) builds a wrong gradient of `x`
-    # (and `cond`) from their several readers on a mesh whose data, fsdp and tensor axes all exceed 1.
+    # Both heads read the tokens split over the batch only. Without this constraint (and the one
+    # on `cond`) XLA's SPMD partitioner (checked with jax 0.10.2 on CPU) builds a wrong gradient of
+    # `x` (and `cond`) from their several readers on a mesh whose data, fsdp and tensor axes all
+    # exceed 1.
     x = nn.with_logical_constraint(x, ('batch', 'length', None, 'embed'))
     mod = _dense(2 * d, ('embed', 'mlp'), 'final_adaln', self.dtype, self.param_dtype,
                  zero=True)(nn.silu(cond))

@@ -1,10 +1,10 @@
 """Device mesh, logical-axis rules and the placement of batches and train state.
 
-The model names its axes logically ('batch', 'embed', 'mlp', 'heads', ...); `LOGICAL_RULES` maps them
-onto three mesh axes: `data` (batch parallelism), `fsdp` (batch parallelism whose devices also split
-the parameters and optimizer state along 'embed') and `tensor` (attention heads and MLP width split
-across devices, Megatron style; examples are replicated along it). Scaling out changes the mesh shape
-in the config (`config.mesh`), not the trainer.
+The model names its axes logically ('batch', 'embed', 'mlp', 'heads', ...); `LOGICAL_RULES` maps
+them onto three mesh axes: `data` (batch parallelism), `fsdp` (batch parallelism whose devices also
+split the parameters and optimizer state along 'embed') and `tensor` (attention heads and MLP width
+split across devices, Megatron style; examples are replicated along it). Scaling out changes the
+mesh shape in the config (`config.mesh`), not the trainer.
 
 Multi-slice TPU runs (and multi-host GPU runs that want it) build a hybrid mesh: `mesh.dcn_data` and
 `mesh.dcn_fsdp` say how many ways of the data and fsdp axes span slices (or hosts), whose links are
@@ -104,9 +104,9 @@ def check_divisible(abstract_tree: Any, shardings: Any) -> None:
       ways = math.prod(sharding.mesh.shape[a] for a in axes)
       if size % ways:
         raise ValueError(
-            f'{jax.tree_util.keystr(path)} axis {dim} of size {size} does not split over mesh axes '
-            f'{axes} ({ways} devices); choose --config.mesh.* sizes that divide it (the tensor axis '
-            'must divide the number of heads and the MLP width)')
+            f'{jax.tree_util.keystr(path)} axis {dim} of size {size} does not split over mesh '
+            f'axes {axes} ({ways} devices); choose --config.mesh.* sizes that divide it (the '
+            'tensor axis must divide the number of heads and the MLP width)')
   jax.tree.map_with_path(check, abstract_tree, shardings)
 
 

@@ -153,7 +153,8 @@ def accumulate_gradients(params, batch: dict[str, jax.Array], key: jax.Array, *,
 
   micro = jax.tree.map(split, (batch, keys))
   aux_shapes = jax.eval_shape(losses, params, *jax.tree.map(lambda x: x[0], micro))[1]
-  zeros = (jnp.zeros((), jnp.float32), jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), aux_shapes),
+  zeros = (jnp.zeros((), jnp.float32),
+           jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), aux_shapes),
            jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
   (loss, aux, grads), _ = jax.lax.scan(accumulate, zeros, micro)
   return loss, aux, jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
@@ -379,7 +380,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         with jax.profiler.StepTraceAnnotation('train', step_num=step):
           batch = sharding.to_global_batch(next(data_iterator), mesh)
           if step == first_step + 1:
-            frames = max(config.data.buckets)
+            frames = max(data.slot_counts(config.method, config.data.buckets))
             log_memory(compiled_memory(step_fn, state, batch, frames), device_bytes(state), frames)
           state, metrics = step_fn(state, batch)
           pending_metrics.append(metrics)

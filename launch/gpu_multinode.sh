@@ -19,7 +19,7 @@
 #   --nodes=N               NODES                  hosts (default: the allocation's, else 2)
 #   --gpus_per_node=G       GPUS_PER_NODE          GPUs of each host
 #   --port=PORT             COORDINATOR_PORT       port of the coordinator on process 0's host
-#   --coordinator=HOST:PORT COORDINATOR_ADDRESS    (worker) the coordinator, instead of the first host
+#   --coordinator=HOST:PORT COORDINATOR_ADDRESS    (worker) the coordinator (default: first host)
 #   --num_processes=N       NUM_PROCESSES          (worker) instead of the cluster manager's count
 #   --process_id=I          PROCESS_ID             (worker) instead of the cluster manager's id
 #   --config=FILE           FLOWCEPTION_CONFIG     experiment config
@@ -87,14 +87,15 @@ run() {  # Runs a command, or prints it with --dry_run.
 }
 
 if [[ -z "$workdir" ]]; then
-  echo "gpu_multinode.sh: give --workdir (or FLOWCEPTION_WORKDIR), a directory every host shares" >&2
+  echo "gpu_multinode.sh: give --workdir (or FLOWCEPTION_WORKDIR), a directory every host" \
+    "shares" >&2
   exit 2
 fi
 
 if ((!worker)); then
   if [[ -z "${SLURM_JOB_ID:-}" ]]; then
-    echo "gpu_multinode.sh: not inside a SLURM allocation (run it from an sbatch script or salloc)," \
-      "or run it with --worker on every host (see --help)" >&2
+    echo "gpu_multinode.sh: not inside a SLURM allocation (run it from an sbatch script or" \
+      "salloc), or run it with --worker on every host (see --help)" >&2
     exit 2
   fi
   run srun --nodes="$nodes" --ntasks="$nodes" --ntasks-per-node=1 \

@@ -13,8 +13,8 @@
 #
 # Options (or environment variables):
 #   --devices_per_process=K  LOCAL_DEVICES_PER_PROCESS  fake CPU devices per process (default 2)
-#   --module=NAME            LOCAL_MODULE                module to run (default flowception_jax.main)
-#   --log_dir=DIR            LOCAL_LOG_DIR               logs of processes 1.. (default: a new temp dir)
+#   --module=NAME            LOCAL_MODULE               module (default flowception_jax.main)
+#   --log_dir=DIR            LOCAL_LOG_DIR              logs of processes 1.. (default: a temp dir)
 #   --dry_run                                            print the commands instead of running them
 #   -h, --help                                           this text
 #   PYTHON                                               interpreter (default python3)
@@ -52,7 +52,8 @@ fi
 num_processes="$1"
 shift
 
-port="$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+free_port='import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+port="$("$python" -c "$free_port")"
 xla_flags="${XLA_FLAGS:+$XLA_FLAGS }--xla_force_host_platform_device_count=${devices_per_process}"
 
 process_command() {  # Sets `command` to the command line of process $1 (then the module's flags).

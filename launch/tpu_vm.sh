@@ -49,7 +49,8 @@ usage() {
   cat <<EOF
 Current settings: name=${name} zone=${zone} project=${project:-<gcloud default>}
   accelerator_type=${accelerator_type} runtime_version=${runtime_version} spot=${spot}
-  config=${config} workdir=${workdir:-<unset>} overrides=${overrides:-<none>} stop_grace=${stop_grace}
+  config=${config} workdir=${workdir:-<unset>} overrides=${overrides:-<none>}
+  stop_grace=${stop_grace}
 EOF
 }
 
@@ -121,23 +122,26 @@ python3 -m pip install -q -U 'jax[tpu]'; python3 -m pip install -q -e ~/flowcept
     # setsid: training outlives the ssh session, as a process group of its own whose leader writes
     # its id for `stop` to end the group. Only that simple command goes to the background, so no
     # shell keeps the session's output open (which would hold ssh until training ends).
-    on_all_workers "cd ~/flowception_jax || exit 1; setsid nohup sh -c 'echo \$\$ > ~/flowception_train.pid; \
-exec \"\$@\"' sh $(printf '%q ' "${main[@]}")> ~/flowception_train.log 2>&1 < /dev/null & \
+    on_all_workers "cd ~/flowception_jax || exit 1; \
+setsid nohup sh -c 'echo \$\$ > ~/flowception_train.pid; exec \"\$@\"' sh \
+$(printf '%q ' "${main[@]}")> ~/flowception_train.log 2>&1 < /dev/null & \
 echo \"\$(hostname): training started, log in ~/flowception_train.log\""
     ;;
   status)
     run "${tpu_vm[@]}" describe "$name" "${location[@]}" \
       --format='value(state,acceleratorType,health)'
     on_all_workers "pid=\$(cat ~/flowception_train.pid 2>/dev/null || true); \
-if [ -n \"\$pid\" ] && kill -0 \"\$pid\" 2>/dev/null; then echo \"\$(hostname): training (pid \$pid)\"; \
-else echo \"\$(hostname): not training\"; fi; tail -n 3 ~/flowception_train.log 2>/dev/null || true"
+if [ -n \"\$pid\" ] && kill -0 \"\$pid\" 2>/dev/null; \
+then echo \"\$(hostname): training (pid \$pid)\"; else echo \"\$(hostname): not training\"; fi; \
+tail -n 3 ~/flowception_train.log 2>/dev/null || true"
     ;;
   stop)
     on_all_workers "pid=\$(cat ~/flowception_train.pid 2>/dev/null || true); \
 if [ -n \"\$pid\" ]; then kill -TERM -- -\$pid 2>/dev/null || true; \
 for i in \$(seq ${stop_grace}); do kill -0 \$pid 2>/dev/null || break; sleep 1; done; \
 kill -KILL -- -\$pid 2>/dev/null || true; rm -f ~/flowception_train.pid; fi; \
-if ! sudo lsof -w /dev/accel* /dev/vfio/* > /dev/null 2>&1; then sudo rm -f /tmp/libtpu_lockfile; fi; \
+if ! sudo lsof -w /dev/accel* /dev/vfio/* > /dev/null 2>&1; \
+then sudo rm -f /tmp/libtpu_lockfile; fi; \
 echo \"\$(hostname): stopped\""
     ;;
   delete)
@@ -148,7 +152,8 @@ echo \"\$(hostname): stopped\""
     exit 2
     ;;
   *)
-    echo "tpu_vm.sh: unknown command $command; known: create, setup, train, status, stop, delete" >&2
+    echo "tpu_vm.sh: unknown command $command; known: create, setup, train, status, stop," \
+      "delete" >&2
     exit 2
     ;;
 esac

@@ -1,4 +1,4 @@
-"""Launch scripts against fake `gcloud`, `srun` and workers on PATH; real local multi-process runs."""
+"""Launch scripts against fake `gcloud`, `srun` and workers on PATH; real local processes."""
 
 import json
 import os
@@ -22,8 +22,8 @@ from flowception_jax import train
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _LAUNCH = os.path.join(_ROOT, 'launch')
 
-# Records its arguments; `scp` copies to the fake worker's home; `ssh --command=...` runs the command
-# there with bash, as every worker would.
+# Records its arguments; `scp` copies to the fake worker's home; `ssh --command=...` runs the
+# command there with bash, as every worker would.
 _FAKE_GCLOUD = f"""#!{sys.executable}
 import json, os, shutil, subprocess, sys
 args = sys.argv[1:]
@@ -181,7 +181,8 @@ def test_tpu_vm_dry_run_help_and_errors(fakes):
   assert '--accelerator-type=v5p-64' in dry.stdout and '--project' not in dry.stdout
   assert _calls(log) == []  # Nothing was run.
   help_text = _run('tpu_vm.sh', '--help', env=env).stdout
-  assert 'accelerator_type=v5p-64' in help_text and 'runtime_version=v2-alpha-tpuv5-lite' in help_text
+  assert 'accelerator_type=v5p-64' in help_text
+  assert 'runtime_version=v2-alpha-tpuv5-lite' in help_text
   missing = _run('tpu_vm.sh', 'train', env=env, check=False)
   assert missing.returncode == 2 and '--workdir' in missing.stderr
   assert _run('tpu_vm.sh', 'launch', env=env, check=False).returncode == 2
@@ -262,7 +263,8 @@ def test_two_processes_train_like_one_process_of_all_devices(tmp_path):
   one = subprocess.run(
       [sys.executable, '-m', 'flowception_jax.main', *flags, f'--workdir={tmp_path / "one"}',
        '--config.profile_steps=1', '--config.profile_first_step=1'],
-      cwd=_ROOT, env=dict(env, XLA_FLAGS=env['XLA_FLAGS'] + ' --xla_force_host_platform_device_count=4'),
+      cwd=_ROOT,
+      env=dict(env, XLA_FLAGS=env['XLA_FLAGS'] + ' --xla_force_host_platform_device_count=4'),
       capture_output=True, text=True, timeout=900, check=False)
   two_output = two.communicate(timeout=900)[0]
   assert one.returncode == 0, one.stderr[-3000:]
