@@ -25,7 +25,8 @@ _ARCHITECTURE_FIELDS = ('method', 'data.name', 'data.image_size', 'model.size', 
 
 def make_manager(workdir: str, *, keep: int = 2, read_only: bool = False) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),
+  root = workdir if '://' in workdir else os.path.abspath(workdir)  # gs://... stays as it is.
+  return ocp.CheckpointManager(os.path.join(root, 'checkpoints'),
                                options=options, item_names=('state', 'data', 'config'))
 
 

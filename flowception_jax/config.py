@@ -19,6 +19,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2  # How many recent checkpoints to keep in the workdir.
   c.sample_every = 1000  # Steps between sample GIFs written to the workdir (0: only at the end).
   c.num_sample_videos = 16  # Videos sampled for each GIF grid.
+  c.grad_accum_steps = 1  # Microbatches per optimizer step; the update equals one batch_size step.
+  c.profile_steps = 0  # Steps traced by the profiler into WORKDIR/plugins/profile (0: off).
+  c.profile_first_step = 5  # Steps into this run (resumed or not) before the traced window opens.
 
   c.data = ml_collections.ConfigDict()
   c.data.name = 'shapes'  # Source of clips: 'shapes' or 'coloring' (procedural, no files needed).
@@ -44,7 +47,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.size = 'mini'  # Named DiT size (see `model.MODEL_SIZES`): tiny, mini, S, B, L, XL.
   c.model.patch_size = 4  # Square patch side in pixels; frame height and width must divide by it.
   c.model.mlp_ratio = 4.0  # MLP hidden width over model width.
-  c.model.dtype = 'float32'  # Activation dtype: 'float32' or 'bfloat16' (parameters stay float32).
+  c.model.dtype = 'float32'  # Activation dtype: 'float32' or 'bfloat16'.
+  c.model.param_dtype = 'float32'  # Parameter (and optimizer state) dtype: 'float32' or 'bfloat16'.
+  c.model.remat = 'none'  # Recompute blocks in the backward pass: none, full, dots, dots_no_batch.
   c.model.attn_window = 0  # Frames see frames at most this many slots away (0: all), any method.
 
   c.optim = ml_collections.ConfigDict()
@@ -71,7 +76,10 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # Devices on the data-parallel axis (-1: all remaining devices).
-  c.mesh.fsdp = 1  # Devices on the parameter-sharding axis.
+  c.mesh.fsdp = 1  # Devices on the axis that splits examples and parameters (-1: the rest).
+  c.mesh.tensor = 1  # Devices splitting attention heads and MLP width (-1: the rest).
+  c.mesh.dcn_data = 1  # Ways of the data axis that span TPU slices (or hosts) over the DCN.
+  c.mesh.dcn_fsdp = 1  # Ways of the fsdp axis that span TPU slices (or hosts) over the DCN.
   return c
 
 

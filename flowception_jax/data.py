@@ -32,6 +32,7 @@ import grain
 import jax
 import numpy as np
 
+from flowception_jax import data_shards
 from flowception_jax import flowception
 
 
@@ -178,6 +179,11 @@ def make_transform(method: str, flow_config, buckets: tuple[int, ...]) -> grain.
                    'or autoregressive')
 
 
+def slot_counts(method: str, buckets: tuple[int, ...]) -> tuple[int, ...]:
+  """The frame-axis sizes of `method`'s examples, one per bucket (teacher forcing doubles them)."""
+  return tuple((2 if method == 'autoregressive' else 1) * b for b in buckets)
+
+
 class _BucketBatchIterator(grain.DatasetIterator):
   """Buffers examples per bucket size and emits a batch whenever one bucket is full.
 
@@ -228,23 +234,28 @@ def _with_index(index: int, example: dict) -> tuple[int, dict]:
 
 
 def make_train_dataset(source, data_config, flow_config, *, batch_size: int, seed: int,
-                       max_frames: int, method: str = 'flowception') -> grain.IterDataset:
-  """The training pipeline over `source` for this process's share of the data.
+                       max_frames: int, method: str = 'flowception',
+                       shard: tuple[int, int] | None = None) -> grain.IterDataset:
+  """The training pipeline over `source` for one data shard.
 
-  `batch_size` is per process. Shuffling and the extended-time draws are seeded by `seed` and the
-  record index, so the stream is a pure function of the seed and the position in it. `method`
-  chooses the examples (`make_transform`).
+  Shuffling and the extended-time draws are seeded by `seed` and the position in the global stream,
+  so the stream is a pure function of the seed. `shard = (index, count)` (default: one shard per
+  process, `sharding.data_shard` gives it for a mesh) reads block `index` of every `count` blocks
+  of `batch_size` examples (`batch_size` is the shard's share of a global batch). One shard batches
+  greedily by bucket; several follow one bucket sequence so that all agree (`data_shards`).
+  `method` chooses the examples (`make_transform`).
   """
+  index, count = (jax.process_index(), jax.process_count()) if shard is None else shard
   buckets = check_buckets(data_config.buckets, max_frames)
   transform = make_transform(method, flow_config, buckets)
-  records = (
-      grain.MapDataset.source(source)
-      .seed(seed)
-      [jax.process_index()::jax.process_count()]
-      .shuffle()
-      .repeat()
-      .random_map(transform)
-      .map_with_index(_with_index))
+  stream = grain.MapDataset.source(source).seed(seed).shuffle().repeat().random_map(transform)
+  records = data_shards.ShardBlocks(stream, batch_size, index, count) if count > 1 else stream
+  records = records.map_with_index(_with_index)
   read_options = grain.ReadOptions(num_threads=data_config.num_threads,
                                    prefetch_buffer_size=data_config.prefetch)
-  return BucketBatchIterDataset(records, batch_size, read_options)
+  if count == 1:
+    return BucketBatchIterDataset(records, batch_size, read_options)
+  sizes = slot_counts(method, buckets)
+  schedule = data_shards.BucketSchedule.estimate(
+      stream, sizes, largest=sizes[buckets.index(bucket_for(max_frames, buckets))], seed=seed)
+  return data_shards.ScheduledBatchIterDataset(records, batch_size, schedule, read_options)

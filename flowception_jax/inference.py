@@ -8,11 +8,11 @@ trainer uses for its sample GIFs.
 
 import dataclasses
 import functools
-import os
 from typing import Any
 
 import flax.linen as nn
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -57,25 +57,38 @@ def sampler_config(config: ml_collections.ConfigDict) -> sampler_lib.SamplerConf
 
 
 def make_sampler(model: model_lib.DiT, config: ml_collections.ConfigDict,
-                 info: datasets.SourceInfo, num_videos: int):
+                 info: datasets.SourceInfo, num_videos: int,
+                 mesh: jax.sharding.Mesh | None = None):
   """A jitted sampler (see `sampler.make_sampler`) of `num_videos` videos of up to `max_frames`.
 
   The sampler of `config.method`: Flowception's, or a baseline's (`baselines.make_sampler`).
+  With a `mesh`, every call runs on it with the model's logical axis rules: the videos are split
+  over its batch axes (and the model as in training). Without one, calls run in whatever mesh
+  context the caller set (the trainer samples inside its own).
   """
 
   def apply_fn(params, *inputs, **kwargs):
     return model.apply({'params': params}, *inputs, **kwargs)
 
   baselines.check_method(config)
-  return baselines.make_sampler(
+  sample = baselines.make_sampler(
       config.method, apply_fn, config=sampler_config(config), batch_size=num_videos,
       capacity=info.max_frames, frame_shape=tuple(info.frame_shape), num_classes=info.num_classes,
       length_probabilities=config.get('length_distribution'))
+  if mesh is None:
+    return sample
+
+  @functools.wraps(sample)
+  def sample_on_mesh(*args, **kwargs):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+      return sample(*args, **kwargs)
+
+  return sample_on_mesh
 
 
 def _checkpoint_step(manager, workdir: str, step: int | None) -> int:
   """`step` (default: the latest) if `workdir` holds a checkpoint of it."""
-  steps = manager.all_steps() if os.path.isdir(manager.directory) else []
+  steps = manager.all_steps() if manager.directory.exists() else []
   if not steps:
     raise FileNotFoundError(f'no checkpoint in {workdir}; train first with '
                             f'python -m flowception_jax.main --config=... --workdir={workdir}')
@@ -116,6 +129,13 @@ def load(workdir: str, *, step: int | None = None,
   params = checkpoint.restore_ema_params(manager, step, abstract)
   manager.close()
   return TrainedModel(config=config, info=info, model=model, params=params, step=step)
+
+
+def to_host(tree: Any) -> Any:
+  """NumPy copies of the (possibly process-spanning) arrays of `tree`, whole on every process."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def to_pixels(frames: np.ndarray, lengths: np.ndarray) -> np.ndarray:

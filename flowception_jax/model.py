@@ -10,7 +10,8 @@ velocity and the rate token gives the frame's insertion log-rate.
 
 Parameters carry logical axis names ('embed', 'mlp', 'heads', 'kv', 'patch', 'vocab') that
 `sharding.LOGICAL_RULES` maps onto the mesh; activations are constrained to ('batch', 'length',
-'embed').
+'embed'), and inside attention and the MLP to 'heads' and 'mlp', so that a tensor-parallel mesh
+axis splits them (Megatron style: one all-reduce after each of the two).
 """
 
 import math
@@ -50,6 +51,20 @@ def _fan_avg_uniform(in_axis, out_axis):
 
 def _constrain(x: jax.Array) -> jax.Array:
   return nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
+
+
+def _constrain_heads(x: jax.Array) -> jax.Array:
+  """Per-head activations [B, S, N, D_head], split by heads on a tensor-parallel mesh."""
+  return nn.with_logical_constraint(x, ('batch', 'length', 'heads', 'kv'))
+
+
+# `model.remat`: what the backward pass keeps of a block's forward pass (it recomputes the rest).
+REMAT_POLICIES = {
+    'none': None,  # Keep everything (no recomputation).
+    'full': jax.checkpoint_policies.nothing_saveable,  # Keep only each block's inputs.
+    'dots': jax.checkpoint_policies.dots_saveable,  # Keep matrix-product outputs.
+    'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # Not attention's.
+}
 
 
 def timestep_features(t: jax.Array, dim: int = _TIME_FEATURES) -> jax.Array:
@@ -151,7 +166,9 @@ class Attention(nn.Module):
     q = nn.RMSNorm(dtype=self.dtype, param_dtype=self.param_dtype, name='q_norm')(q)
     k = nn.RMSNorm(dtype=self.dtype, param_dtype=self.param_dtype, name='k_norm')(k)
     q, k = apply_rotary(q, angles), apply_rotary(k, angles)
+    q, k, v = _constrain_heads(q), _constrain_heads(k), _constrain_heads(v)
     out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    out = _constrain_heads(out)
     out_kernel = self.param('out_kernel', nn.with_logical_partitioning(
         _fan_avg_uniform(in_axis=(0, 1), out_axis=2), ('heads', 'kv', 'embed')),
         (h, head_dim, d), self.param_dtype)
@@ -185,6 +202,7 @@ class Block(nn.Module):
 
     h = _modulate(norm('norm2')(x), shift2, scale2)
     h = _dense(int(d * self.mlp_ratio), ('embed', 'mlp'), 'mlp_in', self.dtype, self.param_dtype)(h)
+    h = nn.with_logical_constraint(h, ('batch', None, None, 'mlp'))
     h = _dense(d, ('mlp', 'embed'), 'mlp_out', self.dtype, self.param_dtype)(nn.gelu(h))
     return x + gate2[:, :, None, :] * h
 
@@ -202,6 +220,7 @@ class DiT(nn.Module):
   attn_window: int = 0  # Frames attend only to frames at most this many positions away; 0: all.
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  remat: str = 'none'  # A key of `REMAT_POLICIES`.
 
   @nn.compact
   def __call__(self, frames: jax.Array, context: jax.Array, frame_times: jax.Array,
@@ -258,6 +277,8 @@ class DiT(nn.Module):
                                                       ('vocab', 'embed')))
       cond = cond + embed(labels)[:, None, :]
 
+    cond = _constrain(cond)  # [B, F, D]; see the heads below for why.
+
     # ---- Rotary coordinates (slot, row, column) and the attention mask ---------------------------
     rows, cols = jnp.meshgrid(jnp.arange(gh), jnp.arange(gw), indexing='ij')
     spatial = jnp.stack([rows.ravel(), cols.ravel()], axis=-1)
@@ -271,11 +292,19 @@ class DiT(nn.Module):
       frame_attention = band if frame_attention is None else frame_attention & band
     mask = token_attention_mask(frame_mask, frame_attention, tokens)
 
+    block = Block
+    if self.remat != 'none':
+      block = nn.remat(Block, policy=REMAT_POLICIES[self.remat])
     for i in range(self.depth):
-      x = Block(self.num_heads, self.mlp_ratio, self.dtype, self.param_dtype, name=f'block_{i}')(
+      x = block(self.num_heads, self.mlp_ratio, self.dtype, self.param_dtype, name=f'block_{i}')(
           x, cond, angles, mask)
 
     # ---- Heads: velocity from patch tokens, log-rate from the rate token -------------------------
+    # Both heads read the tokens split over the batch only. Without this constraint (and the one
+    # on `cond`) XLA's SPMD partitioner (checked with jax 0.10.2 on CPU) builds a wrong gradient of
+    # `x` (and `cond`) from their several readers on a mesh whose data, fsdp and tensor axes all
+    # exceed 1.
+    x = nn.with_logical_constraint(x, ('batch', 'length', None, 'embed'))
     mod = _dense(2 * d, ('embed', 'mlp'), 'final_adaln', self.dtype, self.param_dtype,
                  zero=True)(nn.silu(cond))
     shift, scale = jnp.split(mod, 2, axis=-1)
@@ -308,10 +337,20 @@ def build_model(model_config, *, channels: int, num_classes: int) -> DiT:
   if attn_window < 0:
     raise ValueError(f'attn_window must be >= 0 (0: unrestricted), got {attn_window}; set '
                      '--config.model.attn_window')
+  # Configs saved before these fields existed mean the defaults.
+  param_dtype = model_config.get('param_dtype', 'float32')
+  remat = model_config.get('remat', 'none')
+  if param_dtype not in _DTYPES:
+    raise ValueError(f'unknown parameter dtype {param_dtype!r}; set --config.model.param_dtype '
+                     f'to one of {sorted(_DTYPES)}')
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f'unknown remat policy {remat!r}; set --config.model.remat to one of '
+                     f'{sorted(REMAT_POLICIES)}')
   hidden, depth, heads = MODEL_SIZES[model_config.size]
   return DiT(patch_size=model_config.patch_size, channels=channels, hidden_size=hidden, depth=depth,
              num_heads=heads, mlp_ratio=model_config.mlp_ratio, num_classes=num_classes,
-             attn_window=attn_window, dtype=_DTYPES[model_config.dtype])
+             attn_window=attn_window, dtype=_DTYPES[model_config.dtype],
+             param_dtype=_DTYPES[param_dtype], remat=remat)
 
 
 def init_inputs(frame_shape: tuple[int, int, int], frames: int, num_classes: int) -> tuple:

@@ -7,20 +7,27 @@ int32 [N] to the .npz, and a GIF grid beside it. The same seed and weights give 
 sampler settings come from the trained config unless a flag overrides them (`--num_steps=200
 --insertion=thinning`, or `--order=hierarchical` for a prescribed insertion order); a summary (with
 the data set's exact metrics, for coloring and shapes) is printed as JSON.
+The videos are split over every device (`--num_videos` a multiple of the device count keeps them
+even); on several hosts every process runs the same command (see `main.py` for the runtime flags)
+and process 0 writes the files.
 """
 
 import json
 import os
+import sys
 
 from absl import app
 from absl import flags
 import jax
+import ml_collections
 import numpy as np
 
 from flowception_jax import datasets
+from flowception_jax import distributed
 from flowception_jax import inference
 from flowception_jax import orders
 from flowception_jax import sampler as sampler_lib
+from flowception_jax import sharding
 from flowception_jax import video_io
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir holding checkpoints.')
@@ -35,6 +42,10 @@ _GUIDANCE = flags.DEFINE_float('guidance_scale', None, 'Velocity guidance (defau
 _RATE_GUIDANCE = flags.DEFINE_float('rate_guidance', None, 'Rate guidance (default: the config).')
 _ORDER = flags.DEFINE_enum('order', None, orders.ORDERS,
                            'Insertion order: learned or prescribed (default: the config).')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'host:port of process 0 in a multi-process run (default: detect).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in a multi-process run.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process: 0 .. num_processes - 1.')
 flags.mark_flags_as_required(['workdir', 'output'])
 
 
@@ -43,13 +54,14 @@ def sample_videos(workdir: str, num_videos: int, seed: int, sampler_overrides=No
 
   `sampler_overrides` maps `config.sampler` fields to values that replace the trained config's.
   """
-  trained = inference.load(workdir)
+  mesh = sharding.make_mesh(ml_collections.ConfigDict({'data': -1, 'fsdp': 1}))
+  trained = inference.load(workdir, mesh=mesh)
   config = trained.config
   config.sampler.update(sampler_overrides or {})
-  sampler = inference.make_sampler(trained.model, config, trained.info, num_videos)
+  sampler = inference.make_sampler(trained.model, config, trained.info, num_videos, mesh=mesh)
   label_key, sample_key = jax.random.split(jax.random.key(seed))
   labels = inference.sample_labels(label_key, num_videos, trained.info.num_classes)
-  out = sampler(trained.params, sample_key, labels=labels)
+  out = inference.to_host(sampler(trained.params, sample_key, labels=labels))
   lengths = np.asarray(out.lengths, np.int32)
   return inference.to_pixels(out.frames, lengths), lengths, config
 
@@ -59,12 +71,18 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not _OUTPUT.value.endswith('.npz'):
     raise app.UsageError(f'--output must end in .npz, got {_OUTPUT.value}')
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   overrides = {'num_steps': _NUM_STEPS.value, 'insertion': _INSERTION.value,
                'guidance_scale': _GUIDANCE.value, 'rate_guidance': _RATE_GUIDANCE.value,
                'order': _ORDER.value}
+  own_flags = flags.FLAGS.get_flags_for_module(sys.modules[__name__])
+  distributed.check_same('sampling flags',
+                         {f.name: f.value for f in own_flags if f.name != 'process_id'})
   videos, lengths, config = sample_videos(
       _WORKDIR.value, _NUM_VIDEOS.value, _SEED.value,
       {k: v for k, v in overrides.items() if v is not None})
+  if jax.process_index():
+    return
   os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
   np.savez(_OUTPUT.value, videos=videos, lengths=lengths)
   video_io.write_gif(_OUTPUT.value[:-len('.npz')] + '.gif', video_io.video_grid(videos, lengths))

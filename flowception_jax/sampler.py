@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import chex
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -253,6 +254,17 @@ def _step(state: SamplerState, *, apply_fn: ApplyFn, params, labels, config: Sam
                       iteration=iteration, key=key)
 
 
+def _split_over_batch(state: SamplerState) -> SamplerState:
+  """Keeps the per-video arrays of the carry split over the mesh's batch axes.
+
+  A no-op outside a mesh with logical axis rules; inside one, every iteration runs sharded over
+  the videos instead of wherever the compiler's propagation would leave the loop carry.
+  """
+  return jax.tree.map(
+      lambda x: nn.with_logical_constraint(x, ('batch',) + (None,) * (x.ndim - 1)) if x.ndim else x,
+      state)
+
+
 def _running(state: SamplerState, config: SamplerConfig) -> jax.Array:
   """False once `t_g >= 1` and every alive non-context frame is clean, or at the iteration cap."""
   in_flow = state.alive & ~state.context & (state.times < 1.0)
@@ -306,7 +318,8 @@ def make_sampler(apply_fn: ApplyFn, *, config: SamplerConfig, batch_size: int, c
                            passive_mask.astype(bool))
     body = functools.partial(_step, apply_fn=apply_fn, params=params, labels=labels, config=config,
                              kappa=kappa, num_classes=num_classes)
-    state = jax.lax.while_loop(functools.partial(_running, config=config), body, state)
+    state = jax.lax.while_loop(functools.partial(_running, config=config),
+                               lambda s: _split_over_batch(body(s)), _split_over_batch(state))
     alive = state.alive
     return SampleOutput(
         frames=jnp.where(alive[..., None, None, None], state.frames, 0.0),

@@ -8,6 +8,7 @@ from typing import Any
 from absl import logging
 from clu import metric_writers
 from clu import periodic_actions
+from etils import epath
 import flax
 import flax.linen as nn
 import jax
@@ -20,6 +21,7 @@ from flowception_jax import baselines
 from flowception_jax import checkpoint
 from flowception_jax import data
 from flowception_jax import datasets
+from flowception_jax import distributed
 from flowception_jax import evaluate
 from flowception_jax import flowception
 from flowception_jax import fvd
@@ -70,17 +72,20 @@ def compute_losses(params, batch: dict[str, jax.Array], key: jax.Array, *, model
   """Velocity and rate losses of one batch; noise and label dropout drawn from `key`.
 
   The autoregressive method attends causally (teacher forcing, see `data.AutoregressiveTransform`)
-  and its rate loss is the end-of-video loss (`baselines.end_loss`).
+  and its rate loss is the end-of-video loss (`baselines.end_loss`). `key` is one PRNG key, or one
+  per example [B]: each example draws from its own key, so any split of a batch into microbatches
+  draws what the whole batch would.
   """
-  noise_key, drop_key = jax.random.split(key)
   x1 = batch['frames']
-  x0 = jax.random.normal(noise_key, x1.shape, x1.dtype)
+  keys = key if key.ndim else jax.random.split(key, x1.shape[0])
+  noise_keys, drop_keys = jax.vmap(jax.random.split, out_axes=1)(keys)
+  x0 = jax.vmap(lambda k: jax.random.normal(k, x1.shape[1:], x1.dtype))(noise_keys)
   times = flowception.snr_shift(batch['frame_times'], flow_config.snr_shift)
   t = times[..., None, None, None]
   x_t = jnp.where(batch['context_mask'][..., None, None, None], x1, t * x1 + (1 - t) * x0)
   labels = None
   if num_classes:
-    drop = jax.random.bernoulli(drop_key, flow_config.p_uncond, batch['label'].shape)
+    drop = jax.vmap(lambda k: jax.random.bernoulli(k, flow_config.p_uncond))(drop_keys)
     labels = jnp.where(drop, num_classes, batch['label'])
   autoregressive = method == 'autoregressive'
   frame_attention = None
@@ -106,6 +111,55 @@ def compute_losses(params, batch: dict[str, jax.Array], key: jax.Array, *, model
   return loss, aux
 
 
+def loss_terms(flow_config) -> tuple[tuple[str, str, float], ...]:
+  """The terms of `compute_losses`' loss: (aux name, the batch mask it averages over, weight)."""
+  return (('velocity_loss', 'flow_mask', 1.0), ('rate_loss', 'rate_mask', flow_config.rate_weight))
+
+
+def accumulate_gradients(params, batch: dict[str, jax.Array], key: jax.Array, *, model: nn.Module,
+                         config):
+  """(loss, aux, gradients) of `batch` computed as `config.grad_accum_steps` microbatches.
+
+  The result is that of the whole batch at once: microbatch i holds examples i, i + k, ... (so it
+  spreads over every device), draws from the same per-example keys, and weighs each loss term by its
+  share of the frames that the term averages over in the whole batch.
+  """
+  steps = config.grad_accum_steps
+  keys = jax.random.split(key, batch['frame_mask'].shape[0])
+  losses = functools.partial(compute_losses, model=model, flow_config=config.flow,
+                             num_classes=config.num_classes, method=config.method)
+  if steps == 1:
+    (loss, aux), grads = jax.value_and_grad(losses, has_aux=True)(params, batch, keys)
+    return loss, aux, grads
+  terms = loss_terms(config.flow)
+  counts = lambda b, mask: jnp.maximum(jnp.sum(b[mask].astype(jnp.float32)), 1.0)
+  totals = {mask: counts(batch, mask) for _, mask, _ in terms}
+
+  def split(x):
+    x = x.reshape((x.shape[0] // steps, steps) + x.shape[1:]).swapaxes(0, 1)
+    return nn.with_logical_constraint(x, (None, 'batch') + (None,) * (x.ndim - 2))
+
+  def objective(params, micro, micro_keys):
+    _, aux = losses(params, micro, micro_keys)
+    shares = {name: counts(micro, mask) / totals[mask] for name, mask, _ in terms}
+    loss = sum(weight * shares[name] * aux[name] for name, _, weight in terms)
+    return loss, (aux, shares)
+
+  def accumulate(carry, xs):
+    (loss, (aux, shares)), grads = jax.value_and_grad(objective, has_aux=True)(params, *xs)
+    # Loss terms add up by their shares; other metrics are averaged over microbatches.
+    aux = {k: v * shares[k] if k in shares else v / steps for k, v in aux.items()}
+    return jax.tree.map(jnp.add, carry, (loss, aux, grads)), None
+
+  micro = jax.tree.map(split, (batch, keys))
+  aux_shapes = jax.eval_shape(losses, params, *jax.tree.map(lambda x: x[0], micro))[1]
+  zeros = (jnp.zeros((), jnp.float32),
+           jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), aux_shapes),
+           jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
+  (loss, aux, grads), _ = jax.lax.scan(accumulate, zeros, micro)
+  return loss, aux, jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+
+
 def ema_decay(step: jax.Array, decay: float) -> jax.Array:
   """EMA decay at `step`: `min(decay, (1 + step) / (10 + step))`.
 
@@ -121,9 +175,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
                tx: optax.GradientTransformation, config) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step. Randomness comes from the seed folded with the step, so resumes repeat it."""
   key = jax.random.fold_in(jax.random.key(config.seed), state.step)
-  grad_fn = jax.value_and_grad(compute_losses, has_aux=True)
-  (loss, aux), grads = grad_fn(state.params, batch, key, model=model, flow_config=config.flow,
-                               num_classes=config.num_classes, method=config.method)
+  loss, aux, grads = accumulate_gradients(state.params, batch, key, model=model, config=config)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema_params = optax.incremental_update(params, state.ema_params,
@@ -166,6 +218,7 @@ def state_layout(init_fn, mesh: jax.sharding.Mesh) -> tuple[TrainState, TrainSta
     shardings = sharding.logical_shardings(boxed, mesh)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           nn.unbox(boxed), shardings)
+  sharding.check_divisible(abstract, shardings)
   return abstract, shardings
 
 
@@ -183,6 +236,35 @@ def jit_train_step(model: nn.Module, tx: optax.GradientTransformation, config,
       functools.partial(train_step, model=model, tx=tx, config=config),
       in_shardings=(shardings, sharding.batch_sharding(mesh)),
       out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+
+
+def compiled_memory(step_fn, state: TrainState, batch: dict[str, jax.Array], frames: int):
+  """Per-device memory analysis of `step_fn` compiled for `batch` padded to `frames` slots.
+
+  The compilation is the one a later call of that shape reuses, so it costs nothing extra.
+  """
+  def widen(x):
+    if x.ndim < 2 or x.shape[1] != batch['frame_mask'].shape[1]:
+      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    return jax.ShapeDtypeStruct(x.shape[:1] + (frames,) + x.shape[2:], x.dtype, sharding=x.sharding)
+  return step_fn.lower(state, jax.tree.map(widen, batch)).compile().memory_analysis()
+
+
+def log_memory(memory, state_bytes: int, frames: int) -> None:
+  mib = lambda b: f'{b / 2**20:.1f} MiB'
+  logging.info('train step per device (bucket %d): state %s, arguments %s, outputs %s, '
+               'temporaries %s, code %s', frames, mib(state_bytes),
+               mib(memory.argument_size_in_bytes), mib(memory.output_size_in_bytes),
+               mib(memory.temp_size_in_bytes), mib(memory.generated_code_size_in_bytes))
+
+
+def device_bytes(tree) -> int:
+  """Bytes of `tree`'s arrays held by one device (the largest share)."""
+  per_device = {}
+  for x in jax.tree.leaves(tree):
+    for shard in x.addressable_shards:
+      per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
+  return max(per_device.values(), default=0)
 
 
 class _Preemption:
@@ -211,19 +293,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   config = resolve(config, info)
   if config.method == 'full_sequence':  # Its sampler draws lengths from the data's distribution.
     config.length_distribution = baselines.length_distribution(source, info.max_frames)
-  os.makedirs(workdir, exist_ok=True)
+  distributed.check_same('config or workdir', {'config': config.to_dict(), 'workdir': workdir})
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
 
   # ---- Mesh ------------------------------------------------------------------------------------
   mesh = sharding.make_mesh(config.mesh)
-  local_batch_size = sharding.check_batch_size(config.batch_size, mesh)
-  logging.info('mesh %s over %d devices, %d processes', dict(mesh.shape), mesh.size,
-               jax.process_count())
+  local_batch_size = sharding.check_batch_size(config.batch_size, mesh, config.grad_accum_steps)
+  shard = sharding.data_shard(mesh)
+  logging.info('mesh %s over %d devices, %d processes; this process loads data shard %d of %d',
+               dict(mesh.shape), mesh.size, jax.process_count(), *shard)
 
   # ---- Input pipeline --------------------------------------------------------------------------
   dataset = data.make_train_dataset(source, config.data, config.flow, batch_size=local_batch_size,
                                     seed=config.seed, max_frames=info.max_frames,
-                                    method=config.method)
+                                    method=config.method, shard=shard)
   data_iterator = iter(dataset)
 
   # ---- Model, optimizer and sharded initialisation ----------------------------------------------
@@ -254,6 +338,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     key = jax.random.fold_in(jax.random.key(config.seed + 1), step)
     labels = inference.sample_labels(key, config.num_sample_videos, info.num_classes)
     out = sampler(state.ema_params, key, labels=labels)
+    out = inference.to_host(out)
     lengths = np.asarray(out.lengths)
     videos = inference.to_pixels(out.frames, lengths)
     if jax.process_index() == 0:
@@ -266,6 +351,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   first_step = int(state.step)
   writer.write_hparams({'num_params': num_params, 'start_step': first_step})
   report = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer)
+  hooks = [report]
+  if config.profile_steps and jax.process_index() == 0:
+    hooks.append(periodic_actions.Profile(
+        logdir=workdir, num_profile_steps=config.profile_steps, profile_duration_ms=None,
+        first_profile=first_step + config.profile_first_step, every_secs=None))
   pending_metrics: list[dict[str, jax.Array]] = []
   last_saved = latest
 
@@ -289,9 +379,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       for step in range(first_step + 1, config.total_steps + 1):
         with jax.profiler.StepTraceAnnotation('train', step_num=step):
           batch = sharding.to_global_batch(next(data_iterator), mesh)
+          if step == first_step + 1:
+            frames = max(data.slot_counts(config.method, config.data.buckets))
+            log_memory(compiled_memory(step_fn, state, batch, frames), device_bytes(state), frames)
           state, metrics = step_fn(state, batch)
           pending_metrics.append(metrics)
-        report(step)
+        for hook in hooks:
+          hook(step)
         last = step == config.total_steps
         save = last or preemption.requested or step % config.checkpoint_every == 0
         if save or step % config.log_every == 0:

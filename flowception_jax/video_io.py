@@ -1,8 +1,10 @@
 """Video grids and GIF files for looking at samples and data."""
 
+import io
 import os
 import tempfile
 
+from etils import epath
 import numpy as np
 from PIL import Image
 
@@ -57,6 +59,12 @@ def write_gif(path: str, frames: np.ndarray, fps: float = 8) -> None:
   if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or not len(frames):
     raise ValueError(f'expected uint8 frames [T >= 1, H, W, 3], got {frames.dtype} {frames.shape}')
   images = [Image.fromarray(frame) for frame in frames]
+  if '://' in path:  # Object stores (gs://...) replace an object whole: no temporary file needed.
+    encoded = io.BytesIO()
+    images[0].save(encoded, format='GIF', save_all=True, append_images=images[1:],
+                   duration=round(1000 / fps), loop=0)
+    epath.Path(path).write_bytes(encoded.getvalue())
+    return
   directory, name = os.path.split(os.path.abspath(path))
   fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f'.{name}.', suffix='.tmp')
   try:

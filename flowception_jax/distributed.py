@@ -1,0 +1,65 @@
+"""The multi-process runtime: joining it, and stopping at once when the processes disagree.
+
+Every process of a multi-host run executes the same command. `initialize` joins them into one JAX
+runtime, either from explicit flags (`--coordinator_address`, `--num_processes`, `--process_id`) or
+through JAX's detection of TPU pod slices and cluster managers (SLURM, Open MPI, Kubernetes).
+`check_same` compares a value (the config, the flags) across processes: if any process differs,
+every process raises the same error instead of some of them waiting for the others forever.
+"""
+
+import hashlib
+import json
+import os
+from typing import Any
+
+from absl import logging
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
+
+# Environment variables with which launchers announce several tasks; if they are set, failing to
+# detect the cluster is an error, not a single-process run.
+_TASK_COUNT_VARIABLES = ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE', 'PMI_SIZE', 'WORLD_SIZE')
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> None:
+  """Joins the multi-process runtime; call before any other JAX computation.
+
+  With all three arguments, they define the runtime (process 0 runs the coordinator at
+  `coordinator_address`, host:port). With none, JAX detects the cluster; if there is none, this is
+  a single-process run.
+  """
+  given = [coordinator_address, num_processes, process_id]
+  # CPU processes exchange collectives through Gloo (accelerators use their own interconnect).
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  if all(v is not None for v in given):
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  elif any(v is not None for v in given):
+    raise ValueError('--coordinator_address, --num_processes and --process_id go together; give '
+                     'all three, or none to detect the cluster automatically')
+  else:
+    try:
+      jax.distributed.initialize()
+    except ValueError as e:
+      announced = {v: os.environ[v] for v in _TASK_COUNT_VARIABLES
+                   if os.environ.get(v, '1').isdigit() and int(os.environ.get(v, '1')) > 1}
+      if announced:
+        raise ValueError(f'the environment announces several tasks ({announced}) but JAX could not '
+                         f'join them ({e}); pass --coordinator_address, --num_processes and '
+                         '--process_id') from e
+      logging.info('no cluster detected (%s): running as a single process', e)
+  logging.info('process %d of %d, local devices %s', jax.process_index(), jax.process_count(),
+               jax.local_devices())
+
+
+def check_same(what: str, value: Any) -> None:
+  """Raises on every process if the processes hold different `value`s (JSON-able) of `what`."""
+  if jax.process_count() == 1:
+    return
+  digest = hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).digest()
+  every = multihost_utils.process_allgather(np.frombuffer(digest[:8], np.uint32))
+  differ = [p for p in range(len(every)) if not np.array_equal(every[p], every[0])]
+  if differ:
+    raise ValueError(f'processes {differ} were started with a different {what} from process 0; '
+                     'start every process with the same command and flags')
