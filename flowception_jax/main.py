@@ -3,7 +3,8 @@ r"""Trains a Flowception model.
   python -m flowception_jax.main --config=configs/shapes.py --workdir=/tmp/shapes
 
 Any config field can be overridden, e.g. `--config.batch_size=8`. Running the same command again
-resumes from the latest checkpoint in the workdir.
+resumes from the latest checkpoint in the workdir. By default only the run's own lines are shown;
+`--verbose` adds the libraries' logs and full tracebacks.
 """
 
 from absl import app
@@ -12,20 +13,28 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from flowception_jax import train
+from flowception_jax import run_log
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and samples.')
+_VERBOSE = flags.DEFINE_bool('verbose', False, "Also show the libraries' logs (Orbax, Grain, JAX, "
+                             'TensorFlow) and the traceback of every error.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  run_log.setup(verbose=_VERBOSE.value)
+  # Imported here, after flag parsing, so that TensorFlow's C++ start-up notes (the trainer's
+  # metric writers import it) can be kept out of the run's output.
+  with run_log.native_output_silenced(enabled=not _VERBOSE.value):
+    from flowception_jax import train  # pylint: disable=g-import-not-at-top
   logging.info('JAX %s, %d processes, local devices %s', jax.__version__, jax.process_count(),
                jax.local_devices())
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  with run_log.one_line_errors(enabled=not _VERBOSE.value):
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == '__main__':
