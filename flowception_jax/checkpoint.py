@@ -3,7 +3,9 @@
 Each checkpoint is an Orbax composite of four items: `state` (the train state pytree), `data` (the
 Grain iterator state, so a resumed run reads exactly the batches an uninterrupted one would),
 `config` (the resolved config, so sampling and resumption know what the weights are) and
-`checksums` (of every state array and of the config, checked on every restore).
+`manifest` (the shape, dtype and checksum of every state array, and a checksum of the config).
+Every restore first compares the arrays the code expects with the manifest (a mismatch is a
+`CheckpointMismatchError`, not damage), then the restored values with their checksums.
 
 What can go wrong, and what happens:
 - A save killed at any moment (SIGKILL, power loss of the process) leaves only Orbax's temporary
@@ -12,7 +14,8 @@ What can go wrong, and what happens:
 - A complete checkpoint whose files were later truncated or overwritten: Orbax raises on most such
   damage, but reads a flipped byte inside an array's data without noticing; the checksums catch it.
   `restore_latest` warns, names the checkpoint, falls back to the previous one and moves the bad
-  one aside; if none is usable it raises and changes nothing.
+  one aside; if none is usable it raises and changes nothing. Checkpoints written without a
+  manifest are restored unchecked.
 - A write that fails (full disk, lost permission): the checkpoint stays temporary, never trusted,
   and `save` or `wait` raise one `CheckpointError` that names it.
 """
@@ -48,12 +51,16 @@ class CheckpointError(Exception):
   """A checkpoint that cannot be written or read; the message names it and the way out."""
 
 
+class CheckpointMismatchError(ValueError):
+  """A readable checkpoint whose arrays are not those the current code and config build."""
+
+
 def make_manager(workdir: str, *, keep: int = 2, read_only: bool = False) -> ocp.CheckpointManager:
   """The manager of `workdir/checkpoints`; a writing one first removes unfinished temporary saves."""
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
                                          cleanup_tmp_directories=not read_only)
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),
-                               options=options, item_names=('state', 'data', 'config', 'checksums'))
+                               options=options, item_names=('state', 'data', 'config', 'manifest'))
 
 
 def check_writable(workdir: str) -> None:
@@ -77,7 +84,7 @@ def _chain(error: BaseException):
 
 def _reason(error: BaseException) -> str:
   """Why an operation failed, in one line: the operating system's error if there is one."""
-  if isinstance(error, CheckpointError):
+  if isinstance(error, (CheckpointError, CheckpointMismatchError)):
     return str(error)
   for e in _chain(error):
     if isinstance(e, OSError) and e.strerror:
@@ -134,6 +141,12 @@ def checksums(tree: Any) -> dict[str, int]:
           for path, value in jax.tree_util.tree_flatten_with_path(sums)[0]}
 
 
+def _layout(tree: Any) -> dict[str, tuple[list[int], str]]:
+  """(shape, dtype) of every array (or abstract array) of `tree` by leaf path."""
+  return {_leaf_name(path): (list(x.shape), str(x.dtype))
+          for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 def _config_checksum(config_dict: Mapping) -> int:
   return zlib.crc32(json.dumps(config_dict, sort_keys=True).encode())
 
@@ -142,20 +155,46 @@ def _step_dir(manager: ocp.CheckpointManager, step: int) -> str:
   return os.path.join(str(manager.directory), str(step))
 
 
-def _saved_checksums(manager: ocp.CheckpointManager, step: int) -> dict | None:
-  """The checksums saved with `step`, or None for a checkpoint written without them."""
-  if not os.path.isdir(os.path.join(_step_dir(manager, step), 'checksums')):
+def _read_manifest(manager: ocp.CheckpointManager, step: int) -> dict | None:
+  """The manifest saved with `step`, or None for a checkpoint written without one."""
+  if not os.path.isdir(os.path.join(_step_dir(manager, step), 'manifest')):
     return None
-  return manager.restore(step, args=ocp.args.Composite(checksums=ocp.args.JsonRestore()))[
-      'checksums']
+  return manager.restore(step, args=ocp.args.Composite(manifest=ocp.args.JsonRestore()))[
+      'manifest']
 
 
-def _verify(restored: Any, saved: dict | None) -> None:
+def _check_layout(manager: ocp.CheckpointManager, step: int, manifest: dict | None,
+                  abstract: Any) -> None:
+  """Raises a CheckpointMismatchError unless the arrays of `abstract` are the saved ones.
+
+  `abstract` may cover part of the state (its leaf paths are compared with the saved paths that
+  share their first component).
+  """
+  if manifest is None:
+    return
+  expected = _layout(abstract)
+  roots = {name.split('/')[0] for name in expected}
+  saved = {name: (entry['shape'], entry['dtype']) for name, entry in manifest['arrays'].items()
+           if name.split('/')[0] in roots}
+  if expected == saved:
+    return
+  differences = [f'{name}: saved {saved[name][0]} {saved[name][1]}, expected {expected[name][0]} '
+                 f'{expected[name][1]}' for name in sorted(set(saved) & set(expected))
+                 if saved[name] != expected[name]]
+  differences += [f'{name}: not in the checkpoint' for name in sorted(set(expected) - set(saved))]
+  differences += [f'{name}: only in the checkpoint' for name in sorted(set(saved) - set(expected))]
+  raise CheckpointMismatchError(
+      f'checkpoint {_step_dir(manager, step)} holds other arrays than this code and config build '
+      f'({len(differences)} differ: {"; ".join(differences[:3])}{"; ..." * (len(differences) > 3)}'
+      '); use the code version and config it was trained with, or train in a new --workdir')
+
+
+def _verify(restored: Any, manifest: dict | None) -> None:
   """Raises a CheckpointError if an array of `restored` differs from its saved checksum."""
-  if saved is None:
+  if manifest is None:
     return
   differ = sorted(name for name, value in checksums(restored).items()
-                  if saved['state'].get(name) != value)
+                  if manifest['arrays'][name]['checksum'] != value)
   if differ:
     raise CheckpointError(f'{len(differ)} arrays differ from the checksums saved with them '
                           f'({", ".join(differ[:3])}{", ..." if len(differ) > 3 else ""})')
@@ -173,13 +212,16 @@ def wait(manager: ocp.CheckpointManager) -> None:
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator, config) -> None:
   """Starts an asynchronous save of `step` once the previous one is complete (see `wait`)."""
   wait(manager)
-  sums = {'state': checksums(state), 'config': _config_checksum(config.to_dict())}
+  sums = checksums(state)
+  manifest = {'arrays': {name: {'shape': shape, 'dtype': dtype, 'checksum': sums[name]}
+                         for name, (shape, dtype) in _layout(state).items()},
+              'config': _config_checksum(config.to_dict())}
   try:
     manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=grain.checkpoint.CheckpointSave(data_iterator),
         config=ocp.args.JsonSave(config.to_dict()),
-        checksums=ocp.args.JsonSave(sums)))
+        manifest=ocp.args.JsonSave(manifest)))
   except Exception as e:
     raise CheckpointError(_write_failure(manager, step, e)) from e
 
@@ -199,8 +241,8 @@ def restore_config(manager: ocp.CheckpointManager, step: int) -> ml_collections.
   """The config saved with `step`, checked against its checksum; fields added to `base_config`
   since then take their defaults."""
   restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-  saved = _saved_checksums(manager, step)
-  if saved is not None and saved['config'] != _config_checksum(restored['config']):
+  manifest = _read_manifest(manager, step)
+  if manifest is not None and manifest['config'] != _config_checksum(restored['config']):
     raise CheckpointError('the config differs from the checksum saved with it')
   return ml_collections.ConfigDict(
       _with_defaults(restored['config'], config_lib.base_config().to_dict()))
@@ -225,22 +267,25 @@ def check_compatible(saved: ml_collections.ConfigDict, config: ml_collections.Co
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any, data_iterator):
   """Restores the train state (sharded like `abstract_state`) and moves `data_iterator` in place.
 
-  Raises a CheckpointError if the state differs from its checksums.
+  Raises a CheckpointMismatchError if the saved arrays are not those of `abstract_state`, and a
+  CheckpointError if the restored values differ from their checksums.
   """
-  saved = _saved_checksums(manager, step)
+  manifest = _read_manifest(manager, step)
+  _check_layout(manager, step, manifest, abstract_state)
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract_state),
       data=grain.checkpoint.CheckpointRestore(data_iterator)))
-  _verify(restored['state'], saved)
+  _verify(restored['state'], manifest)
   return restored['state']
 
 
 def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state: Any):
   """Restores only the train state, without moving any data iterator; checked like `restore`."""
-  saved = _saved_checksums(manager, step)
+  manifest = _read_manifest(manager, step)
+  _check_layout(manager, step, manifest, abstract_state)
   state = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract_state)))['state']
-  _verify(state, saved)
+  _verify(state, manifest)
   return state
 
 
@@ -250,19 +295,24 @@ def restore_ema_params(manager: ocp.CheckpointManager, step: int, abstract_param
   A damaged checkpoint raises a CheckpointError naming it.
   """
   item = {'ema_params': abstract_params}
+  try:
+    manifest = _read_manifest(manager, step)
+  except Exception as e:
+    raise CheckpointError(_damaged(manager, step, e)) from e
+  _check_layout(manager, step, manifest, item)
   restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), item)
   try:
-    saved = _saved_checksums(manager, step)
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=item, restore_args=restore_args, partial_restore=True)))['state']
-    if saved is not None:
-      saved = {'state': {k: v for k, v in saved['state'].items() if k.startswith('ema_params/')}}
-    _verify(restored, saved)
+    _verify(restored, manifest)
   except Exception as e:
-    raise CheckpointError(f'checkpoint {_step_dir(manager, step)} is unusable: {_reason(e)}; '
-                          'resuming training in its workdir moves it aside and continues from the '
-                          'previous one') from e
+    raise CheckpointError(_damaged(manager, step, e)) from e
   return restored['ema_params']
+
+
+def _damaged(manager: ocp.CheckpointManager, step: int, error: BaseException) -> str:
+  return (f'checkpoint {_step_dir(manager, step)} is unusable: {_reason(error)}; resuming training '
+          'in its workdir moves it aside and continues from the previous one')
 
 
 def _move_aside(manager: ocp.CheckpointManager, steps: list[int], workdir: str) -> None:
@@ -289,7 +339,8 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, data_ite
   Returns None if `workdir` has no checkpoint. A checkpoint that cannot be read or fails its
   checksums is reported with a warning naming it, and the previous one is tried; once one
   restores, the unusable newer ones are moved to `workdir/CORRUPT_DIR` (so their steps are saved
-  afresh). A checkpoint of another architecture raises ValueError (`check_compatible`). If there are
+  afresh). A checkpoint of another architecture raises ValueError (`check_compatible`, or a
+  CheckpointMismatchError when no checkpoint holds the arrays the code builds). If there are
   checkpoints but none is usable, raises a CheckpointError and changes nothing.
   """
   unusable = []
@@ -297,22 +348,24 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, data_ite
     try:
       saved_config = restore_config(manager, step)
     except Exception as e:  # pylint: disable=broad-exception-caught
-      unusable.append((step, _reason(e)))
+      unusable.append((step, e))
     else:
       check_compatible(saved_config, config, workdir)
       try:
         state = restore(manager, step, abstract_state, data_iterator)
       except Exception as e:  # pylint: disable=broad-exception-caught
-        unusable.append((step, _reason(e)))
+        unusable.append((step, e))
       else:
         _move_aside(manager, [s for s, _ in unusable], workdir)
         return step, state
     logging.warning('checkpoint %s is unusable (%s); trying the previous one',
-                    _step_dir(manager, step), unusable[-1][1])
+                    _step_dir(manager, step), _reason(unusable[-1][1]))
+  if unusable and all(isinstance(e, CheckpointMismatchError) for _, e in unusable):
+    raise unusable[0][1]  # The code or config, not the files: the same for every checkpoint.
   if unusable:
     raise CheckpointError(
         f'no usable checkpoint in {manager.directory}: '
-        + '; '.join(f'step {step}: {reason}' for step, reason in unusable)
+        + '; '.join(f'step {step}: {_reason(e)}' for step, e in unusable)
         + '. Nothing was changed. To start from scratch, move that directory away (or use a new '
         '--workdir)')
   return None
