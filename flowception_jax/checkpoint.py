@@ -104,6 +104,11 @@ def _write_failure(manager: ocp.CheckpointManager, step: int | None, error: Base
           'access to) the workdir and run the same command again to resume')
 
 
+def _damaged(manager: ocp.CheckpointManager, step: int, error: BaseException) -> str:
+  return (f'checkpoint {_step_dir(manager, step)} is unusable: {_reason(error)}; resuming training '
+          'in its workdir moves it aside and continues from the previous one')
+
+
 def _as_uint32(x: jax.Array) -> jax.Array:
   """The bits of `x` as uint32 elements (narrow types widened, 64-bit types split in two)."""
   if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
@@ -237,15 +242,22 @@ def _with_defaults(saved: dict[str, Any], defaults: dict[str, Any]) -> dict[str,
   return merged
 
 
-def restore_config(manager: ocp.CheckpointManager, step: int) -> ml_collections.ConfigDict:
-  """The config saved with `step`, checked against its checksum; fields added to `base_config`
-  since then take their defaults."""
+def _restore_config(manager: ocp.CheckpointManager, step: int) -> ml_collections.ConfigDict:
   restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
   manifest = _read_manifest(manager, step)
   if manifest is not None and manifest['config'] != _config_checksum(restored['config']):
     raise CheckpointError('the config differs from the checksum saved with it')
   return ml_collections.ConfigDict(
       _with_defaults(restored['config'], config_lib.base_config().to_dict()))
+
+
+def restore_config(manager: ocp.CheckpointManager, step: int) -> ml_collections.ConfigDict:
+  """The config saved with `step`, checked against its checksum (a CheckpointError names a damaged
+  one); fields added to `base_config` since then take their defaults."""
+  try:
+    return _restore_config(manager, step)
+  except Exception as e:
+    raise CheckpointError(_damaged(manager, step, e)) from e
 
 
 def _get(config: Mapping, dotted: str):
@@ -310,11 +322,6 @@ def restore_ema_params(manager: ocp.CheckpointManager, step: int, abstract_param
   return restored['ema_params']
 
 
-def _damaged(manager: ocp.CheckpointManager, step: int, error: BaseException) -> str:
-  return (f'checkpoint {_step_dir(manager, step)} is unusable: {_reason(error)}; resuming training '
-          'in its workdir moves it aside and continues from the previous one')
-
-
 def _move_aside(manager: ocp.CheckpointManager, steps: list[int], workdir: str) -> None:
   """Moves unusable checkpoints to `workdir/CORRUPT_DIR`, so their steps can be saved again."""
   if jax.process_index() == 0:
@@ -346,7 +353,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, data_ite
   unusable = []
   for step in sorted(manager.all_steps(), reverse=True):
     try:
-      saved_config = restore_config(manager, step)
+      saved_config = _restore_config(manager, step)
     except Exception as e:  # pylint: disable=broad-exception-caught
       unusable.append((step, e))
     else:

@@ -80,15 +80,17 @@ def setup(verbose: bool = False) -> None:
 def one_line_errors(enabled: bool = True):
   """Ends the process with exit code 1 and the message of an exception this package raised.
 
-  The package's checks raise exceptions whose message names the problem and the fix, so their
-  traceback is noise; an exception raised inside a library (a bug, or a failure the package does
-  not know) keeps its full traceback. Disabled, every exception propagates unchanged.
+  The package's checks raise exceptions whose message names the problem and the fix, and an
+  operating-system error names the error and the file, so their traceback is noise; any other
+  exception raised inside a library (a bug, or a failure the package does not know) keeps its full
+  traceback. Disabled, every exception propagates unchanged.
   """
   try:
     yield
   except Exception as e:  # pylint: disable=broad-exception-caught
     frames = traceback.extract_tb(e.__traceback__)
-    if not enabled or not frames or not _is_own_file(frames[-1].filename):
+    own = bool(frames) and _is_own_file(frames[-1].filename)
+    if not enabled or not (own or isinstance(e, OSError)):
       raise
     logging.error('%s (--verbose shows the traceback and the libraries\' logs)', e)
     sys.exit(1)

@@ -54,6 +54,7 @@ def _write_atomically(path: str, write) -> None:
   try:
     with os.fdopen(fd, 'wb') as f:
       write(f)
+    os.chmod(tmp_path, 0o644)  # mkstemp makes the file private; outputs are for reading.
     os.replace(tmp_path, path)
   except BaseException:
     os.remove(tmp_path)

@@ -66,6 +66,10 @@ def test_errors_raised_by_the_package_end_the_run_with_their_message(caplog):
       datasets.make_source({'name': 'nope'})
   assert exit_info.value.code == 1
   assert "unknown dataset 'nope'; set --config.data.name" in caplog.text
+  with pytest.raises(SystemExit):  # The operating system names the problem and the file.
+    with run_log.one_line_errors():
+      open(os.path.join(os.path.dirname(run_log.__file__), 'missing', 'file'))
+  assert 'No such file or directory' in caplog.text
   with pytest.raises(ValueError, match='negative dimensions'):  # Raised inside a library.
     with run_log.one_line_errors():
       np.zeros(-1)
