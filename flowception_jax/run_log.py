@@ -3,8 +3,8 @@
 By default a run shows the lines of this package (config summary, progress, checkpoints, samples)
 and the metric lines of clu's logging writer, with a short time prefix. The libraries' records
 (Orbax save internals, Grain, JAX backend probing, TensorFlow start-up notes) are hidden, and an
-exception raised by this package's own checks ends the run with its one-line message (naming the
-problem and the fix) instead of a traceback. `Progress` times training between blocking fetches
+exception raised by this package's own checks (naming the problem and the fix), or an
+operating-system error, ends the run with its one-line message instead of a traceback. `Progress` times training between blocking fetches
 of step outputs, so steps/s and the ETA count computation, not asynchronous dispatch.
 """
 

@@ -131,4 +131,3 @@ def test_total_variation_is_a_distance_between_histograms():
   assert metrics_lib.total_variation(p, q) == pytest.approx(metrics_lib.total_variation(q, p))
   assert metrics_lib.total_variation(p, q) == pytest.approx(0.5 - 1 / 3)  # Excess mass on 3.
   assert metrics_lib.total_variation({1: 1.0}, {2: 1.0}) == 1.0  # Disjoint supports.
-
