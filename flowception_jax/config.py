@@ -4,6 +4,8 @@ Files in `configs/` start from `base_config()` and override what their experimen
 be overridden on the command line, e.g. `--config.batch_size=8 --config.model.size=tiny`.
 """
 
+import importlib.util
+
 import ml_collections
 
 
@@ -101,3 +103,15 @@ def check_variant(arg: str | None, config_file: str) -> None:
   """Refuses a variant name (the part after ':' in `--config=FILE:VARIANT`) that no config knows."""
   if arg not in (None, 'tiny'):
     raise ValueError(f'unknown variant {arg!r} of {config_file}; known: tiny (or none)')
+
+
+def load_file(spec: str) -> ml_collections.ConfigDict:
+  """The config of a config file as `--config=` names it, e.g. `configs/shapes.py:tiny`.
+
+  For notebooks and scripts, which have no command line to parse.
+  """
+  path, _, variant = spec.partition(':')
+  module_spec = importlib.util.spec_from_file_location('flowception_jax_config_file', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(variant or None)

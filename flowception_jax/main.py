@@ -3,8 +3,9 @@ r"""Trains a Flowception model.
   python -m flowception_jax.main --config=configs/shapes.py --workdir=/tmp/shapes
 
 Any config field can be overridden, e.g. `--config.batch_size=8`. Running the same command again
-resumes from the latest checkpoint in the workdir. On several hosts every process runs the same
-command; on TPU pod slices and under cluster managers (SLURM, Open MPI) the processes find each
+resumes from the latest checkpoint in the workdir. By default only the run's own lines are shown;
+`--verbose` adds the libraries' logs and full tracebacks. On several hosts every process runs the
+same command; on TPU pod slices and under cluster managers (SLURM, Open MPI) the processes find each
 other by themselves, elsewhere add `--coordinator_address=HOST:PORT --num_processes=N
 --process_id=I` (`launch/` holds scripts for TPU VMs, GPU clusters and local multi-process runs).
 """
@@ -16,7 +17,7 @@ import jax
 from ml_collections import config_flags
 
 from flowception_jax import distributed
-from flowception_jax import train
+from flowception_jax import run_log
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=True)
@@ -25,16 +26,25 @@ _COORDINATOR = flags.DEFINE_string(
     'coordinator_address', None, 'host:port of process 0 in a multi-process run (default: detect).')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in a multi-process run.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process: 0 .. num_processes - 1.')
+_VERBOSE = flags.DEFINE_bool('verbose', False, "Also show the libraries' logs (Orbax, Grain, JAX, "
+                             'TensorFlow) and the traceback of every error.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  run_log.setup(verbose=_VERBOSE.value)
+  with run_log.one_line_errors(enabled=not _VERBOSE.value):
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  # Imported here, after flag parsing, so that TensorFlow's C++ start-up notes (the trainer's
+  # metric writers import it) can be kept out of the run's output.
+  with run_log.native_output_silenced(enabled=not _VERBOSE.value):
+    from flowception_jax import train  # pylint: disable=g-import-not-at-top
   logging.info('JAX %s, %d processes, local devices %s', jax.__version__, jax.process_count(),
                jax.local_devices())
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  with run_log.one_line_errors(enabled=not _VERBOSE.value):
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == '__main__':

@@ -3,7 +3,9 @@ r"""Samples videos from a trained workdir with its saved config and latest EMA w
   python -m flowception_jax.sample --workdir=/tmp/shapes --num_videos=16 --seed=0 --output=/tmp/s.npz
 
 Writes `videos` float32 [N, N_max, H, W, C] in [0, 1] (slots past each length are zero) and `lengths`
-int32 [N] to the .npz, and a GIF grid beside it. The same seed and weights give the same file. The
+int32 [N] to the .npz, and beside it a GIF grid and two figures: `<name>_length_histogram.png`
+(generated lengths against the data's) and `<name>_insertion_timeline.png` (when and where each
+frame was inserted, and how its time rose to 1). The same seed and weights give the same file. The
 sampler settings come from the trained config unless a flag overrides them (`--num_steps=200
 --insertion=thinning`, or `--order=hierarchical` for a prescribed insertion order); a summary (with
 the data set's exact metrics, for coloring and shapes) is printed as JSON.
@@ -24,8 +26,11 @@ import numpy as np
 
 from flowception_jax import datasets
 from flowception_jax import distributed
+from flowception_jax import evaluate
+from flowception_jax import figures
 from flowception_jax import inference
 from flowception_jax import orders
+from flowception_jax import run_log
 from flowception_jax import sampler as sampler_lib
 from flowception_jax import sharding
 from flowception_jax import video_io
@@ -46,11 +51,13 @@ _COORDINATOR = flags.DEFINE_string(
     'coordinator_address', None, 'host:port of process 0 in a multi-process run (default: detect).')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in a multi-process run.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process: 0 .. num_processes - 1.')
+_VERBOSE = flags.DEFINE_bool('verbose', False, "Also show the libraries' logs and the traceback "
+                             'of every error.')
 flags.mark_flags_as_required(['workdir', 'output'])
 
 
-def sample_videos(workdir: str, num_videos: int, seed: int, sampler_overrides=None):
-  """Returns (videos [N, N_max, H, W, C] in [0, 1], lengths [N], config).
+def sample_outputs(workdir: str, num_videos: int, seed: int, sampler_overrides=None):
+  """Returns (the sampler's `SampleOutput` as NumPy arrays, the config it ran with, its `SourceInfo`).
 
   `sampler_overrides` maps `config.sampler` fields to values that replace the trained config's.
   """
@@ -62,8 +69,36 @@ def sample_videos(workdir: str, num_videos: int, seed: int, sampler_overrides=No
   label_key, sample_key = jax.random.split(jax.random.key(seed))
   labels = inference.sample_labels(label_key, num_videos, trained.info.num_classes)
   out = inference.to_host(sampler(trained.params, sample_key, labels=labels))
+  return out, config, trained.info
+
+
+def sample_videos(workdir: str, num_videos: int, seed: int, sampler_overrides=None):
+  """Returns (videos [N, N_max, H, W, C] in [0, 1], lengths [N], config); see `sample_outputs`."""
+  out, config, _ = sample_outputs(workdir, num_videos, seed, sampler_overrides)
   lengths = np.asarray(out.lengths, np.int32)
   return inference.to_pixels(out.frames, lengths), lengths, config
+
+
+def write_outputs(output: str, out, config, info) -> dict:
+  """Writes the .npz, the GIF grid and the figures of `out` (see the module docstring); returns
+  the summary printed as JSON."""
+  lengths = np.asarray(out.lengths, np.int32)
+  videos = inference.to_pixels(out.frames, lengths)
+  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+  np.savez(output, videos=videos, lengths=lengths)
+  stem = output[:-len('.npz')]
+  video_io.write_gif(stem + '.gif', video_io.video_grid(videos, lengths))
+  data_lengths = evaluate.data_reference(config.data, config.eval.num_data_videos).lengths
+  images = figures.sample_figures(
+      np.asarray(out.insert_step), lengths, data_lengths,
+      num_steps=config.sampler.num_steps, num_iterations=int(out.num_iterations),
+      max_frames=info.max_frames)
+  for name, image in images.items():
+    video_io.write_png(f'{stem}_{name}.png', image)
+  summary = {'method': config.method, 'num_videos': len(lengths),
+             'mean_length': float(lengths.mean()), 'sampler': config.sampler.to_dict()}
+  summary.update(datasets.task_metrics(config.data.name, videos, lengths, config.data))
+  return summary
 
 
 def main(argv):
@@ -71,25 +106,20 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not _OUTPUT.value.endswith('.npz'):
     raise app.UsageError(f'--output must end in .npz, got {_OUTPUT.value}')
-  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  run_log.setup(verbose=_VERBOSE.value)
   overrides = {'num_steps': _NUM_STEPS.value, 'insertion': _INSERTION.value,
                'guidance_scale': _GUIDANCE.value, 'rate_guidance': _RATE_GUIDANCE.value,
                'order': _ORDER.value}
-  own_flags = flags.FLAGS.get_flags_for_module(sys.modules[__name__])
-  distributed.check_same('sampling flags',
-                         {f.name: f.value for f in own_flags if f.name != 'process_id'})
-  videos, lengths, config = sample_videos(
-      _WORKDIR.value, _NUM_VIDEOS.value, _SEED.value,
-      {k: v for k, v in overrides.items() if v is not None})
-  if jax.process_index():
-    return
-  os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
-  np.savez(_OUTPUT.value, videos=videos, lengths=lengths)
-  video_io.write_gif(_OUTPUT.value[:-len('.npz')] + '.gif', video_io.video_grid(videos, lengths))
-  summary = {'method': config.method, 'num_videos': len(lengths),
-             'mean_length': float(lengths.mean()),
-             'sampler': config.sampler.to_dict()}
-  summary.update(datasets.task_metrics(config.data.name, videos, lengths, config.data))
+  with run_log.one_line_errors(enabled=not _VERBOSE.value):
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    own_flags = flags.FLAGS.get_flags_for_module(sys.modules[__name__])
+    distributed.check_same('sampling flags',
+                           {f.name: f.value for f in own_flags if f.name != 'process_id'})
+    out, config, info = sample_outputs(_WORKDIR.value, _NUM_VIDEOS.value, _SEED.value,
+                                       {k: v for k, v in overrides.items() if v is not None})
+    if jax.process_index():
+      return
+    summary = write_outputs(_OUTPUT.value, out, config, info)
   print(json.dumps(summary, indent=1))
 
 

@@ -23,10 +23,12 @@ from flowception_jax import data
 from flowception_jax import datasets
 from flowception_jax import distributed
 from flowception_jax import evaluate
+from flowception_jax import figures
 from flowception_jax import flowception
 from flowception_jax import fvd
 from flowception_jax import inference
 from flowception_jax import model as model_lib
+from flowception_jax import run_log
 from flowception_jax import sharding
 from flowception_jax import video_io
 
@@ -294,7 +296,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   if config.method == 'full_sequence':  # Its sampler draws lengths from the data's distribution.
     config.length_distribution = baselines.length_distribution(source, info.max_frames)
   distributed.check_same('config or workdir', {'config': config.to_dict(), 'workdir': workdir})
-  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  checkpoint.check_writable(workdir)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
 
   # ---- Mesh ------------------------------------------------------------------------------------
@@ -317,15 +319,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   # ---- Checkpoint: resume from the workdir, or start from scratch --------------------------------
   manager = checkpoint.make_manager(workdir, keep=config.keep_checkpoints)
-  latest = manager.latest_step()
-  if latest is not None:
-    checkpoint.check_compatible(checkpoint.restore_config(manager, latest), config, workdir)
-    state = checkpoint.restore(manager, latest, abstract_state, data_iterator)
+  restored = checkpoint.restore_latest(manager, abstract_state, data_iterator, config, workdir)
+  if restored is not None:
+    latest, state = restored
     logging.info('resumed from step %d in %s', latest, workdir)
   else:
-    state = init_sharded(init_fn, mesh, state_shardings, init_key)
+    latest, state = None, init_sharded(init_fn, mesh, state_shardings, init_key)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
-  logging.info('model %s: %.2fM parameters', config.model.size, num_params / 1e6)
+  for line in run_log.config_summary(config, info, num_params):
+    logging.info('%s', line)
 
   # ---- Update step and sampler -------------------------------------------------------------------
   step_fn = jit_train_step(model, tx, config, mesh, state_shardings)
@@ -341,17 +343,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     out = inference.to_host(out)
     lengths = np.asarray(out.lengths)
     videos = inference.to_pixels(out.frames, lengths)
+    images = figures.sample_figures(
+        np.asarray(out.insert_step), lengths, reference.lengths, num_steps=config.sampler.num_steps,
+        num_iterations=int(out.num_iterations), max_frames=info.max_frames)
+    gif = os.path.join(workdir, f'samples_{step:06d}.gif')
     if jax.process_index() == 0:
-      video_io.write_gif(os.path.join(workdir, f'samples_{step:06d}.gif'),
-                         video_io.video_grid(videos, lengths))
+      video_io.write_gif(gif, video_io.video_grid(videos, lengths))
+      for name, image in images.items():
+        video_io.write_png(os.path.join(workdir, f'{name}_{step:06d}.png'), image)
     metrics = evaluate.scalars(evaluate.evaluate_samples(videos, lengths, reference, i3d=i3d))
     writer.write_scalars(step, {f'sample/{k}': v for k, v in metrics.items()})
+    writer.write_images(step, {f'sample/{k}': v[None] for k, v in images.items()})
+    logging.info('samples of step %d: %s and figures beside it, mean length %.1f', step, gif,
+                 lengths.mean())
 
   # ---- Loop --------------------------------------------------------------------------------------
   first_step = int(state.step)
   writer.write_hparams({'num_params': num_params, 'start_step': first_step})
-  report = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer)
-  hooks = [report]
+  progress = run_log.Progress(config.total_steps, first_step)
+  hooks = []
   if config.profile_steps and jax.process_index() == 0:
     hooks.append(periodic_actions.Profile(
         logdir=workdir, num_profile_steps=config.profile_steps, profile_duration_ms=None,
@@ -371,7 +381,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             f'{workdir} is kept. Lower --config.optim.learning_rate or --config.optim.grad_clip '
             'and run the same command again to resume from it')
     if fetched:
-      writer.write_scalars(step, {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]})
+      scalars = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+      writer.write_scalars(step, scalars | progress.update(step))  # Timed after the fetch.
 
   try:
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES), \
@@ -388,18 +399,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           hook(step)
         last = step == config.total_steps
         save = last or preemption.requested or step % config.checkpoint_every == 0
-        if save or step % config.log_every == 0:
-          check_and_log(step)
+        sample = last or (config.sample_every and step % config.sample_every == 0)
+        if save or sample or step % config.log_every == 0:
+          check_and_log(step)  # Blocks until `step` is computed, so pauses below time no steps.
         if save:
-          checkpoint.save(manager, step, state, data_iterator, config)
+          with progress.paused():
+            checkpoint.save(manager, step, state, data_iterator, config)
+          logging.info('checkpoint of step %d: writing %s/%d', step, manager.directory, step)
           last_saved = step
         if preemption.requested:
-          logging.warning('SIGTERM: saved step %d, exiting', step)
+          checkpoint.wait(manager)
+          logging.warning('SIGTERM: saved step %d in %s and exiting; the same command resumes',
+                          step, workdir)
           break
-        if last or (config.sample_every and step % config.sample_every == 0):
-          with report.timed('sample'):
+        if sample:
+          with progress.paused():
             write_samples(step)
   finally:
-    manager.wait_until_finished()  # A failing run still completes its last good save.
+    checkpoint.wait(manager)  # A failing run still completes its last good save.
     manager.close()
   return state

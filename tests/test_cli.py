@@ -24,7 +24,14 @@ def test_train_then_sample(tmp_path):
   result = _run(*train_args)
   assert result.returncode == 0, result.stderr[-3000:]
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['2', '4']
-  assert os.path.exists(os.path.join(workdir, 'samples_000004.gif'))
+  for name in ('samples_000004.gif', 'length_histogram_000004.png', 'insertion_timeline_000004.png'):
+    assert os.path.exists(os.path.join(workdir, name))
+  # The run's own lines, without the libraries' chatter.
+  for line in ('data: coloring', 'step 4/4 (100%)', 'checkpoint of step 2: writing',
+               'samples of step 4'):
+    assert line in result.stderr
+  for chatter in ('checkpoint_manager', 'oneDNN', 'InitializeLog', 'xla_bridge'):
+    assert chatter not in result.stderr
 
   output = str(tmp_path / 'out' / 'samples.npz')
   result = _run('flowception_jax.sample', f'--workdir={workdir}', '--num_videos=3', '--seed=1',
@@ -33,7 +40,8 @@ def test_train_then_sample(tmp_path):
   with np.load(output) as saved:
     assert saved['videos'].shape == (3, 30, 3, 3, 3) and saved['videos'].dtype == np.float32
     assert saved['lengths'].shape == (3,) and saved['lengths'].dtype == np.int32
-  assert os.path.exists(output[:-len('.npz')] + '.gif')
+  for suffix in ('.gif', '_length_histogram.png', '_insertion_timeline.png'):
+    assert os.path.exists(output[:-len('.npz')] + suffix)
   summary = json.loads(result.stdout[result.stdout.index('{'):])
   assert summary['num_videos'] == 3 and 0.0 <= summary['rule_accuracy'] <= 1.0
   assert summary['sampler']['insertion'] == 'thinning'  # The trained config's.
@@ -45,20 +53,24 @@ def test_train_then_sample(tmp_path):
   assert sampler['insertion'] == 'poisson' and sampler['num_steps'] == 3
 
   # The same command again resumes: nothing left to do, the checkpoints stay as they were.
-  result = _run(*train_args)
+  # `--verbose` adds the libraries' logs.
+  result = _run(*train_args, '--verbose')
   assert result.returncode == 0, result.stderr[-3000:]
-  assert 'resumed from step 4' in result.stderr
+  assert 'resumed from step 4' in result.stderr and 'checkpoint_manager.py' in result.stderr
 
 
-@pytest.mark.parametrize('override, message', [
-    ('--config.batch_sise=8', 'batch_size'),  # A typo is refused with a suggestion.
-    ('--config.data.name=ucf', '--config.data.name'),
+@pytest.mark.parametrize('override, message, one_line', [
+    # A typo is refused with a suggestion (by ml_collections, while parsing flags).
+    ('--config.batch_sise=8', 'batch_size', False),
+    # Refused by the package's own check: its message alone, no traceback.
+    ('--config.data.name=ucf', '--config.data.name', True),
 ])
-def test_bad_overrides_fail_with_a_message(tmp_path, override, message):
+def test_bad_overrides_fail_with_a_message(tmp_path, override, message, one_line):
   result = _run('flowception_jax.main', '--config=configs/coloring.py:tiny',
                 f'--workdir={tmp_path}', override)
   assert result.returncode != 0
   assert message in result.stderr
+  assert ('Traceback' not in result.stderr) == one_line
 
 
 def test_unknown_config_variant_is_refused(tmp_path):

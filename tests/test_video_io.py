@@ -76,3 +76,14 @@ def test_write_gif_rejects_float_frames(tmp_path):
   with pytest.raises(ValueError):
     video_io.write_gif(os.path.join(tmp_path, 'x.gif'), np.zeros((2, 4, 4, 3), np.float32))
   assert not os.listdir(tmp_path)
+
+
+def test_write_png_round_trips_and_refuses_floats(tmp_path):
+  image = _distinct_frames(t=1)[0]
+  path = os.path.join(tmp_path, 'figure.png')
+  video_io.write_png(path, image)
+  with Image.open(path) as png:
+    np.testing.assert_array_equal(np.asarray(png.convert('RGB')), image)
+  with pytest.raises(ValueError):
+    video_io.write_png(os.path.join(tmp_path, 'x.png'), image.astype(np.float32))
+  assert os.listdir(tmp_path) == ['figure.png']
