@@ -35,6 +35,8 @@ _GUIDANCE = flags.DEFINE_float('guidance_scale', None, 'Velocity guidance (defau
 _RATE_GUIDANCE = flags.DEFINE_float('rate_guidance', None, 'Rate guidance (default: the config).')
 _ORDER = flags.DEFINE_enum('order', None, orders.ORDERS,
                            'Insertion order: learned or prescribed (default: the config).')
+_SOLVER = flags.DEFINE_enum('solver', None, sampler_lib.SOLVERS,
+                            'Flow ODE step (default: the config).')
 flags.mark_flags_as_required(['workdir', 'output'])
 
 
@@ -61,7 +63,7 @@ def main(argv):
     raise app.UsageError(f'--output must end in .npz, got {_OUTPUT.value}')
   overrides = {'num_steps': _NUM_STEPS.value, 'insertion': _INSERTION.value,
                'guidance_scale': _GUIDANCE.value, 'rate_guidance': _RATE_GUIDANCE.value,
-               'order': _ORDER.value}
+               'order': _ORDER.value, 'solver': _SOLVER.value}
   videos, lengths, config = sample_videos(
       _WORKDIR.value, _NUM_VIDEOS.value, _SEED.value,
       {k: v for k, v in overrides.items() if v is not None})

@@ -88,7 +88,10 @@ def compute_losses(params, batch: dict[str, jax.Array], key: jax.Array, *, model
     frame_attention = model_lib.causal_attention(batch['positions'], noisy=batch['flow_mask'])
   velocity, log_rate = model.apply({'params': params}, *model_inputs(batch, x_t, times, labels),
                                    frame_attention=frame_attention)
-  vel_loss = flowception.velocity_loss(velocity, x1 - x0, batch['flow_mask'])
+  weight = flowception.time_weight(times, flow_config.velocity_weighting,
+                                   flow_config.velocity_weight_loc,
+                                   flow_config.velocity_weight_scale)
+  vel_loss = flowception.velocity_loss(velocity, x1 - x0, batch['flow_mask'], weight)
   if autoregressive:
     rate_loss = baselines.end_loss(log_rate, batch['insert_targets'], batch['rate_mask'])
   else:
