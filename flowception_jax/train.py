@@ -3,7 +3,7 @@
 import functools
 import os
 import signal
-from typing import Any
+from typing import Any, Callable
 
 from absl import logging
 from clu import metric_writers
@@ -207,8 +207,14 @@ class _Preemption:
     signal.signal(signal.SIGTERM, self._previous)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-  """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       step_hook: Callable[[int, TrainState], bool] | None = None) -> TrainState:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
+
+  `step_hook(step, state)`, if given, runs after every step's logging and checkpointing (and
+  before the sample GIF), inside the mesh context; returning True ends the run there, without a
+  further save (learning-curve studies time and evaluate runs through it).
+  """
   # ---- Data source and config -------------------------------------------------------------------
   source, info = datasets.make_source(config.data)
   config = resolve(config, info)
@@ -304,6 +310,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           last_saved = step
         if preemption.requested:
           logging.warning('SIGTERM: saved step %d, exiting', step)
+          break
+        if step_hook is not None and step_hook(step, state):
           break
         if last or (config.sample_every and step % config.sample_every == 0):
           with report.timed('sample'):
