@@ -76,8 +76,7 @@ def check(video: np.ndarray, max_shapes: int = 2,
   """
   tracks = tracker.track(video, max_shapes) if tracks is None else tracks
   n, k, _, size = tracks.coverage.shape
-  foreground = (tracks.coverage >= tracker.COVERAGE_EPS).any(axis=1) | ~tracks.clean
-  pieces = np.array([ndimage.label(f, np.ones((3, 3), bool))[1] for f in foreground])
+  pieces = np.array([ndimage.label(f, np.ones((3, 3), bool))[1] for f in tracks.foreground])
   background_error = np.abs(tracks.background - np.median(tracks.background, axis=0)).max(axis=-1)
   colour_error = np.abs(tracks.frame_colours - tracks.colours[None]).max(axis=-1)  # [N, K]
   outline = np.array([_PERIMETER[kind] * r for kind, r in zip(tracks.kinds, tracks.radii)])
