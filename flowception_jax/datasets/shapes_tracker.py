@@ -309,7 +309,9 @@ def track(video: np.ndarray, max_shapes: int = 2) -> Tracks:
   body = _bodies(coverage)
   coverage = np.where(body, coverage, 0.0).astype(np.float32)
   present = body.any(axis=(2, 3))
-  other = np.stack([colour_pixels[:, np.arange(k) != j].any(axis=1) for j in range(k)], axis=1)
+  other = np.zeros_like(colour_pixels)  # [N, K, H, W] pixels of the other shapes' colours.
+  for j in range(k):
+    other[:, j] = colour_pixels[:, np.arange(k) != j].any(axis=1)
   weight = (~other & ~(colour_pixels & ~body)).astype(np.float32)
   near_other = ndimage.binary_dilation(other.reshape(-1, h, w), np.ones((1, 3, 3), bool))
   near_other = near_other.reshape(other.shape)
