@@ -234,8 +234,8 @@ def time_weight(t, weighting: str, loc: float = 0.0, scale: float = 1.0):
     t = jnp.clip(t, 1e-6, 1 - 1e-6)
     z = (jnp.log(t) - jnp.log1p(-t) - loc) / scale
     return jnp.exp(-0.5 * z**2) / (scale * np.sqrt(2 * np.pi) * t * (1 - t))
-  raise ValueError(f'unknown velocity weighting {weighting!r}; known: {", ".join(TIME_WEIGHTINGS)}; '
-                   'set --config.flow.velocity_weighting')
+  raise ValueError(f'unknown velocity weighting {weighting!r}; known: '
+                   f'{", ".join(TIME_WEIGHTINGS)}; set --config.flow.velocity_weighting')
 
 
 def rate_loss(log_rate, targets, mask):

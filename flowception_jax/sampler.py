@@ -206,7 +206,7 @@ def _evaluate(apply_fn: ApplyFn, params, state: SamplerState, labels, config: Sa
 
 def _integrate(state: SamplerState, times: jax.Array, moving: jax.Array, velocity: jax.Array,
                evaluate: Callable[[SamplerState], jax.Array], config: SamplerConfig) -> jax.Array:
-  """Frames [B, N, H, W, C] after one flow step of the `moving` frames from `state.times` to `times`.
+  """Frames [B, N, H, W, C] after one flow step of the `moving` frames, `state.times` to `times`.
 
   The ODE runs in the model's (shifted) time, `dx / dt' = v`. `velocity` is the model's at the
   step's start; 'heun' also evaluates it at the Euler prediction (`evaluate(state) -> velocity`)

@@ -79,7 +79,8 @@ def parse_variant(text: str) -> Variant:
   return Variant(name, overrides)
 
 
-def apply_overrides(config: ml_collections.ConfigDict, variant: Variant) -> ml_collections.ConfigDict:
+def apply_overrides(config: ml_collections.ConfigDict,
+                    variant: Variant) -> ml_collections.ConfigDict:
   """A copy of `config` with the variant's overrides; every field must exist already."""
   config = ml_collections.ConfigDict(config.to_dict())
   for field, value in variant.overrides.items():
@@ -251,8 +252,8 @@ def run_study(config: ml_collections.ConfigDict, variants: list[Variant], seeds:
   if minutes is not None and steps is not None:
     raise ValueError('give a budget in --minutes or in --steps, not both')
   if os.path.isdir(output) and os.listdir(output):
-    raise FileExistsError(f'{output} is not empty; a study starts from scratch: pass a new --output '
-                          '(or --replot to redraw its figures)')
+    raise FileExistsError(f'{output} is not empty; a study starts from scratch: pass a new '
+                          '--output (or --replot to redraw its figures)')
   names = [v.name for v in variants]
   if len(set(names)) != len(names):
     raise ValueError(f'variant names must differ, got {names}')

@@ -323,7 +323,8 @@ def test_solver_error_falls_with_its_order(solver, order, shift):
   """On the linear field `v = (1 + 2 t') x` the flow from `x0` at `t' = 0` reaches `x0 e^2`."""
   config = sampler_lib.SamplerConfig(num_steps=1, num_start_frames=1, snr_shift=shift,
                                      solver=solver)
-  evaluate = lambda s: (1 + 2 * flowception.snr_shift(s.times, shift))[..., None, None, None] * s.frames
+  evaluate = lambda s: (1 + 2 * flowception.snr_shift(s.times, shift))[..., None, None,
+                                                                        None] * s.frames
   start = jax.random.normal(jax.random.key(0), (2, 3) + FRAME)
   moving = jnp.array([[True, True, False]] * 2)  # The last slot is done and must not move.
   errors = []
@@ -338,7 +339,8 @@ def test_solver_error_falls_with_its_order(solver, order, shift):
       frames = sampler_lib._integrate(state, times, moving, evaluate(state), evaluate, config)
       state = state.replace(frames=frames, times=times)
     np.testing.assert_array_equal(state.frames[:, 2], start[:, 2])
-    errors.append(np.abs(np.asarray(state.frames[:, :2]) - np.asarray(start[:, :2]) * np.e**2).max())
+    exact = np.asarray(start[:, :2]) * np.e**2
+    errors.append(np.abs(np.asarray(state.frames[:, :2]) - exact).max())
   np.testing.assert_allclose(np.log2(np.array(errors[:-1]) / np.array(errors[1:])), order, atol=0.2)
 
 

@@ -14,7 +14,8 @@ from flowception_jax import study
 
 
 def test_variants_parse_and_override_existing_fields_only():
-  variant = study.parse_variant("heun sampler.solver=heun data.buckets=(4,8) optim.learning_rate=1e-3")
+  variant = study.parse_variant(
+      'heun sampler.solver=heun data.buckets=(4,8) optim.learning_rate=1e-3')
   assert variant == study.Variant('heun', {'sampler.solver': 'heun', 'data.buckets': (4, 8),
                                            'optim.learning_rate': 1e-3})
   base = shapes_config.get_config()
