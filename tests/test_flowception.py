@@ -333,7 +333,7 @@ def test_rate_loss_minimised_at_mean_target():
 
 def test_logit_normal_global_time_follows_its_location_and_scale():
   draw = lambda loc, scale: np.array([flowception.sample_global_ratio(
-      np.random.default_rng(i), 'logit_normal', loc, scale) for i in range(2000)])
+      np.random.default_rng(i), 'logit_normal', loc=loc, scale=scale) for i in range(2000)])
   default = draw(0.0, 1.0)
   np.testing.assert_array_equal(default, [flowception.sample_global_ratio(
       np.random.default_rng(i), 'logit_normal') for i in range(2000)])

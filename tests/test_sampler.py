@@ -332,7 +332,8 @@ def test_solver_error_falls_with_its_order(solver, order, shift):
     state = sampler_lib.SamplerState(
         frames=start, times=jnp.where(moving, 0.0, 1.0), alive=jnp.ones((2, 3), bool),
         context=jnp.zeros((2, 3), bool), passive=jnp.zeros((2, 3), bool),
-        insert_step=jnp.zeros((2, 3), jnp.int32), t_global=jnp.float32(0), iteration=jnp.int32(0),
+        insert_step=jnp.zeros((2, 3), jnp.int32), planned=jnp.full((2, 3), -1, jnp.int32),
+        t_global=jnp.float32(0), iteration=jnp.int32(0),
         key=jax.random.key(0))
     for k in range(num_steps):
       times = jnp.where(moving, (k + 1) / num_steps, 1.0)
