@@ -41,8 +41,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.flow.kappa = 'linear'  # Insertion scheduler: 'linear', 'cubic' or 'cosine'.
   c.flow.num_start_frames = 2  # Frames present from the start (frame 0 plus random others).
   c.flow.tau_distribution = 'uniform'  # Global time draw: 'uniform' or 'logit_normal'.
+  c.flow.tau_loc = 0.0  # 'logit_normal' global time: mean of the normal before the sigmoid.
+  c.flow.tau_scale = 1.0  # 'logit_normal' global time: its standard deviation.
   c.flow.snr_shift = 1.0  # Shift of denoising time towards noise, t / (t + s (1 - t)); 1 is off.
   c.flow.rate_weight = 1.0  # Weight of the insertion-rate loss against the velocity loss.
+  # Per-frame velocity-loss weight over the frame's (shifted) time: 'uniform' (1) or 'logit_normal'
+  # (the density of sigmoid(N(loc, scale^2)), mean 1 over uniform times).
+  c.flow.velocity_weighting = 'uniform'
+  c.flow.velocity_weight_loc = 0.0  # 'logit_normal' weighting: mean of the normal.
+  c.flow.velocity_weight_scale = 1.0  # 'logit_normal' weighting: its standard deviation.
   c.flow.p_uncond = 0.1  # Probability of dropping the class label (for guidance).
 
   c.model = ml_collections.ConfigDict()
@@ -67,6 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.sampler = ml_collections.ConfigDict()
   c.sampler.num_steps = 100  # Flow steps per unit time (a run takes at most twice as many).
   c.sampler.insertion = 'bernoulli'  # Law of insertions per gap and step (see SamplerConfig).
+  c.sampler.solver = 'euler'  # Flow ODE step: 'euler' (1 model call) or 'heun' (2, second order).
   c.sampler.guidance_scale = 1.0  # Classifier-free guidance on the velocity (1 is off).
   c.sampler.rate_guidance = 1.0  # Guidance on insertion log-rates (1 is off).
   c.sampler.order = 'learned'  # Insertion positions: 'learned' or a prescribed order (orders.py).

@@ -62,13 +62,15 @@ class ExtendedTimeTransform(grain.transforms.RandomMap):
   num_start_frames: int
   tau_distribution: str
   buckets: tuple[int, ...]
+  tau_loc: float = 0.0
+  tau_scale: float = 1.0
 
   def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
     video = np.asarray(element['video'], np.float32)
     n = video.shape[0]
     ext = flowception.sample_extended_time(
         rng, n, kappa=flowception.get_kappa(self.kappa), num_start_frames=self.num_start_frames,
-        tau_distribution=self.tau_distribution)
+        tau_distribution=self.tau_distribution, tau_loc=self.tau_loc, tau_scale=self.tau_scale)
     visible = ext.visible
     size = bucket_for(int(visible.sum()), self.buckets)
     index = flowception.compact(visible, size)
@@ -107,13 +109,16 @@ class FullSequenceTransform(grain.transforms.RandomMap):
   """
   tau_distribution: str
   buckets: tuple[int, ...]
+  tau_loc: float = 0.0
+  tau_scale: float = 1.0
 
   def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
     video = np.asarray(element['video'], np.float32)
     n = video.shape[0]
     size = bucket_for(n, self.buckets)
     real = np.arange(size) < n
-    time = flowception.sample_global_ratio(rng, self.tau_distribution)
+    time = flowception.sample_global_ratio(rng, self.tau_distribution, loc=self.tau_loc,
+                                           scale=self.tau_scale)
     return {
         'frames': _pad(video * 2.0 - 1.0, size),
         'frame_times': np.where(real, time, 0.0).astype(np.float32),
@@ -141,6 +146,8 @@ class AutoregressiveTransform(grain.transforms.RandomMap):
   """
   tau_distribution: str
   buckets: tuple[int, ...]
+  tau_loc: float = 0.0
+  tau_scale: float = 1.0
 
   def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
     video = np.asarray(element['video'], np.float32)
@@ -148,7 +155,8 @@ class AutoregressiveTransform(grain.transforms.RandomMap):
     size = bucket_for(n, self.buckets)
     real = np.arange(size) < n
     none = np.zeros(size, bool)
-    noisy_times = flowception.sample_global_ratio(rng, self.tau_distribution, size=size)
+    noisy_times = flowception.sample_global_ratio(rng, self.tau_distribution, size=size,
+                                                  loc=self.tau_loc, scale=self.tau_scale)
     frames = _pad(video * 2.0 - 1.0, size)
     return {
         'frames': np.concatenate([frames, frames]),
@@ -167,14 +175,15 @@ class AutoregressiveTransform(grain.transforms.RandomMap):
 
 def make_transform(method: str, flow_config, buckets: tuple[int, ...]) -> grain.transforms.RandomMap:
   """The per-example transform of `method` ('flowception' or a baseline, see `baselines.METHODS`)."""
+  times = dict(tau_distribution=flow_config.tau_distribution, buckets=buckets,
+               tau_loc=flow_config.get('tau_loc', 0.0), tau_scale=flow_config.get('tau_scale', 1.0))
   if method == 'flowception':
-    return ExtendedTimeTransform(
-        kappa=flow_config.kappa, num_start_frames=flow_config.num_start_frames,
-        tau_distribution=flow_config.tau_distribution, buckets=buckets)
+    return ExtendedTimeTransform(kappa=flow_config.kappa,
+                                 num_start_frames=flow_config.num_start_frames, **times)
   if method == 'full_sequence':
-    return FullSequenceTransform(tau_distribution=flow_config.tau_distribution, buckets=buckets)
+    return FullSequenceTransform(**times)
   if method == 'autoregressive':
-    return AutoregressiveTransform(tau_distribution=flow_config.tau_distribution, buckets=buckets)
+    return AutoregressiveTransform(**times)
   raise ValueError(f'unknown method {method!r}; set --config.method to flowception, full_sequence '
                    'or autoregressive')
 

@@ -208,6 +208,7 @@ def _define_flags() -> None:
   flags.DEFINE_float('rate_guidance', None, 'Rate guidance (default: the config).')
   flags.DEFINE_enum('order', None, orders.ORDERS,
                     'Insertion order: learned or prescribed (default: the config).')
+  flags.DEFINE_enum('solver', None, sampler_lib.SOLVERS, 'Flow ODE step (default: the config).')
   flags.mark_flags_as_required(['workdir', 'output'])
 
 
@@ -218,7 +219,8 @@ def main(argv):
   if not args.output.endswith('.json'):
     raise app.UsageError(f'--output must end in .json, got {args.output}')
   overrides = {name: args[name].value
-               for name in ('num_steps', 'insertion', 'guidance_scale', 'rate_guidance', 'order')
+               for name in ('num_steps', 'insertion', 'guidance_scale', 'rate_guidance', 'order',
+                            'solver')
                if args[name].value is not None}
   summary = evaluate(args.workdir, num_videos=args.num_videos, seed=args.seed,
                      samples=args.samples, step=args.step, with_fvd=args.fvd,

@@ -117,15 +117,17 @@ class ExtendedTime:
     return np.clip(self.tau, 0.0, 1.0).astype(np.float32)
 
 
-def sample_global_ratio(rng: np.random.Generator, distribution: str, size: int | None = None):
-  """Draws `r` in (0, 1), with `tau_g = r * tau_max`: 'uniform' or 'logit_normal'.
+def sample_global_ratio(rng: np.random.Generator, distribution: str, size: int | None = None, *,
+                        loc: float = 0.0, scale: float = 1.0):
+  """Draws `r` in (0, 1), with `tau_g = r * tau_max`: 'uniform', or 'logit_normal' (`r =
+  sigmoid(z)`, `z ~ N(loc, scale^2)`).
 
   Returns a float, or float32 [size] independent draws if `size` is given.
   """
   if distribution == 'uniform':
     r = rng.uniform(size=size)
   elif distribution == 'logit_normal':
-    r = 1.0 / (1.0 + np.exp(-rng.normal(size=size)))
+    r = 1.0 / (1.0 + np.exp(-(loc + scale * rng.normal(size=size))))
   else:
     raise ValueError(f'unknown tau distribution {distribution!r}; known: uniform, logit_normal; '
                      'set --config.flow.tau_distribution')
@@ -134,11 +136,14 @@ def sample_global_ratio(rng: np.random.Generator, distribution: str, size: int |
 
 def sample_extended_time(rng: np.random.Generator, num_frames: int, *, kappa: Kappa,
                          num_start_frames: int, tau_distribution: str = 'uniform',
+                         tau_loc: float = 0.0, tau_scale: float = 1.0,
                          context: np.ndarray | None = None, max_tries: int = 8) -> ExtendedTime:
   """Samples start frames, delays and a global time for one video of `num_frames` frames.
 
   Frame 0 and `num_start_frames - 1` other random frames start at delay 0; every other frame gets
-  `kappa^-1(U)`. `context` (bool [N]) marks clean conditioning frames: delay 0 and done from the start.
+  `kappa^-1(U)`. The global time ratio follows `tau_distribution` (`sample_global_ratio`, with
+  `tau_loc` and `tau_scale`). `context` (bool [N]) marks clean conditioning frames: delay 0 and done
+  from the start.
   If no frame is in flow the global time is redrawn (at most `max_tries` times); after that the most
   recently inserted non-context frame (or, if none is visible, the next one to be inserted) is put
   in flow at time 0, so every example trains the velocity.
@@ -156,7 +161,7 @@ def sample_extended_time(rng: np.random.Generator, num_frames: int, *, kappa: Ka
   flowing = ~context
   tau = -delays  # Before any draw only the start frames are visible.
   for _ in range(max_tries):
-    tau_global = sample_global_ratio(rng, tau_distribution) * tau_max
+    tau_global = sample_global_ratio(rng, tau_distribution, loc=tau_loc, scale=tau_scale) * tau_max
     tau = tau_global - delays
     if np.any((tau >= 0) & (tau < 1) & flowing) or not flowing.any():
       break
@@ -198,16 +203,39 @@ def compact(visible: np.ndarray, capacity: int) -> np.ndarray:
   return np.pad(order, (0, capacity - order.size)).astype(np.int32)
 
 
-def velocity_loss(velocity, target, mask):
-  """Mean squared error over the elements of frames in `mask`.
+def velocity_loss(velocity, target, mask, weight=None):
+  """Mean squared error over the elements of frames in `mask`, each frame weighed by `weight`.
 
-  velocity, target: [B, F, H, W, C]; mask: bool [B, F] (frames in flow, not context, not padding).
+  velocity, target: [B, F, H, W, C]; mask: bool [B, F] (frames in flow, not context, not padding);
+  weight: float [B, F] or None (all 1), e.g. `time_weight` of the frames' times. The sum is divided
+  by the number of masked frames, not by the weights, so weights of mean 1 keep the loss's scale.
   Returns a float32 scalar; 0 when the mask is empty.
   """
   per_frame = jnp.mean(jnp.square(velocity.astype(jnp.float32) - target.astype(jnp.float32)),
                        axis=(2, 3, 4))
   mask = mask.astype(jnp.float32)
-  return jnp.sum(per_frame * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+  weighted = per_frame if weight is None else per_frame * weight.astype(jnp.float32)
+  return jnp.sum(weighted * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+TIME_WEIGHTINGS = ('uniform', 'logit_normal')
+
+
+def time_weight(t, weighting: str, loc: float = 0.0, scale: float = 1.0):
+  """Weight of a frame's velocity loss at its (model) time `t` in [0, 1], any shape.
+
+  'uniform' is 1. 'logit_normal' is the density of `sigmoid(N(loc, scale^2))` at `t`: it stresses
+  the times that density favours as if frames were drawn there, while the states the model trains
+  on keep the law the sampler visits; its mean over uniform times is 1.
+  """
+  if weighting == 'uniform':
+    return jnp.ones_like(t)
+  if weighting == 'logit_normal':
+    t = jnp.clip(t, 1e-6, 1 - 1e-6)
+    z = (jnp.log(t) - jnp.log1p(-t) - loc) / scale
+    return jnp.exp(-0.5 * z**2) / (scale * np.sqrt(2 * np.pi) * t * (1 - t))
+  raise ValueError(f'unknown velocity weighting {weighting!r}; known: '
+                   f'{", ".join(TIME_WEIGHTINGS)}; set --config.flow.velocity_weighting')
 
 
 def rate_loss(log_rate, targets, mask):

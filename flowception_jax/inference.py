@@ -53,7 +53,8 @@ def sampler_config(config: ml_collections.ConfigDict) -> sampler_lib.SamplerConf
       num_steps=config.sampler.num_steps, num_start_frames=config.flow.num_start_frames,
       kappa=config.flow.kappa, insertion=config.sampler.insertion,
       guidance_scale=config.sampler.guidance_scale, rate_guidance=config.sampler.rate_guidance,
-      snr_shift=config.flow.snr_shift, order=config.sampler.order)
+      snr_shift=config.flow.snr_shift, order=config.sampler.order,
+      solver=config.sampler.get('solver', 'euler'))
 
 
 def make_sampler(model: model_lib.DiT, config: ml_collections.ConfigDict,

@@ -47,6 +47,8 @@ _GUIDANCE = flags.DEFINE_float('guidance_scale', None, 'Velocity guidance (defau
 _RATE_GUIDANCE = flags.DEFINE_float('rate_guidance', None, 'Rate guidance (default: the config).')
 _ORDER = flags.DEFINE_enum('order', None, orders.ORDERS,
                            'Insertion order: learned or prescribed (default: the config).')
+_SOLVER = flags.DEFINE_enum('solver', None, sampler_lib.SOLVERS,
+                            'Flow ODE step (default: the config).')
 _COORDINATOR = flags.DEFINE_string(
     'coordinator_address', None, 'host:port of process 0 in a multi-process run (default: detect).')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in a multi-process run.')
@@ -109,7 +111,7 @@ def main(argv):
   run_log.setup(verbose=_VERBOSE.value)
   overrides = {'num_steps': _NUM_STEPS.value, 'insertion': _INSERTION.value,
                'guidance_scale': _GUIDANCE.value, 'rate_guidance': _RATE_GUIDANCE.value,
-               'order': _ORDER.value}
+               'order': _ORDER.value, 'solver': _SOLVER.value}
   with run_log.one_line_errors(enabled=not _VERBOSE.value):
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     own_flags = flags.FLAGS.get_flags_for_module(sys.modules[__name__])

@@ -1,8 +1,9 @@
-"""The Flowception generative process: per-frame Euler denoising interleaved with frame insertions.
+"""The Flowception generative process: per-frame flow denoising interleaved with frame insertions.
 
 A fixed buffer of `capacity` frame slots per video holds the alive frames left-aligned. Every
 iteration makes one model evaluation (two, batched, under classifier-free guidance), moves every
-alive non-context frame one Euler step towards `t = 1`, and, while the global time `t_g < 1`,
+alive non-context frame one ODE step towards `t = 1` (Euler, or Heun with a second evaluation at
+the Euler prediction), and, while the global time `t_g < 1`,
 inserts fresh noise frames after each frame with the scheduler's hazard times the predicted rate.
 Insertions that do not fit in the buffer are dropped (the leftmost gaps are served first); existing
 frames never are. The whole run is one `jax.lax.while_loop` inside `jax.jit`, so any generated
@@ -26,6 +27,7 @@ from flowception_jax import flowception
 from flowception_jax import orders
 
 INSERTION_MODES = ('bernoulli', 'thinning', 'poisson')
+SOLVERS = ('euler', 'heun')
 
 # `apply_fn(params, frames, context, frame_times, positions, frame_mask, labels)
 #   -> (velocity [B, N, H, W, C], log_rate [B, N])`.
@@ -50,6 +52,8 @@ class SamplerConfig:
   snr_shift: the denoising-time shift the model was trained with (1 is off).
   order: where frames are inserted: 'learned' (the model's rates) or a prescribed order at the same
     expected count (`orders.ORDERS`).
+  solver: the flow step: 'euler', or 'heun' (second order, two model evaluations per step). The
+    insertions use the rates of the step's first evaluation either way, so their law is the same.
   """
   num_steps: int
   num_start_frames: int
@@ -59,11 +63,15 @@ class SamplerConfig:
   rate_guidance: float = 1.0
   snr_shift: float = 1.0
   order: str = 'learned'
+  solver: str = 'euler'
 
   def __post_init__(self):
     if self.insertion not in INSERTION_MODES:
       raise ValueError(f'unknown insertion mode {self.insertion!r}; known: '
                        f'{", ".join(INSERTION_MODES)}; set --config.sampler.insertion')
+    if self.solver not in SOLVERS:
+      raise ValueError(f'unknown solver {self.solver!r}; known: {", ".join(SOLVERS)}; '
+                       'set --config.sampler.solver')
     if self.num_steps < 1:
       raise ValueError(f'num_steps must be >= 1, got {self.num_steps}; '
                        'set --config.sampler.num_steps')
@@ -197,9 +205,27 @@ def _evaluate(apply_fn: ApplyFn, params, state: SamplerState, labels, config: Sa
   return v_u + w * (v_c - v_u), w_s * r_c + (1.0 - w_s) * r_u
 
 
+def _integrate(state: SamplerState, times: jax.Array, moving: jax.Array, velocity: jax.Array,
+               evaluate: Callable[[SamplerState], jax.Array], config: SamplerConfig) -> jax.Array:
+  """Frames [B, N, H, W, C] after one flow step of the `moving` frames, `state.times` to `times`.
+
+  The ODE runs in the model's (shifted) time, `dx / dt' = v`. `velocity` is the model's at the
+  step's start; 'heun' also evaluates it at the Euler prediction (`evaluate(state) -> velocity`)
+  and steps along the mean of both.
+  """
+  dt = (flowception.snr_shift(times, config.snr_shift)
+        - flowception.snr_shift(state.times, config.snr_shift))[..., None, None, None]
+  moving = moving[..., None, None, None]
+  frames = jnp.where(moving, state.frames + dt * velocity, state.frames)
+  if config.solver == 'heun':
+    end_velocity = evaluate(state.replace(frames=frames, times=times)).astype(jnp.float32)
+    frames = jnp.where(moving, state.frames + dt * (velocity + end_velocity) / 2, state.frames)
+  return frames
+
+
 def _step(state: SamplerState, *, apply_fn: ApplyFn, params, labels, config: SamplerConfig,
           kappa: flowception.Kappa, num_classes: int) -> SamplerState:
-  """One iteration: model evaluation, Euler step of the frames in flow, insertions, `t_g += h`."""
+  """One iteration: model evaluation, flow step of the frames in flow, insertions, `t_g += h`."""
   h = 1.0 / config.num_steps
   key, noise_key, count_key = jax.random.split(state.key, 3)
   velocity, log_rate = _evaluate(apply_fn, params, state, labels, config, num_classes)
@@ -210,12 +236,9 @@ def _step(state: SamplerState, *, apply_fn: ApplyFn, params, labels, config: Sam
   moving = state.alive & ~state.context & (state.times < 1.0)
   steps_done = (state.iteration + 1 - state.insert_step).astype(jnp.float32)
   times = jnp.where(moving, jnp.minimum(steps_done / config.num_steps, 1.0), state.times)
-  # Integrate in the model's (shifted) time: x += (t'_after - t'_before) v.
-  dt = (flowception.snr_shift(times, config.snr_shift)
-        - flowception.snr_shift(state.times, config.snr_shift))
-  frames = jnp.where(moving[..., None, None, None],
-                     state.frames + dt[..., None, None, None] * velocity.astype(jnp.float32),
-                     state.frames)
+  frames = _integrate(
+      state, times, moving, velocity.astype(jnp.float32),
+      lambda s: _evaluate(apply_fn, params, s, labels, config, num_classes)[0], config)
 
   # Insertion: Poisson mean of new frames in each gap during [t_g, t_g + h].
   mass = jnp.where(state.t_global < 1.0,

@@ -3,7 +3,7 @@
 import functools
 import os
 import signal
-from typing import Any
+from typing import Any, Callable
 
 from absl import logging
 from clu import metric_writers
@@ -95,7 +95,10 @@ def compute_losses(params, batch: dict[str, jax.Array], key: jax.Array, *, model
     frame_attention = model_lib.causal_attention(batch['positions'], noisy=batch['flow_mask'])
   velocity, log_rate = model.apply({'params': params}, *model_inputs(batch, x_t, times, labels),
                                    frame_attention=frame_attention)
-  vel_loss = flowception.velocity_loss(velocity, x1 - x0, batch['flow_mask'])
+  weight = flowception.time_weight(times, flow_config.velocity_weighting,
+                                   flow_config.velocity_weight_loc,
+                                   flow_config.velocity_weight_scale)
+  vel_loss = flowception.velocity_loss(velocity, x1 - x0, batch['flow_mask'], weight)
   if autoregressive:
     rate_loss = baselines.end_loss(log_rate, batch['insert_targets'], batch['rate_mask'])
   else:
@@ -288,8 +291,14 @@ class _Preemption:
     signal.signal(signal.SIGTERM, self._previous)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-  """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       step_hook: Callable[[int, TrainState], bool] | None = None) -> TrainState:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
+
+  `step_hook(step, state)`, if given, runs after every step's logging and checkpointing (and
+  before the sample GIF), inside the mesh context; returning True ends the run there, without a
+  further save (learning-curve studies time and evaluate runs through it).
+  """
   # ---- Data source and config -------------------------------------------------------------------
   source, info = datasets.make_source(config.data)
   config = resolve(config, info)
@@ -411,6 +420,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           checkpoint.wait(manager)
           logging.warning('SIGTERM: saved step %d in %s and exiting; the same command resumes',
                           step, workdir)
+          break
+        if step_hook is not None and step_hook(step, state):
           break
         if sample:
           with progress.paused():

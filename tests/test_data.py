@@ -161,3 +161,17 @@ def test_resume_is_exact(num_threads):
   # The uninterrupted stream agrees as well.
   _assert_batches_equal(expected, list(itertools.islice(
       iter(_dataset(seed=1, num_threads=num_threads)), 5, 11)))
+
+
+def test_global_time_location_reaches_the_pipeline():
+  """A logit-normal global time centred late shows more of each clip than one centred early."""
+  video = {'video': np.zeros((8, H, W, 2), np.float32), 'label': np.int32(0)}
+
+  def visible(tau_loc):
+    transform = data.ExtendedTimeTransform(kappa='linear', num_start_frames=1,
+                                           tau_distribution='logit_normal', buckets=(8,),
+                                           tau_loc=tau_loc, tau_scale=0.5)
+    rng = np.random.default_rng(0)
+    return np.mean([transform.random_map(video, rng)['frame_mask'].sum() for _ in range(200)])
+
+  assert visible(-2.0) + 2 < visible(0.0) < visible(2.0)

@@ -326,3 +326,52 @@ def test_rate_loss_minimised_at_mean_target():
                                         jnp.asarray(targets), jnp.ones((1, 6), bool)))
             for lam in grid]
   assert abs(grid[int(np.argmin(losses))] - mean) < 0.011
+
+
+# Knobs of the time distribution and the velocity-loss weighting.
+
+
+def test_logit_normal_global_time_follows_its_location_and_scale():
+  draw = lambda loc, scale: np.array([flowception.sample_global_ratio(
+      np.random.default_rng(i), 'logit_normal', loc=loc, scale=scale) for i in range(2000)])
+  default = draw(0.0, 1.0)
+  np.testing.assert_array_equal(default, [flowception.sample_global_ratio(
+      np.random.default_rng(i), 'logit_normal') for i in range(2000)])
+  logits = np.log(default) - np.log1p(-default)
+  assert abs(logits.mean()) < 0.1 and abs(logits.std() - 1) < 0.05
+  shifted = draw(1.5, 0.5)
+  logits = np.log(shifted) - np.log1p(-shifted)
+  assert abs(logits.mean() - 1.5) < 0.05 and abs(logits.std() - 0.5) < 0.03
+
+
+def test_time_weight_is_the_logit_normal_density():
+  t = (np.arange(100_000) + 0.5) / 100_000
+  np.testing.assert_array_equal(flowception.time_weight(jnp.asarray(t), 'uniform'), 1.0)
+  rng = np.random.default_rng(0)
+  for loc, scale in ((0.0, 1.0), (-0.5, 0.7)):
+    weight = np.asarray(flowception.time_weight(jnp.asarray(t), 'logit_normal', loc, scale))
+    assert abs(weight.mean() - 1.0) < 1e-3  # A density on [0, 1]: mean 1 over uniform times.
+    draws = 1 / (1 + np.exp(-rng.normal(loc, scale, 100_000)))
+    histogram = np.histogram(draws, bins=20, range=(0, 1), density=True)[0]
+    np.testing.assert_allclose(weight.reshape(20, -1).mean(axis=1), histogram, atol=0.06)
+  edges = flowception.time_weight(jnp.array([0.0, 1.0]), 'logit_normal')
+  assert np.all(np.isfinite(edges)) and np.all(np.asarray(edges) < 1e-3)
+  with pytest.raises(ValueError, match='--config.flow.velocity_weighting'):
+    flowception.time_weight(jnp.asarray(t), 'snr')
+
+
+def test_weighted_velocity_loss_matches_brute_force():
+  rng = np.random.default_rng(3)
+  velocity, target = rng.normal(size=(2, 3, 4, 2, 2, 1)).astype(np.float32)
+  mask = np.array([[True, False, True, True], [False, True, True, False]])
+  weight = rng.uniform(0, 2, size=(3, 4)).astype(np.float32)
+  expected = sum(weight[b, f] * np.mean((velocity[b, f] - target[b, f])**2)
+                 for b in range(3) for f in range(4) if mask[b % 2, f]) / mask[[0, 1, 0]].sum()
+  loss = flowception.velocity_loss(jnp.asarray(velocity), jnp.asarray(target),
+                                   jnp.asarray(mask[[0, 1, 0]]), jnp.asarray(weight))
+  np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+  unweighted = flowception.velocity_loss(jnp.asarray(velocity), jnp.asarray(target),
+                                         jnp.asarray(mask[[0, 1, 0]]))
+  np.testing.assert_allclose(float(flowception.velocity_loss(
+      jnp.asarray(velocity), jnp.asarray(target), jnp.asarray(mask[[0, 1, 0]]),
+      jnp.ones((3, 4)))), float(unweighted), rtol=1e-6)

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flowception_jax import flowception
 from flowception_jax import sampler as sampler_lib
 
 FRAME = (1, 1, 1)
@@ -314,3 +315,46 @@ def test_guidance_combines_conditional_and_unconditional():
                  insertion='poisson', capacity=12)(None, jax.random.key(8),
                                                    labels=jnp.zeros(256, jnp.int32))
   assert 1.0 < float(np.mean(out.lengths)) < 6.0
+
+
+@pytest.mark.parametrize('solver, order', [('euler', 1), ('heun', 2)])
+@pytest.mark.parametrize('shift', [1.0, 3.0])
+def test_solver_error_falls_with_its_order(solver, order, shift):
+  """On the linear field `v = (1 + 2 t') x` the flow from `x0` at `t' = 0` reaches `x0 e^2`."""
+  config = sampler_lib.SamplerConfig(num_steps=1, num_start_frames=1, snr_shift=shift,
+                                     solver=solver)
+  evaluate = lambda s: (1 + 2 * flowception.snr_shift(s.times, shift))[..., None, None,
+                                                                        None] * s.frames
+  start = jax.random.normal(jax.random.key(0), (2, 3) + FRAME)
+  moving = jnp.array([[True, True, False]] * 2)  # The last slot is done and must not move.
+  errors = []
+  for num_steps in (32, 64, 128):
+    state = sampler_lib.SamplerState(
+        frames=start, times=jnp.where(moving, 0.0, 1.0), alive=jnp.ones((2, 3), bool),
+        context=jnp.zeros((2, 3), bool), passive=jnp.zeros((2, 3), bool),
+        insert_step=jnp.zeros((2, 3), jnp.int32), planned=jnp.full((2, 3), -1, jnp.int32),
+        t_global=jnp.float32(0), iteration=jnp.int32(0),
+        key=jax.random.key(0))
+    for k in range(num_steps):
+      times = jnp.where(moving, (k + 1) / num_steps, 1.0)
+      frames = sampler_lib._integrate(state, times, moving, evaluate(state), evaluate, config)
+      state = state.replace(frames=frames, times=times)
+    np.testing.assert_array_equal(state.frames[:, 2], start[:, 2])
+    exact = np.asarray(start[:, :2]) * np.e**2
+    errors.append(np.abs(np.asarray(state.frames[:, :2]) - exact).max())
+  np.testing.assert_allclose(np.log2(np.array(errors[:-1]) / np.array(errors[1:])), order, atol=0.2)
+
+
+def test_heun_keeps_the_insertion_draws_and_compiles_once():
+  calls = []
+  euler = _sampler(_fake_model(log_rate=0.0), batch_size=8, capacity=8, num_steps=6)
+  heun = _sampler(_fake_model(log_rate=0.0, calls=calls), batch_size=8, capacity=8, num_steps=6,
+                  solver='heun')
+  for seed in range(2):
+    a, b = euler(None, jax.random.key(seed)), heun(None, jax.random.key(seed))
+    np.testing.assert_array_equal(a.lengths, b.lengths)
+    np.testing.assert_array_equal(a.insert_step, b.insert_step)
+    _check_complete(b, 8)
+  assert heun._cache_size() == 1 and len(calls) == 2  # Traced once, two evaluations per step.
+  with pytest.raises(ValueError, match='--config.sampler.solver'):
+    sampler_lib.SamplerConfig(num_steps=4, num_start_frames=1, solver='rk4')

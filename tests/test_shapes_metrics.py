@@ -172,15 +172,27 @@ def test_shapes_keep_their_kind_and_colour():
   assert not shapes_metrics.check(doubled, max_shapes=1).connected.all()
 
 
+def test_videos_without_shapes_are_scored_and_fail():
+  rng = np.random.default_rng(0)
+  flat = np.full((2, 12, 16, 16, 3), 0.3, np.float32)
+  noise = rng.uniform(size=(2, 12, 16, 16, 3)).astype(np.float32)
+  for videos in (flat, noise):
+    scores = _score(videos, np.array([5, 1]))
+    assert scores['pass_share'] == scores['shape_share'] == 0.0
+    assert scores['starts_on_time'] == scores['ends_on_time'] == 0.0
+  assert _score(noise, np.array([5, 1]))['clean_pixel_share'] < 0.2
+  assert _score(flat, np.array([0, 3]))['pass_share'] == 0.0  # An empty video fails.
+
+
 def test_length_tv_is_against_the_configured_range(clips):
-  videos, lengths, _ = clips
+  videos = clips[0][:9]
   support = range(_DATA.min_frames, _DATA.max_frames + 1)
-  constant = np.full(_NUM, 4)
-  scores = _score(videos, constant)
-  assert scores['length_tv'] == pytest.approx(1 - 1 / len(support))
-  outside = np.where(np.arange(_NUM) % 2, 3, lengths)
-  scores = _score(videos[:, :12], outside)
-  assert scores['valid_length_share'] == pytest.approx(np.isin(outside, support).mean())
+  assert len(support) == 9
+  assert _score(videos, np.array(support))['length_tv'] == pytest.approx(0.0)
+  assert _score(videos, np.full(9, 4))['length_tv'] == pytest.approx(1 - 1 / 9)
+  outside = np.array([3, 3, 4, 5, 5, 5, 12, 12, 2])
+  scores = _score(videos, outside)
+  assert scores['valid_length_share'] == pytest.approx(6 / 9)
   assert scores['length_tv'] == pytest.approx(metrics_lib.total_variation(
       metrics_lib.length_histogram(outside), metrics_lib.uniform_histogram(support)))
 

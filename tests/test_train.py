@@ -7,6 +7,7 @@ import functools
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -141,3 +142,34 @@ def test_sample_restores_and_is_reproducible(tmp_path):
 def test_sample_on_an_empty_workdir_says_to_train_first(tmp_path):
   with pytest.raises(FileNotFoundError, match='no checkpoint.*flowception_jax.main'):
     sample.sample_videos(str(tmp_path), num_videos=2, seed=0)
+
+
+def test_velocity_weighting_reweights_only_the_velocity_loss():
+  """With a model that predicts zero velocity, the velocity loss is the (weighted) mean of the
+  target's square over frames in flow; the rate loss does not see the weighting."""
+
+  class ZeroModel:
+    def apply(self, variables, frames, *args):
+      del variables, args
+      return jnp.zeros_like(frames), jnp.zeros(frames.shape[:2])
+
+  rng = np.random.default_rng(0)
+  b, f = 3, 4
+  batch = {
+      'frames': rng.uniform(-1, 1, (b, f, 2, 2, 1)).astype(np.float32),
+      'frame_times': rng.uniform(0, 1, (b, f)).astype(np.float32),
+      'positions': np.broadcast_to(np.arange(f, dtype=np.int32), (b, f)),
+      'frame_mask': np.ones((b, f), bool), 'rate_mask': np.ones((b, f), bool),
+      'flow_mask': rng.uniform(size=(b, f)) < 0.7, 'context_mask': np.zeros((b, f), bool),
+      'insert_targets': rng.integers(0, 3, (b, f)).astype(np.int32),
+      'label': np.zeros(b, np.int32), 'length': np.full(b, f, np.int32)}
+  config = coloring.get_config()
+
+  def losses(weighting):
+    config.flow.velocity_weighting = weighting
+    return train.compute_losses(None, batch, jax.random.key(2), model=ZeroModel(),
+                                flow_config=config.flow, num_classes=0)[1]
+
+  uniform, weighted = losses('uniform'), losses('logit_normal')
+  assert float(uniform['rate_loss']) == float(weighted['rate_loss'])
+  assert abs(float(uniform['velocity_loss']) - float(weighted['velocity_loss'])) > 1e-3

@@ -32,8 +32,9 @@ class Checks:
     are shapes in the frame: no speckle, no shape in pieces.
   background_constant: the frame's background is the video's (its median over frames).
   colour_constant: every fully visible shape has the video's colour for it.
-  shape: every shape is the video's kind and radius (`Tracks.kinds`, `radii`), its outline off
-    by half a sample spacing on average at most (`Tracks.fit_error` over the perimeter).
+  shape: the frame shows a shape, and every shape is the video's kind and radius (`Tracks.kinds`,
+    `radii`), its outline off by half a sample spacing on average at most (`Tracks.fit_error` over
+    the perimeter).
   motion: every shape is on its constant-velocity path (`tracker.fit_line`): within
     `POSITION_TOL` of it, or a placement that close explains the frame as well as the best one,
     up to one sub-pixel sample of coverage (a sliver of a shape is placed ambiguously).
@@ -76,8 +77,7 @@ def check(video: np.ndarray, max_shapes: int = 2,
   """
   tracks = tracker.track(video, max_shapes) if tracks is None else tracks
   n, k, _, size = tracks.coverage.shape
-  foreground = (tracks.coverage >= tracker.COVERAGE_EPS).any(axis=1) | ~tracks.clean
-  pieces = np.array([ndimage.label(f, np.ones((3, 3), bool))[1] for f in foreground])
+  pieces = np.array([ndimage.label(f, np.ones((3, 3), bool))[1] for f in tracks.foreground])
   background_error = np.abs(tracks.background - np.median(tracks.background, axis=0)).max(axis=-1)
   colour_error = np.abs(tracks.frame_colours - tracks.colours[None]).max(axis=-1)  # [N, K]
   outline = np.array([_PERIMETER[kind] * r for kind, r in zip(tracks.kinds, tracks.radii)])
@@ -101,7 +101,8 @@ def check(video: np.ndarray, max_shapes: int = 2,
         connected=pieces <= tracks.present.sum(axis=1),
         background_constant=background_error <= tracker.COLOUR_TOL,
         colour_constant=~(colour_error > tracker.COLOUR_TOL).any(axis=1),
-        shape=~(tracks.fit_error > outline * tracker.POSITION_TOL / 2).any(axis=1),
+        shape=tracks.present.any(axis=1) & ~(tracks.fit_error > outline * tracker.POSITION_TOL / 2
+                                             ).any(axis=1),
         motion=on_path.all(axis=1),
         starts_on_time=bool(enter_error <= TIME_TOL),
         ends_on_time=bool(leave_error <= TIME_TOL))
@@ -159,8 +160,8 @@ def metrics(videos: np.ndarray, lengths: np.ndarray, data_config) -> dict[str, f
       **{f'{name}_share': share(frames[name]) for name in _FRAME_CHECKS},
       'starts_on_time': float(np.mean(starts)),
       'ends_on_time': float(np.mean(ends)),
-      'length_tv': metrics_lib.total_variation(metrics_lib.length_histogram(lengths),
-                                               metrics_lib.uniform_histogram(support)),
+      'length_tv': float(metrics_lib.total_variation(metrics_lib.length_histogram(lengths),
+                                                     metrics_lib.uniform_histogram(support))),
       'valid_length_share': float(np.isin(lengths, support).mean()),
       'mean_length': float(lengths.mean()),
   }

@@ -48,22 +48,30 @@ class Tracks:
   background: float32 [N, C] each frame's background colour.
   colours: float32 [K, C] the video's shape colours.
   coverage: float32 [N, K, H, W] visible coverage of each shape in [0, 1] (0 where hidden), set to
-    0 or 1 within `COVERAGE_EPS` of either.
+    0 or 1 within `COVERAGE_EPS` of either, on the shape's body: the 8-connected piece of its
+    pixels (coverage >= `COVERAGE_EPS`) with the most coverage. Other pieces of its colour are
+    speckle; they count in `foreground` and are left out of every fit.
+  weights: float32 [N, K, H, W] 1 where a shape's coverage is seen, 0 where another shape's or its
+    own speckle's colour is there (it may hide the shape). Fits compare coverage only where 1.
   clean: bool [N, H, W] pixels within `COLOUR_TOL` of a mix of the palette's colours.
-  present: bool [N, K] some pixel has coverage >= `COVERAGE_EPS`.
+  foreground: bool [N, H, W] pixels of any shape colour (coverage >= `COVERAGE_EPS`, speckle
+    included) or not clean.
+  present: bool [N, K] the shape has a body.
   whole: bool [N, K] present, off the frame border and apart from other shapes (fully visible).
   centroids: float32 [N, K, 2] coverage-weighted centroid of the visible part, NaN if absent.
   frame_colours: float32 [N, K, C] the shape's most saturated colour in frames where it is whole,
     measured in that frame alone; NaN elsewhere.
   kinds: K kind names of the fitted shapes (`shapes.KINDS`); radii: float32 [K] half-extents.
   centres: float32 [N, K, 2] fitted box centres (the generator's `centres`), NaN if absent.
-  fit_error: float32 [N, K] sum of |coverage - rendered coverage| at the fitted centre over the
-    pixels no other shape touches (`weights`), in pixels of area; NaN if absent.
+  fit_error: float32 [N, K] sum of `weights` x |coverage - rendered coverage| at the fitted centre,
+    in pixels of area; NaN if absent.
   """
   background: np.ndarray
   colours: np.ndarray
   coverage: np.ndarray
+  weights: np.ndarray
   clean: np.ndarray
+  foreground: np.ndarray
   present: np.ndarray
   whole: np.ndarray
   centroids: np.ndarray
@@ -78,18 +86,18 @@ class Tracks:
     """bool [N, K, H, W]: pixels mostly covered by each shape."""
     return self.coverage >= 0.5
 
-  @property
-  def weights(self) -> np.ndarray:
-    """float32 [N, K, H, W]: 1 where a shape's coverage is seen (no other shape touches the pixel,
-    so it cannot hide it), 0 elsewhere. Fits compare coverage only there."""
-    return _weights(self.coverage >= COVERAGE_EPS)
 
 
-def _weights(support: np.ndarray) -> np.ndarray:
-  """See `Tracks.weights`; `support` bool [N, K, H, W]."""
-  k = support.shape[1]
-  other = np.stack([support[:, np.arange(k) != j].any(axis=1) for j in range(k)], axis=1)
-  return (~other).astype(np.float32)
+def _bodies(coverage: np.ndarray) -> np.ndarray:
+  """bool [N, K, H, W]: each shape's body in each frame (see `Tracks.coverage`)."""
+  body = np.zeros(coverage.shape, bool)
+  eight = np.ones((3, 3), bool)
+  for index in np.ndindex(coverage.shape[:2]):
+    labels, count = ndimage.label(coverage[index] >= COVERAGE_EPS, eight)
+    if count:
+      mass = ndimage.sum_labels(coverage[index], labels, np.arange(1, count + 1))
+      body[index] = labels == 1 + np.argmax(mass)
+  return body
 
 
 def _within_tol(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -223,21 +231,33 @@ def _grid_search(kind: str, radius: float, coverage: np.ndarray, weight: np.ndar
 
 
 def _fit_centre(kind: str, radius: float, coverage: np.ndarray, weight: np.ndarray,
-                hidden_sides: np.ndarray) -> tuple[np.ndarray, float]:
+                hidden_sides: np.ndarray, fine: bool = True) -> tuple[np.ndarray, float]:
   """Box centre (x, y) and error of a shape of `kind` and `radius` seen as `coverage` [H, W].
 
   A fully visible shape is placed by its centroid. Otherwise the search starts there and reaches
   a radius and a pixel further on each side where the shape may be hidden: `hidden_sides` bool
-  [2, 2] (axis, low/high side), where it touches the frame border or another shape.
+  [2, 2] (axis, low/high side), where it touches the frame border or another shape. Grids of 1
+  pixel, then `POSITION_TOL`, then (if `fine`) a quarter of that narrow it down.
   """
   start = _centroid(coverage) - np.array(_CENTROID_OFFSET[kind]) * radius
   if not hidden_sides.any():
     return _grid_search(kind, radius, coverage, weight, start, start, 1.0)
-  reach = np.where(hidden_sides, radius + 1.0, POSITION_TOL)  # [2, 2]
-  centre, _ = _grid_search(kind, radius, coverage, weight, start - reach[:, 0], start + reach[:, 1],
-                           POSITION_TOL)
-  fine = POSITION_TOL - _FINE_STEP
-  return _grid_search(kind, radius, coverage, weight, centre - fine, centre + fine, _FINE_STEP)
+  reach = np.where(hidden_sides, radius + 1.0, 0.0)  # [2, 2]
+  centre, error = _grid_search(kind, radius, coverage, weight, start - reach[:, 0],
+                               start + reach[:, 1], 1.0)
+  # (step, reach): each grid covers the cells next to the best centre of the one before.
+  refinements = ((POSITION_TOL, 1.0), (_FINE_STEP, POSITION_TOL - _FINE_STEP))
+  for step, reach in refinements[:2 if fine else 1]:
+    centre, error = _grid_search(kind, radius, coverage, weight, centre - reach, centre + reach,
+                                 step)
+  return centre, error
+
+
+def _median_of_best(radii: np.ndarray, errors) -> float:
+  """The median of the radii whose error is least (sampling hides small changes of radius)."""
+  errors = np.asarray(errors)
+  tied = radii[errors <= errors.min() + 1e-6]
+  return float(tied[len(tied) // 2])
 
 
 def _fit_shape(coverage: np.ndarray, weight: np.ndarray, hidden_sides: np.ndarray,
@@ -247,28 +267,33 @@ def _fit_shape(coverage: np.ndarray, weight: np.ndarray, hidden_sides: np.ndarra
   Fully visible frames fix both: each kind's radius follows from their mean area, and the kind and
   radius (within half a sample spacing of that) whose renderings at the frames' centroids match
   best win; several frames sample the outline at several sub-pixel phases. A shape never fully
-  visible is fitted in its most visible frame over the generator's radii (from the one its visible
-  area needs). Of equally good radii (sampling hides small changes) the median is taken.
+  visible is placed coarsely in its most visible frame for each kind and radius of the generator's
+  (from the one its visible area needs), and the best radius is then refined.
   """
   size = coverage.shape[-1]
   area = coverage.sum(axis=(1, 2))
-  centroids = _centroid(coverage[whole])
-  errors, radii = [], []
+  if whole.any():
+    centroids = _centroid(coverage[whole])
+    fits = []  # (least error, kind, radius) per kind.
+    for kind in shapes.KINDS:
+      radii = np.sqrt(area[whole].mean() / _AREA[kind]) + np.arange(-4, 5) * _FINE_STEP / 2
+      errors = [np.abs(shapes.coverage(kind, centroids - np.array(_CENTROID_OFFSET[kind]) * r, r,
+                                       size) - coverage[whole]).sum() for r in radii]
+      fits.append((min(errors), kind, _median_of_best(radii, errors)))
+    _, kind, radius = min(fits, key=lambda fit: fit[0])
+    return kind, radius
+  ref = int(np.argmax(area))
+  low, high = np.array(shapes.SHAPE_RADIUS) * size
+  coarse = []  # (error, kind, radius)
   for kind in shapes.KINDS:
-    if whole.any():
-      radii.append(np.sqrt(area[whole].mean() / _AREA[kind]) + np.arange(-4, 5) * _FINE_STEP / 2)
-      errors.append([np.abs(shapes.coverage(kind, centroids - np.array(_CENTROID_OFFSET[kind]) * r,
-                                            r, size) - coverage[whole]).sum() for r in radii[-1]])
-    else:
-      ref = int(np.argmax(area))
-      low, high = np.array(shapes.SHAPE_RADIUS) * size
-      low = max(low, np.sqrt(area[ref] / _AREA[kind]) - POSITION_TOL)  # It is at least as large.
-      radii.append(np.arange(low, max(low, high) + POSITION_TOL / 4, POSITION_TOL / 2))
-      errors.append([_fit_centre(kind, r, coverage[ref], weight[ref], hidden_sides[ref])[1]
-                     for r in radii[-1]])
-  best = int(np.argmin([min(e) for e in errors]))
-  tied = radii[best][np.array(errors[best]) <= min(errors[best]) + 1e-6]
-  return shapes.KINDS[best], float(tied[len(tied) // 2])
+    smallest = max(low, np.sqrt(area[ref] / _AREA[kind]) - POSITION_TOL)  # It is at least as large.
+    for r in np.arange(smallest, max(smallest, high) + POSITION_TOL / 2, POSITION_TOL):
+      error = _fit_centre(kind, r, coverage[ref], weight[ref], hidden_sides[ref], fine=False)[1]
+      coarse.append((error, kind, r))
+  _, kind, radius = min(coarse, key=lambda fit: fit[0])
+  radii = radius + np.arange(-4, 5) * _FINE_STEP / 2
+  errors = [_fit_centre(kind, r, coverage[ref], weight[ref], hidden_sides[ref])[1] for r in radii]
+  return kind, _median_of_best(radii, errors)
 
 
 def track(video: np.ndarray, max_shapes: int = 2) -> Tracks:
@@ -280,16 +305,20 @@ def track(video: np.ndarray, max_shapes: int = 2) -> Tracks:
   background, colours = _palette(video, max_shapes)
   k = len(colours)
   coverage, clean = _decompose(video, background, colours)
-  support = coverage >= COVERAGE_EPS
-  present = support.any(axis=(2, 3))
-  weight = _weights(support)
-  other = weight == 0
+  colour_pixels = coverage >= COVERAGE_EPS
+  body = _bodies(coverage)
+  coverage = np.where(body, coverage, 0.0).astype(np.float32)
+  present = body.any(axis=(2, 3))
+  other = np.zeros_like(colour_pixels)  # [N, K, H, W] pixels of the other shapes' colours.
+  for j in range(k):
+    other[:, j] = colour_pixels[:, np.arange(k) != j].any(axis=1)
+  weight = (~other & ~(colour_pixels & ~body)).astype(np.float32)
   near_other = ndimage.binary_dilation(other.reshape(-1, h, w), np.ones((1, 3, 3), bool))
   near_other = near_other.reshape(other.shape)
   hidden_sides = np.stack([
-      np.stack([support[..., :, 0].any(-1), support[..., :, -1].any(-1)], axis=-1),
-      np.stack([support[..., 0, :].any(-1), support[..., -1, :].any(-1)], axis=-1)], axis=-2)
-  hidden_sides |= (support & near_other).any(axis=(2, 3))[..., None, None]
+      np.stack([body[..., :, 0].any(-1), body[..., :, -1].any(-1)], axis=-1),
+      np.stack([body[..., 0, :].any(-1), body[..., -1, :].any(-1)], axis=-1)], axis=-2)
+  hidden_sides |= (body & near_other).any(axis=(2, 3))[..., None, None]
   whole = present & ~hidden_sides.any(axis=(2, 3))
 
   frame_colours = np.full((n, k, c), np.nan, np.float32)
@@ -308,7 +337,8 @@ def track(video: np.ndarray, max_shapes: int = 2) -> Tracks:
     for t in np.flatnonzero(present[:, j]):
       centres[t, j], fit_error[t, j] = _fit_centre(kind, radius, coverage[t, j], weight[t, j],
                                                    hidden_sides[t, j])
-  return Tracks(background=background, colours=colours, coverage=coverage, clean=clean,
+  return Tracks(background=background, colours=colours, coverage=coverage, weights=weight,
+                clean=clean, foreground=colour_pixels.any(axis=1) | ~clean,
                 present=present, whole=whole,
                 centroids=_centroid(coverage).astype(np.float32),
                 frame_colours=frame_colours, kinds=tuple(kinds), radii=np.array(radii, np.float32),

@@ -1,0 +1,102 @@
+"""The learning-curve study: variants and budgets, end to end on a tiny config, curves and plots."""
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import shapes as shapes_config
+from flowception_jax import study
+
+
+def test_variants_parse_and_override_existing_fields_only():
+  variant = study.parse_variant(
+      'heun sampler.solver=heun data.buckets=(4,8) optim.learning_rate=1e-3')
+  assert variant == study.Variant('heun', {'sampler.solver': 'heun', 'data.buckets': (4, 8),
+                                           'optim.learning_rate': 1e-3})
+  base = shapes_config.get_config()
+  config = study.apply_overrides(base, variant)
+  assert (config.sampler.solver, config.data.buckets, config.optim.learning_rate) == (
+      'heun', (4, 8), 1e-3)
+  assert base.sampler.solver == 'euler'  # The base config is left alone.
+  with pytest.raises(ValueError, match="no field 'optim.learning_rat'"):
+    study.apply_overrides(base, study.parse_variant('typo optim.learning_rat=1e-3'))
+  with pytest.raises(ValueError, match='wrong type'):
+    study.apply_overrides(base, study.parse_variant('bad optim.learning_rate=fast'))
+  with pytest.raises(ValueError, match='FIELD=VALUE'):
+    study.parse_variant('bad learning_rate')
+  assert study.eval_steps(10, 3) == (3, 7, 10) and study.eval_steps(2, 5) == (1, 2)
+
+
+def test_a_tiny_study_end_to_end(tmp_path):
+  """One variant, two evaluations: they land in study.json, a GIF and the plots."""
+  config = shapes_config.get_config('tiny')
+  config.data.num_threads = 1
+  config.data.buckets = (12,)  # One train-step compilation.
+  variant = study.parse_variant('weighted flow.velocity_weighting=logit_normal')
+  output = str(tmp_path / 'study')
+  result = study.run_study(config, [variant], [3], output, steps=4, evals=2, num_videos=2)
+  saved = json.load(open(os.path.join(output, 'study.json')))
+  assert saved == json.loads(json.dumps(result))
+  (run,) = saved['runs']
+  assert (run['variant'], run['seed'], run['overrides'], run['total_steps']) == (
+      'weighted', 3, variant.overrides, 4)
+  assert [p['step'] for p in run['points']] == [2, 4]
+  seconds = [p['train_seconds'] for p in run['points']]
+  assert 0 <= seconds[0] <= seconds[1]
+  for point in run['points']:
+    assert 0 <= point['metrics']['pass_share'] <= 1 and point['metrics']['mean_length'] >= 1
+  workdir = os.path.join(output, 'runs', 'weighted', 'seed_3')
+  assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['4']
+  assert os.path.isfile(os.path.join(workdir, 'samples_000004.gif'))
+  paths = study.plot_study(saved, output)
+  assert sorted(os.path.basename(p) for p in paths) == [
+      'clean_pixel_share.png', 'length_tv.png', 'pass_share.png']
+  assert all(os.path.getsize(p) > 0 for p in paths)
+  with pytest.raises(FileExistsError, match='--output'):
+    study.run_study(config, [variant], [0], output, steps=2)
+
+
+def test_the_clock_leaves_compilation_out():
+  function = jax.jit(lambda x: jnp.cumsum(jnp.sin(x) ** 2) @ x)
+  x = jnp.arange(1000.0)
+  with study._Clock() as clock:
+    start, wall = clock.now(), time.perf_counter()
+    jax.block_until_ready(function(x))  # Compiles, then runs.
+    compiled_call = clock.now() - start
+    assert clock.compile_seconds > 0
+    assert compiled_call < time.perf_counter() - wall - 0.5 * clock.compile_seconds
+  before = clock.compile_seconds
+  jax.block_until_ready(jax.jit(lambda x: x * 3)(x))  # The clock is closed: not counted.
+  assert clock.compile_seconds == before
+
+
+def test_step_timer_times_the_steps_after_the_first_and_stops():
+  with study._Clock() as clock:
+    timer = study._StepTimer(clock, last=4)
+    stops = []
+    for step in range(1, 5):
+      if step > 1:
+        time.sleep(0.02)
+      stops.append(timer(step, jnp.zeros(())))
+  assert stops == [False, False, False, True]
+  assert 0.02 <= timer.seconds_per_step < 0.2
+
+
+def test_curves_average_seeds_and_span_their_range():
+  def run(variant, seed, values):
+    return {'variant': variant, 'seed': seed, 'points': [
+        {'step': 10 * (i + 1), 'train_seconds': 60.0 * (i + 1) + seed,
+         'metrics': {'pass_share': v}} for i, v in enumerate(values)]}
+
+  fake = {'runs': [run('a', 0, [0.1, 0.5]), run('a', 1, [0.3, 0.7]), run('b', 0, [0.2])]}
+  curves = study.curves(fake, 'pass_share')
+  np.testing.assert_allclose(curves['a']['minutes'], [1 + 0.5 / 60, 2 + 0.5 / 60])
+  np.testing.assert_allclose(curves['a']['mean'], [0.2, 0.6])
+  np.testing.assert_allclose(curves['a']['min'], [0.1, 0.5])
+  np.testing.assert_allclose(curves['a']['max'], [0.3, 0.7])
+  assert curves['b'] == {'minutes': [1.0], 'mean': [0.2], 'min': [0.2], 'max': [0.2], 'seeds': 1}
