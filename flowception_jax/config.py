@@ -39,6 +39,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.flow.rate_weight = 1.0  # Weight of the insertion-rate loss against the velocity loss.
   c.flow.p_uncond = 0.1  # Probability of dropping the class label (for guidance).
 
+  # Context patterns per training clip (`context.py`), so one model serves every task; the
+  # probabilities must sum to 1.
+  c.context = ml_collections.ConfigDict()
+  c.context.p_none = 0.4  # No context: unconditional or class-conditional generation.
+  c.context.p_first = 0.15  # Frame 0 given: image-to-video.
+  c.context.p_prefix = 0.15  # Frames 0..K-1 given, K uniform in [1, N - 1]: extension.
+  c.context.p_keyframes = 0.2  # First, last and random inner frames, the last passive: interpolation.
+  c.context.p_random = 0.1  # Random frames given, each active or passive.
+  c.context.max_keyframes = 4  # Most key frames of the interpolation pattern (>= 2).
+
   c.model = ml_collections.ConfigDict()
   c.model.size = 'mini'  # Named DiT size (see `model.MODEL_SIZES`): tiny, mini, S, B, L, XL.
   c.model.patch_size = 4  # Square patch side in pixels; frame height and width must divide by it.

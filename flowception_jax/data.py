@@ -14,7 +14,7 @@ A batch is a dict of NumPy arrays, `F` the bucket size:
   flow_mask:      bool    [B, F] frames in flow (`0 <= tau_i < 1`), not context: the velocity loss.
   rate_mask:      bool    [B, F] frames that may insert (not passive, not padding): the rate loss.
   insert_targets: int32   [B, F] invisible frames between a frame and the next visible one.
-  context_mask:   bool    [B, F] clean conditioning frames.
+  context_mask:   bool    [B, F] clean conditioning frames at t = 1 (patterns: `context.py`).
   label:          int32   [B] class label (0 for unlabelled sources).
   length:         int32   [B] the full clip's number of frames.
 Noise is not drawn here: the train step draws it from a key folded with the step.
@@ -28,6 +28,7 @@ import grain
 import jax
 import numpy as np
 
+from flowception_jax import context as context_lib
 from flowception_jax import flowception
 
 
@@ -57,13 +58,15 @@ class ExtendedTimeTransform(grain.transforms.RandomMap):
   num_start_frames: int
   tau_distribution: str
   buckets: tuple[int, ...]
+  context: context_lib.ContextPatterns = context_lib.ContextPatterns()
 
   def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
     video = np.asarray(element['video'], np.float32)
     n = video.shape[0]
+    context, passive = self.context.draw(rng, n)
     ext = flowception.sample_extended_time(
         rng, n, kappa=flowception.get_kappa(self.kappa), num_start_frames=self.num_start_frames,
-        tau_distribution=self.tau_distribution)
+        tau_distribution=self.tau_distribution, context=context, passive=passive)
     visible = ext.visible
     size = bucket_for(int(visible.sum()), self.buckets)
     index = flowception.compact(visible, size)
@@ -73,14 +76,13 @@ class ExtendedTimeTransform(grain.transforms.RandomMap):
       picked = values[index]
       return np.where(real.reshape((size,) + (1,) * (picked.ndim - 1)), picked, fill)
 
-    context = np.zeros(n, bool)
     return {
         'frames': gather(video * 2.0 - 1.0).astype(np.float32),
         'frame_times': gather(ext.times).astype(np.float32),
         'positions': np.arange(size, dtype=np.int32),
         'frame_mask': real,
         'flow_mask': gather(ext.in_flow & ~context, False),
-        'rate_mask': real.copy(),
+        'rate_mask': gather(~passive, False),
         'insert_targets': gather(flowception.insertion_targets(visible)).astype(np.int32),
         'context_mask': gather(context, False),
         'label': np.int32(element['label']),
@@ -138,16 +140,19 @@ def _with_index(index: int, example: dict) -> tuple[int, dict]:
 
 
 def make_train_dataset(source, data_config, flow_config, *, batch_size: int, seed: int,
-                       max_frames: int) -> grain.IterDataset:
+                       max_frames: int, context_config=None) -> grain.IterDataset:
   """The training pipeline over `source` for this process's share of the data.
 
   `batch_size` is per process. Shuffling and the extended-time draws are seeded by `seed` and the
   record index, so the stream is a pure function of the seed and the position in it.
+  `context_config` (`config.context`) sets the context patterns; None trains without context.
   """
   buckets = check_buckets(data_config.buckets, max_frames)
   transform = ExtendedTimeTransform(
       kappa=flow_config.kappa, num_start_frames=flow_config.num_start_frames,
-      tau_distribution=flow_config.tau_distribution, buckets=buckets)
+      tau_distribution=flow_config.tau_distribution, buckets=buckets,
+      context=(context_lib.ContextPatterns() if context_config is None
+               else context_lib.from_config(context_config)))
   records = (
       grain.MapDataset.source(source)
       .seed(seed)

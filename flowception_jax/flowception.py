@@ -129,22 +129,29 @@ def sample_global_ratio(rng: np.random.Generator, distribution: str) -> float:
 
 def sample_extended_time(rng: np.random.Generator, num_frames: int, *, kappa: Kappa,
                          num_start_frames: int, tau_distribution: str = 'uniform',
-                         context: np.ndarray | None = None, max_tries: int = 8) -> ExtendedTime:
+                         context: np.ndarray | None = None, passive: np.ndarray | None = None,
+                         max_tries: int = 8) -> ExtendedTime:
   """Samples start frames, delays and a global time for one video of `num_frames` frames.
 
   Frame 0 and `num_start_frames - 1` other random frames start at delay 0; every other frame gets
   `kappa^-1(U)`. `context` (bool [N]) marks clean conditioning frames: delay 0 and done from the start.
+  With context, the start frames are instead the fewest from which insertions reach every frame:
+  frame 0 and each frame right after a `passive` one (bool [N], context frames that never insert),
+  as a task's video starts from its context alone at sampling time.
   If no frame is in flow the global time is redrawn (at most `max_tries` times); after that the most
   recently inserted non-context frame (or, if none is visible, the next one to be inserted) is put
   in flow at time 0, so every example trains the velocity.
   """
   n = num_frames
   context = np.zeros(n, bool) if context is None else np.asarray(context, bool)
+  passive = np.zeros(n, bool) if passive is None else np.asarray(passive, bool) & context
   delays = kappa.inverse(rng.uniform(size=n)).astype(np.float32)
   starts = np.zeros(n, bool)
   starts[0] = True
   extra = min(num_start_frames - 1, n - 1)
-  if extra > 0:
+  if context.any():
+    starts[1:] = passive[:-1]
+  elif extra > 0:
     starts[1 + rng.choice(n - 1, size=extra, replace=False)] = True
   delays[starts | context] = 0.0
   tau_max = float(delays.max()) + 1.0
