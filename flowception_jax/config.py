@@ -27,6 +27,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.min_frames = 6  # Shortest 'shapes' clip.
   c.data.max_frames = 16  # Longest clip; the model's frame capacity at sampling time.
   c.data.max_shapes = 2  # 'shapes': 1 or 2 shapes per clip.
+  c.data.kind_labels = False  # 'shapes': label clips by the primary shape's kind (3 named classes).
   c.data.buckets = (4, 8, 12, 16)  # Frame-axis sizes that visible frames are padded to.
   c.data.num_threads = 2  # Grain reader threads per process.
   c.data.prefetch = 64  # Examples Grain reads ahead.

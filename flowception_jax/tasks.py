@@ -11,7 +11,7 @@ training (`context.py`): insertions make every other frame. A prefix's inner gap
 empty, so its frames before the last are passive here (in training they are active with insertion
 target 0), and the prefix stays at slots 0..K-1. Context frames come back unchanged, at the slots
 `TaskSamples.context_slots` names. Arrays in and out are NumPy, frames in [0, 1], so a
-notebook can call `load_context` and `sample` directly.
+notebook can call `load_context`, `sample` and `TaskSampler` directly.
 """
 
 import dataclasses
@@ -160,36 +160,57 @@ def class_label(value: int | str, num_classes: int, class_names=()) -> int:
                    f'0..{num_classes - 1})')
 
 
+class TaskSampler:
+  """Samples every task from one model with one compilation.
+
+  Plain generation goes through the same compiled function as the context tasks (with no frame
+  given), so a notebook can switch tasks, contexts, seeds and classes without recompiling.
+  """
+
+  def __init__(self, trained: inference.TrainedModel, num_videos: int,
+               sampler_overrides: dict | None = None):
+    """`sampler_overrides`: `config.sampler` fields to change, e.g. `{'guidance_scale': 3.0}`."""
+    self.trained = trained
+    self.num_videos = num_videos
+    self.config = ml_collections.ConfigDict(trained.config.to_dict())
+    self.config.sampler.update(sampler_overrides or {})
+    self.sampler = inference.make_sampler(trained.model, self.config, trained.info, num_videos)
+
+  def __call__(self, task: str = 'generate', context=None, *, seed: int = 0,
+               label: int | str | None = None) -> TaskSamples:
+    """Samples `num_videos` videos of `task`.
+
+    Args:
+      task: one of `TASKS`.
+      context: frames in [0, 1], [K, H, W, C] for every video or [B, K, H, W, C] per video; None
+        for 'generate'.
+      seed: the same seed, weights and inputs give the same videos.
+      label: a class id or name for every video of a conditional model; None draws random classes.
+    """
+    info, b = self.trained.info, self.num_videos
+    frames = check_context(task, context, info.frame_shape, info.max_frames)
+    label_key, sample_key = jax.random.split(jax.random.key(seed))
+    if label is None:
+      labels = inference.sample_labels(label_key, b, info.num_classes)
+    else:
+      labels = jnp.full((b,), class_label(label, info.num_classes, info.class_names), jnp.int32)
+    if frames is None:  # Nothing given: every video starts from `num_start_frames` noise frames.
+      none = np.zeros((b, info.max_frames), bool)
+      inputs = {'init_frames': np.zeros((b, info.max_frames) + tuple(info.frame_shape), np.float32),
+                'context_mask': none, 'passive_mask': none}
+    else:
+      inputs = sampler_inputs(task, frames, b, info.max_frames)
+    out = self.sampler(self.trained.params, sample_key, labels=labels, **inputs)
+    lengths = np.asarray(out.lengths, np.int32)
+    k = 0 if frames is None else frames.shape[-4]
+    return TaskSamples(videos=inference.to_pixels(out.frames, lengths), lengths=lengths,
+                       context_slots=np.asarray(out.context_slots)[:, :k].astype(np.int32),
+                       labels=None if labels is None else np.asarray(labels, np.int32))
+
+
 def sample(trained: inference.TrainedModel, task: str = 'generate', context=None, *,
            num_videos: int, seed: int = 0, label: int | str | None = None,
            sampler_overrides: dict | None = None) -> TaskSamples:
-  """Samples `num_videos` videos of `task` from a loaded model (`inference.load`).
-
-  Args:
-    trained: the model, its config and EMA weights.
-    task: one of `TASKS`.
-    context: frames in [0, 1], [K, H, W, C] for every video or [B, K, H, W, C] per video; None for
-      'generate'.
-    num_videos: videos to sample in one batch.
-    seed: the same seed, weights and inputs give the same videos.
-    label: a class id or name for every video of a conditional model; None draws random classes.
-    sampler_overrides: `config.sampler` fields to change (e.g. `{'guidance_scale': 3.0}`).
-  """
-  info = trained.info
-  frames = check_context(task, context, info.frame_shape, info.max_frames)
-  config = ml_collections.ConfigDict(trained.config.to_dict())
-  config.sampler.update(sampler_overrides or {})
-  sampler = inference.make_sampler(trained.model, config, info, num_videos)
-  label_key, sample_key = jax.random.split(jax.random.key(seed))
-  if label is None:
-    labels = inference.sample_labels(label_key, num_videos, info.num_classes)
-  else:
-    labels = jnp.full((num_videos,), class_label(label, info.num_classes, info.class_names),
-                      jnp.int32)
-  inputs = {} if frames is None else sampler_inputs(task, frames, num_videos, info.max_frames)
-  out = sampler(trained.params, sample_key, labels=labels, **inputs)
-  lengths = np.asarray(out.lengths, np.int32)
-  k = 0 if frames is None else frames.shape[-4]
-  return TaskSamples(videos=inference.to_pixels(out.frames, lengths), lengths=lengths,
-                     context_slots=np.asarray(out.context_slots)[:, :k].astype(np.int32),
-                     labels=None if labels is None else np.asarray(labels, np.int32))
+  """Samples `num_videos` videos of `task` from a loaded model (`inference.load`) once; see
+  `TaskSampler` for the arguments and to sample several times without recompiling."""
+  return TaskSampler(trained, num_videos, sampler_overrides)(task, context, seed=seed, label=label)
