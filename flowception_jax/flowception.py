@@ -135,9 +135,10 @@ def sample_extended_time(rng: np.random.Generator, num_frames: int, *, kappa: Ka
 
   Frame 0 and `num_start_frames - 1` other random frames start at delay 0; every other frame gets
   `kappa^-1(U)`. `context` (bool [N]) marks clean conditioning frames: delay 0 and done from the start.
-  With context, the start frames are instead the fewest from which insertions reach every frame:
-  frame 0 and each frame right after a `passive` one (bool [N], context frames that never insert),
-  as a task's video starts from its context alone at sampling time.
+  With context, the start frames are `num_start_frames` non-context frames (frame 0 first if it is
+  not context), as the sampler starts from noise frames plus the context; `passive` (bool [N], context
+  frames that never insert) also makes the frame right after each passive one a start frame, since
+  no insertion can reach it.
   If no frame is in flow the global time is redrawn (at most `max_tries` times); after that the most
   recently inserted non-context frame (or, if none is visible, the next one to be inserted) is put
   in flow at time 0, so every example trains the velocity.
@@ -147,12 +148,12 @@ def sample_extended_time(rng: np.random.Generator, num_frames: int, *, kappa: Ka
   passive = np.zeros(n, bool) if passive is None else np.asarray(passive, bool) & context
   delays = kappa.inverse(rng.uniform(size=n)).astype(np.float32)
   starts = np.zeros(n, bool)
-  starts[0] = True
-  extra = min(num_start_frames - 1, n - 1)
-  if context.any():
-    starts[1:] = passive[:-1]
-  elif extra > 0:
-    starts[1 + rng.choice(n - 1, size=extra, replace=False)] = True
+  starts[0] = not context[0]
+  others = np.flatnonzero(~context & ~starts)
+  extra = min(num_start_frames - int(starts[0]), others.size)
+  if extra > 0:
+    starts[rng.choice(others, size=extra, replace=False)] = True
+  starts[1:] |= passive[:-1]
   delays[starts | context] = 0.0
   tau_max = float(delays.max()) + 1.0
   flowing = ~context

@@ -6,10 +6,10 @@ A task is a set of given (context) frames and how the sampler treats them (METHO
   interpolate  ordered key frames, the last one passive: the video ends on it and the model decides
                how many frames go between each pair.
   extend       a prefix of context frames that the model continues after its last frame.
-The given frames sit first in the buffer, in order, and the video starts from them alone, as in
-training (`context.py`): insertions make every other frame. A prefix's inner gaps are known to be
-empty, so its frames before the last are passive here (in training they are active with insertion
-target 0), and the prefix stays at slots 0..K-1. Context frames come back unchanged, at the slots
+The given frames keep their order and the video starts from them plus `num_start_frames` noise
+frames, as in training (`flowception.sample_extended_time`); insertions make the rest. A prefix's
+inner gaps are known to be empty, so its frames before the last are passive here (in training they
+are active with insertion target 0), and the prefix stays at slots 0..K-1. Context frames come back unchanged, at the slots
 `TaskSamples.context_slots` names. Arrays in and out are NumPy, frames in [0, 1], so a
 notebook can call `load_context`, `sample` and `TaskSampler` directly.
 """
@@ -116,28 +116,42 @@ def load_context(path: str, task: str, frame_shape, capacity: int) -> np.ndarray
   return check_context(task, frames, frame_shape, capacity)
 
 
-def sampler_inputs(task: str, frames: np.ndarray, num_videos: int,
-                   capacity: int) -> dict[str, np.ndarray]:
+def sampler_inputs(task: str, frames: np.ndarray, num_videos: int, capacity: int,
+                   num_start_frames: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
   """Keyword arguments of `sampler.make_sampler`'s function for checked context `frames`.
 
-  The K frames take slots 0..K-1 in model space. Passive: for interpolation the last one (the video
-  ends there), for extension all but the last (consecutive given frames have nothing between them).
-  Returns init_frames float32 [B, N, H, W, C], context_mask and passive_mask bool [B, N].
+  The K given frames keep their order, in model space, with `num_start_frames` noise frames at
+  t = 0 (as in training, fewer if the capacity is short): after the image or the prefix, or each in
+  a random gap between key frames. Passive: for interpolation the last key frame (the video ends
+  there), for extension every frame of the prefix but the last (consecutive given frames have
+  nothing between them). `rng` draws the gaps.
+  Returns init_frames float32 [B, N, H, W, C], init_alive, context_mask and passive_mask bool [B, N].
   """
   if frames.ndim == 4:
     frames = np.broadcast_to(frames, (num_videos,) + frames.shape)
   if frames.shape[0] != num_videos:
     raise ValueError(f'context for {frames.shape[0]} videos given to sample {num_videos}')
-  k = frames.shape[1]
-  init_frames = np.zeros((num_videos, capacity) + frames.shape[2:], np.float32)
-  init_frames[:, :k] = inference.from_pixels(frames)
-  context_mask = np.arange(capacity)[None, :].repeat(num_videos, axis=0) < k
+  b, k = frames.shape[:2]
+  starts = min(num_start_frames, capacity - k)
+  noise_after = np.zeros((b, k), np.int64)  # Noise start frames right after each given frame.
+  if task == 'interpolate':
+    noise_after[:, :-1] = rng.multinomial(starts, np.full(k - 1, 1.0 / (k - 1)), size=b)
+  else:
+    noise_after[:, -1] = starts
+  slots = np.arange(k) + np.cumsum(noise_after, axis=1) - noise_after  # [B, K]
+  rows = np.arange(b)[:, None]
+  init_frames = np.zeros((b, capacity) + frames.shape[2:], np.float32)
+  init_frames[rows, slots] = inference.from_pixels(frames)
+  context_mask = np.zeros((b, capacity), bool)
+  context_mask[rows, slots] = True
   passive_mask = np.zeros_like(context_mask)
   if task == 'interpolate':
-    passive_mask[:, k - 1] = True
+    passive_mask[rows[:, 0], slots[:, -1]] = True
   elif task == 'extend':
-    passive_mask[:, :k - 1] = True
-  return {'init_frames': init_frames, 'context_mask': context_mask, 'passive_mask': passive_mask}
+    passive_mask[rows, slots[:, :-1]] = True
+  init_alive = np.broadcast_to(np.arange(capacity) < k + starts, (b, capacity))
+  return {'init_frames': init_frames, 'init_alive': init_alive, 'context_mask': context_mask,
+          'passive_mask': passive_mask}
 
 
 def class_label(value: int | str, num_classes: int, class_names=()) -> int:
@@ -197,9 +211,10 @@ class TaskSampler:
     if frames is None:  # Nothing given: every video starts from `num_start_frames` noise frames.
       none = np.zeros((b, info.max_frames), bool)
       inputs = {'init_frames': np.zeros((b, info.max_frames) + tuple(info.frame_shape), np.float32),
-                'context_mask': none, 'passive_mask': none}
+                'init_alive': none, 'context_mask': none, 'passive_mask': none}
     else:
-      inputs = sampler_inputs(task, frames, b, info.max_frames)
+      inputs = sampler_inputs(task, frames, b, info.max_frames, self.config.flow.num_start_frames,
+                              np.random.default_rng(seed))
     out = self.sampler(self.trained.params, sample_key, labels=labels, **inputs)
     lengths = np.asarray(out.lengths, np.int32)
     k = 0 if frames is None else frames.shape[-4]

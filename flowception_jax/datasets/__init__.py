@@ -9,7 +9,8 @@ The built-in sources are procedural: record `i` is a pure function of `(data.see
 are needed and every process sees the same clips. Each data set is one module holding its source and
 its `make(data_config)` factory, and, where samples can be scored exactly, a metrics function
 (`coloring.metrics`; `shapes_metrics.metrics`, built on the reusable `shapes_tracker`);
-`_DATASETS` below registers them by name.
+`_DATASETS` below registers them by name. The tasks with given frames are scored exactly on shapes
+by `shapes_tasks` (continuation and interpolation, against the clips the frames were cut from).
 """
 
 from collections.abc import Callable
