@@ -24,6 +24,7 @@ from PIL import Image
 from flowception_jax import datasets
 from flowception_jax import inference
 from flowception_jax import tasks
+from flowception_jax.datasets import shapes
 from flowception_jax.datasets import shapes_tasks
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir of a shapes model.')
@@ -91,14 +92,17 @@ def evaluate(sampler: tasks.TaskSampler, seed: int, prefix: int) -> dict[str, di
 
 
 def write_contexts(directory: str, data_config, prefix: int) -> None:
-  """Given frames of one held-out clip as files `sample --context` reads."""
-  clips, lengths = held_out_clips(data_config, 1, max(prefix + 1, 3))
-  clip = clips[0, :lengths[0]]
+  """Given frames of a held-out clip as files `sample --context` reads: of the first 16 clips, the
+  one whose first frame shows most of its shape (a shape enters the clip on its first frame)."""
+  clips, lengths = held_out_clips(data_config, 16, max(prefix + 1, 3))
+  shown = [shapes.track_shape(clip[:length]).mass for clip, length in zip(clips, lengths)]
+  best = int(np.argmax([mass[0] / mass.max() for mass in shown]))
+  clip = clips[best, :lengths[best]]
   os.makedirs(directory, exist_ok=True)
   Image.fromarray(np.round(clip[0] * 255).astype(np.uint8)).save(
       os.path.join(directory, 'first.png'))
   np.savez(os.path.join(directory, 'prefix.npz'), frames=clip[:prefix])
-  np.savez(os.path.join(directory, 'keys.npz'), frames=clip[key_indices(lengths)[0]])
+  np.savez(os.path.join(directory, 'keys.npz'), frames=clip[key_indices(lengths[best])])
 
 
 def main(argv):

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
@@ -65,6 +66,19 @@ def test_bad_context_files_say_what_is_expected(tmp_path, name, content, task, m
     path.write_bytes(b'not a video')
   with pytest.raises((ValueError, FileNotFoundError), match=message):
     tasks.load_context(str(path), task, FRAME, CAPACITY)
+
+
+def test_written_contexts_load_as_task_inputs(tmp_path):
+  data_config = shapes_config.get_config().data
+  task_eval.write_contexts(str(tmp_path), data_config, prefix=3)
+  first = tasks.load_context(str(tmp_path / 'first.png'), 'i2v', FRAME, CAPACITY)
+  prefix = tasks.load_context(str(tmp_path / 'prefix.npz'), 'extend', FRAME, CAPACITY)
+  keys = tasks.load_context(str(tmp_path / 'keys.npz'), 'interpolate', FRAME, CAPACITY)
+  assert prefix.shape == keys.shape == (3,) + FRAME
+  np.testing.assert_allclose(first[0], prefix[0], atol=0.5 / 255)
+  np.testing.assert_array_equal(keys[0], prefix[0])  # Both start at the clip's first frame.
+  with pytest.raises(ValueError, match='exact on shapes only'):
+    task_eval.held_out_clips(ml_collections.ConfigDict({'name': 'coloring'}), 2, 3)
 
 
 def test_task_and_context_must_agree():
