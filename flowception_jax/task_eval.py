@@ -3,7 +3,7 @@ r"""Scores one trained model's tasks on held-out `shapes` clips, against the sam
   python -m flowception_jax.task_eval --workdir=/tmp/shapes --num_videos=128 --output=/tmp/tasks.json
 
 Held-out clips come from the model's own data settings with another seed (`data.seed + 1`, clips
-training never drew) and one shape per clip, which `shapes.track_shape` follows exactly. The given
+training never drew) and one shape per clip, which `shapes_tracker` follows exactly. The given
 frames are cut from them: frame 0 (i2v), frames 0..K-1 (extend, K = `--prefix`), frames 0, L // 2
 and L - 1 (interpolate). Continuations are scored against the clip they were cut from
 (`datasets/shapes_tasks.py`), and so is plain generation from the same model and seed, at the same
@@ -24,8 +24,8 @@ from PIL import Image
 from flowception_jax import datasets
 from flowception_jax import inference
 from flowception_jax import tasks
-from flowception_jax.datasets import shapes
 from flowception_jax.datasets import shapes_tasks
+from flowception_jax.datasets import shapes_tracker as tracker
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir of a shapes model.')
 _NUM_VIDEOS = flags.DEFINE_integer('num_videos', 128, 'Held-out clips (videos per task).')
@@ -95,8 +95,9 @@ def write_contexts(directory: str, data_config, prefix: int) -> None:
   """Given frames of a held-out clip as files `sample --context` reads: of the first 16 clips, the
   one whose first frame shows most of its shape (a shape enters the clip on its first frame)."""
   clips, lengths = held_out_clips(data_config, 16, max(prefix + 1, 3))
-  shown = [shapes.track_shape(clip[:length]).mass for clip, length in zip(clips, lengths)]
-  best = int(np.argmax([mass[0] / mass.max() for mass in shown]))
+  areas = [tracker.track(clip[:length], max_shapes=1).coverage.sum(axis=(1, 2, 3))
+           for clip, length in zip(clips, lengths)]
+  best = int(np.argmax([area[0] / area.max() for area in areas]))
   clip = clips[best, :lengths[best]]
   os.makedirs(directory, exist_ok=True)
   Image.fromarray(np.round(clip[0] * 255).astype(np.uint8)).save(
