@@ -1,6 +1,7 @@
 """The tasks at sampling time: context files, class names, context frames kept at their slots, and
 the `sample` command with a task."""
 
+import json
 import os
 import subprocess
 import sys
@@ -132,9 +133,10 @@ def test_shapes_kind_labels_name_the_primary_shape():
 
 @pytest.fixture(scope='module')
 def workdir(tmp_path_factory):
-  """A tiny shapes model trained for two steps."""
+  """A tiny class-conditional shapes model (classes: the shape kinds) trained for two steps."""
   workdir = str(tmp_path_factory.mktemp('tasks') / 'run')
   config = shapes_config.get_config('tiny')
+  config.data.kind_labels = True
   config.total_steps = 2
   config.checkpoint_every = 2
   config.data.buckets = (CAPACITY,)
@@ -145,7 +147,7 @@ def workdir(tmp_path_factory):
 
 def test_tasks_keep_their_context_frames_at_their_slots(workdir):
   trained = inference.load(workdir)
-  b, capacity = 24, trained.info.max_frames
+  b, capacity = 8, trained.info.max_frames
   sampler = tasks.TaskSampler(trained, b)
   rng = np.random.default_rng(3)
   slots, lengths = {}, {}
@@ -179,20 +181,25 @@ def test_tasks_keep_their_context_frames_at_their_slots(workdir):
   assert sampler.sampler._cache_size() == 1
 
 
-def test_sample_command_image_to_video(workdir, tmp_path):
+def test_sample_command_image_to_video_of_a_named_class(workdir, tmp_path):
   pixels = np.random.default_rng(4).integers(0, 256, size=(16, 16, 3), dtype=np.uint8)
   Image.fromarray(pixels).save(tmp_path / 'first.png')
   output = str(tmp_path / 'i2v.npz')
   result = subprocess.run(
       [sys.executable, '-m', 'flowception_jax.sample', f'--workdir={workdir}', '--num_videos=3',
-       f'--output={output}', '--task=i2v', f'--context={tmp_path / "first.png"}'],
+       f'--output={output}', '--task=i2v', f'--context={tmp_path / "first.png"}',
+       '--class=square', '--guidance_scale=2'],
       cwd=_ROOT, capture_output=True, text=True, timeout=600, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   with np.load(output) as saved:
-    assert set(saved.files) == {'videos', 'lengths', 'context_slots'}
+    assert set(saved.files) == {'videos', 'lengths', 'context_slots', 'labels'}
+    np.testing.assert_array_equal(saved['labels'], 1)  # 'square', by name.
     assert saved['videos'].shape == (3, CAPACITY) + FRAME
     assert saved['context_slots'].dtype == np.int32 and saved['context_slots'].shape == (3, 1)
     np.testing.assert_array_equal(saved['context_slots'], 0)
     np.testing.assert_allclose(saved['videos'][:, 0] * 255.0,
                                np.broadcast_to(pixels, (3,) + FRAME), atol=1e-3)
-  assert '"context_error"' in result.stdout and '"task": "i2v"' in result.stdout
+  summary = json.loads(result.stdout[result.stdout.index('{'):])
+  assert summary['task'] == 'i2v' and summary['sampler']['guidance_scale'] == 2.0
+  assert summary['context_error'] <= 1e-5
+  assert os.path.exists(output[:-len('.npz')] + '.png')

@@ -88,6 +88,8 @@ class Tracks:
 def _weights(support: np.ndarray) -> np.ndarray:
   """See `Tracks.weights`; `support` bool [N, K, H, W]."""
   k = support.shape[1]
+  if not k:  # A video without shapes.
+    return np.ones(support.shape, np.float32)
   other = np.stack([support[:, np.arange(k) != j].any(axis=1) for j in range(k)], axis=1)
   return (~other).astype(np.float32)
 
