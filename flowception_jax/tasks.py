@@ -9,9 +9,9 @@ A task is a set of given (context) frames and how the sampler treats them (METHO
 The given frames keep their order and the video starts from them plus `num_start_frames` noise
 frames, as in training (`flowception.sample_extended_time`); insertions make the rest. A prefix's
 inner gaps are known to be empty, so its frames before the last are passive here (in training they
-are active with insertion target 0), and the prefix stays at slots 0..K-1. Context frames come back unchanged, at the slots
-`TaskSamples.context_slots` names. Arrays in and out are NumPy, frames in [0, 1], so a
-notebook can call `load_context`, `sample` and `TaskSampler` directly.
+are active with insertion target 0), and the prefix stays at slots 0..K-1. Context frames come back
+unchanged, at the slots `TaskSamples.context_slots` names. Arrays in and out are NumPy, frames in
+[0, 1], so a notebook can call `load_context`, `sample` and `TaskSampler` directly.
 """
 
 import dataclasses
