@@ -157,7 +157,8 @@ def make_full_sequence_sampler(apply_fn: Callable[..., Any], *, config: sampler_
     return sampler_lib.SampleOutput(
         frames=jnp.where(alive[..., None, None, None], frames, 0.0),
         times=alive.astype(jnp.float32), lengths=lengths.astype(jnp.int32),
-        insert_step=jnp.where(alive, 0, -1), num_iterations=jnp.int32(config.num_steps))
+        insert_step=jnp.where(alive, 0, -1), num_iterations=jnp.int32(config.num_steps),
+        context_slots=jnp.full((b, n), -1, jnp.int32))
 
   return jax.jit(sample)
 
@@ -214,7 +215,8 @@ def make_autoregressive_sampler(apply_fn: Callable[..., Any], *,
     return sampler_lib.SampleOutput(
         frames=jnp.where(alive[..., None, None, None], frames, 0.0),
         times=alive.astype(jnp.float32), lengths=lengths,
-        insert_step=jnp.where(alive, slots * steps, -1), num_iterations=iterations)
+        insert_step=jnp.where(alive, slots * steps, -1), num_iterations=iterations,
+        context_slots=jnp.full(alive.shape, -1, jnp.int32))
 
   return jax.jit(sample)
 

@@ -33,6 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.min_frames = 6  # Shortest 'shapes' clip.
   c.data.max_frames = 16  # Longest clip; the model's frame capacity at sampling time.
   c.data.max_shapes = 2  # 'shapes': 1 or 2 shapes per clip.
+  c.data.kind_labels = False  # 'shapes': label clips by the primary shape's kind (3 named classes).
   c.data.buckets = (4, 8, 12, 16)  # Frame-axis sizes that visible frames are padded to.
   c.data.num_threads = 2  # Grain reader threads per process.
   c.data.prefetch = 64  # Examples Grain reads ahead.
@@ -51,6 +52,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.flow.velocity_weight_loc = 0.0  # 'logit_normal' weighting: mean of the normal.
   c.flow.velocity_weight_scale = 1.0  # 'logit_normal' weighting: its standard deviation.
   c.flow.p_uncond = 0.1  # Probability of dropping the class label (for guidance).
+
+  # Context patterns per training clip (`context.py`), so one model serves every task; the
+  # probabilities must sum to 1.
+  c.context = ml_collections.ConfigDict()
+  c.context.p_none = 0.4  # No context: unconditional or class-conditional generation.
+  c.context.p_first = 0.15  # Frame 0 given: image-to-video.
+  c.context.p_prefix = 0.15  # Frames 0..K-1 given, K uniform in [1, N - 1]: extension.
+  c.context.p_keyframes = 0.2  # First, last and random inner frames, the last passive: interpolation.
+  c.context.p_random = 0.1  # Random frames given, each active or passive.
+  c.context.max_keyframes = 4  # Most key frames of the interpolation pattern (>= 2).
 
   c.model = ml_collections.ConfigDict()
   c.model.size = 'mini'  # Named DiT size (see `model.MODEL_SIZES`): tiny, mini, S, B, L, XL.

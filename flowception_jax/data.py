@@ -14,7 +14,7 @@ A batch is a dict of NumPy arrays, `F` the bucket size:
   flow_mask:      bool    [B, F] frames in flow (`0 <= tau_i < 1`), not context: the velocity loss.
   rate_mask:      bool    [B, F] frames that may insert (not passive, not padding): the rate loss.
   insert_targets: int32   [B, F] invisible frames between a frame and the next visible one.
-  context_mask:   bool    [B, F] clean conditioning frames.
+  context_mask:   bool    [B, F] clean conditioning frames at t = 1 (patterns: `context.py`).
   label:          int32   [B] class label (0 for unlabelled sources).
   length:         int32   [B] the full clip's number of frames.
 Noise is not drawn here: the train step draws it from a key folded with the step.
@@ -32,6 +32,7 @@ import grain
 import jax
 import numpy as np
 
+from flowception_jax import context as context_lib
 from flowception_jax import data_shards
 from flowception_jax import flowception
 
@@ -64,13 +65,16 @@ class ExtendedTimeTransform(grain.transforms.RandomMap):
   buckets: tuple[int, ...]
   tau_loc: float = 0.0
   tau_scale: float = 1.0
+  context: context_lib.ContextPatterns = context_lib.ContextPatterns()
 
   def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
     video = np.asarray(element['video'], np.float32)
     n = video.shape[0]
+    context, passive = self.context.draw(rng, n)
     ext = flowception.sample_extended_time(
         rng, n, kappa=flowception.get_kappa(self.kappa), num_start_frames=self.num_start_frames,
-        tau_distribution=self.tau_distribution, tau_loc=self.tau_loc, tau_scale=self.tau_scale)
+        tau_distribution=self.tau_distribution, tau_loc=self.tau_loc, tau_scale=self.tau_scale,
+        context=context, passive=passive)
     visible = ext.visible
     size = bucket_for(int(visible.sum()), self.buckets)
     index = flowception.compact(visible, size)
@@ -80,14 +84,13 @@ class ExtendedTimeTransform(grain.transforms.RandomMap):
       picked = values[index]
       return np.where(real.reshape((size,) + (1,) * (picked.ndim - 1)), picked, fill)
 
-    context = np.zeros(n, bool)
     return {
         'frames': gather(video * 2.0 - 1.0).astype(np.float32),
         'frame_times': gather(ext.times).astype(np.float32),
         'positions': np.arange(size, dtype=np.int32),
         'frame_mask': real,
         'flow_mask': gather(ext.in_flow & ~context, False),
-        'rate_mask': real.copy(),
+        'rate_mask': gather(~passive, False),
         'insert_targets': gather(flowception.insertion_targets(visible)).astype(np.int32),
         'context_mask': gather(context, False),
         'label': np.int32(element['label']),
@@ -173,13 +176,21 @@ class AutoregressiveTransform(grain.transforms.RandomMap):
     }
 
 
-def make_transform(method: str, flow_config, buckets: tuple[int, ...]) -> grain.transforms.RandomMap:
-  """The per-example transform of `method` ('flowception' or a baseline, see `baselines.METHODS`)."""
+def make_transform(method: str, flow_config, buckets: tuple[int, ...],
+                   context_config=None) -> grain.transforms.RandomMap:
+  """The per-example transform of `method` ('flowception' or a baseline, see `baselines.METHODS`).
+
+  `context_config` (`config.context`, None for none) sets Flowception's context patterns; the
+  baselines train without context frames.
+  """
   times = dict(tau_distribution=flow_config.tau_distribution, buckets=buckets,
                tau_loc=flow_config.get('tau_loc', 0.0), tau_scale=flow_config.get('tau_scale', 1.0))
   if method == 'flowception':
+    context = (context_lib.ContextPatterns() if context_config is None
+               else context_lib.from_config(context_config))
     return ExtendedTimeTransform(kappa=flow_config.kappa,
-                                 num_start_frames=flow_config.num_start_frames, **times)
+                                 num_start_frames=flow_config.num_start_frames, context=context,
+                                 **times)
   if method == 'full_sequence':
     return FullSequenceTransform(**times)
   if method == 'autoregressive':
@@ -244,7 +255,8 @@ def _with_index(index: int, example: dict) -> tuple[int, dict]:
 
 def make_train_dataset(source, data_config, flow_config, *, batch_size: int, seed: int,
                        max_frames: int, method: str = 'flowception',
-                       shard: tuple[int, int] | None = None) -> grain.IterDataset:
+                       shard: tuple[int, int] | None = None,
+                       context_config=None) -> grain.IterDataset:
   """The training pipeline over `source` for one data shard.
 
   Shuffling and the extended-time draws are seeded by `seed` and the position in the global stream,
@@ -252,11 +264,12 @@ def make_train_dataset(source, data_config, flow_config, *, batch_size: int, see
   process, `sharding.data_shard` gives it for a mesh) reads block `index` of every `count` blocks
   of `batch_size` examples (`batch_size` is the shard's share of a global batch). One shard batches
   greedily by bucket; several follow one bucket sequence so that all agree (`data_shards`).
-  `method` chooses the examples (`make_transform`).
+  `method` chooses the examples (`make_transform`); `context_config` (`config.context`) sets the
+  context patterns of Flowception examples, None trains without context.
   """
   index, count = (jax.process_index(), jax.process_count()) if shard is None else shard
   buckets = check_buckets(data_config.buckets, max_frames)
-  transform = make_transform(method, flow_config, buckets)
+  transform = make_transform(method, flow_config, buckets, context_config)
   stream = grain.MapDataset.source(source).seed(seed).shuffle().repeat().random_map(transform)
   records = data_shards.ShardBlocks(stream, batch_size, index, count) if count > 1 else stream
   records = records.map_with_index(_with_index)

@@ -137,25 +137,32 @@ def sample_global_ratio(rng: np.random.Generator, distribution: str, size: int |
 def sample_extended_time(rng: np.random.Generator, num_frames: int, *, kappa: Kappa,
                          num_start_frames: int, tau_distribution: str = 'uniform',
                          tau_loc: float = 0.0, tau_scale: float = 1.0,
-                         context: np.ndarray | None = None, max_tries: int = 8) -> ExtendedTime:
+                         context: np.ndarray | None = None, passive: np.ndarray | None = None,
+                         max_tries: int = 8) -> ExtendedTime:
   """Samples start frames, delays and a global time for one video of `num_frames` frames.
 
   Frame 0 and `num_start_frames - 1` other random frames start at delay 0; every other frame gets
   `kappa^-1(U)`. The global time ratio follows `tau_distribution` (`sample_global_ratio`, with
   `tau_loc` and `tau_scale`). `context` (bool [N]) marks clean conditioning frames: delay 0 and done
-  from the start.
+  from the start. With context, the start frames are `num_start_frames` non-context frames (frame 0
+  first if it is not context), as the sampler starts from noise frames plus the context; `passive`
+  (bool [N], context frames that never insert) also makes the frame right after each passive one a
+  start frame, since no insertion can reach it.
   If no frame is in flow the global time is redrawn (at most `max_tries` times); after that the most
   recently inserted non-context frame (or, if none is visible, the next one to be inserted) is put
   in flow at time 0, so every example trains the velocity.
   """
   n = num_frames
   context = np.zeros(n, bool) if context is None else np.asarray(context, bool)
+  passive = np.zeros(n, bool) if passive is None else np.asarray(passive, bool) & context
   delays = kappa.inverse(rng.uniform(size=n)).astype(np.float32)
   starts = np.zeros(n, bool)
-  starts[0] = True
-  extra = min(num_start_frames - 1, n - 1)
+  starts[0] = not context[0]
+  others = np.flatnonzero(~context & ~starts)
+  extra = min(num_start_frames - int(starts[0]), others.size)
   if extra > 0:
-    starts[1 + rng.choice(n - 1, size=extra, replace=False)] = True
+    starts[rng.choice(others, size=extra, replace=False)] = True
+  starts[1:] |= passive[:-1]
   delays[starts | context] = 0.0
   tau_max = float(delays.max()) + 1.0
   flowing = ~context

@@ -146,6 +146,11 @@ def to_pixels(frames: np.ndarray, lengths: np.ndarray) -> np.ndarray:
   return np.where(alive[:, :, None, None, None], pixels, 0.0).astype(np.float32)
 
 
+def from_pixels(frames: np.ndarray) -> np.ndarray:
+  """Frames in [0, 1] to the model's space [-1, 1] (the inverse of `to_pixels` on alive slots)."""
+  return (np.asarray(frames, np.float32) * 2.0 - 1.0).astype(np.float32)
+
+
 def sample_labels(key: jax.Array, num_videos: int, num_classes: int) -> jax.Array | None:
   """Random class labels int32 [num_videos] for conditional models, None for unconditional ones."""
   if not num_classes:

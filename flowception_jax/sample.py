@@ -2,13 +2,25 @@ r"""Samples videos from a trained workdir with its saved config and latest EMA w
 
   python -m flowception_jax.sample --workdir=/tmp/shapes --num_videos=16 --seed=0 --output=/tmp/s.npz
 
-Writes `videos` float32 [N, N_max, H, W, C] in [0, 1] (slots past each length are zero) and `lengths`
-int32 [N] to the .npz, and beside it a GIF grid and two figures: `<name>_length_histogram.png`
-(generated lengths against the data's) and `<name>_insertion_timeline.png` (when and where each
-frame was inserted, and how its time rose to 1). The same seed and weights give the same file. The
-sampler settings come from the trained config unless a flag overrides them (`--num_steps=200
---insertion=thinning`, or `--order=hierarchical` for a prescribed insertion order); a summary (with
-the data set's exact metrics, for coloring and shapes) is printed as JSON.
+The same model serves every task (`tasks.py`); a task's given frames come from `--context`, an image
+or an .npz whose `frames` are float32 [K, H, W, C] in [0, 1] at the model's frame size:
+
+  --task=i2v --context=first.png          the image at slot 0, the model makes the rest
+  --task=interpolate --context=keys.npz   ordered key frames; the video ends on the last one
+  --task=extend --context=prefix.npz      the frames at slots 0..K-1, then their continuation
+  --class=NAME_OR_ID --guidance_scale=3   class-conditional models, with guidance (`--rate_guidance`
+                                          guides the insertion rates)
+
+Writes `videos` float32 [N, N_max, H, W, C] in [0, 1] (slots past each length are zero), `lengths`
+int32 [N], `context_slots` int32 [N, K] (the slot of each given frame; K = 0 without context) and,
+for conditional models, `labels` int32 [N] to the .npz. Beside it: a GIF grid, a PNG filmstrip of
+the first 16 videos (`<name>.png`, a row per video, given frames framed in red) and two figures,
+`<name>_length_histogram.png` (generated lengths against the data's) and
+`<name>_insertion_timeline.png` (when and where each frame was inserted, and how its time rose to
+1). The same seed, weights and inputs give the same file. The sampler settings come from the
+trained config unless a flag overrides them (`--num_steps=200 --insertion=thinning`, or
+`--order=hierarchical` for a prescribed insertion order); a summary (with the data set's exact
+metrics, for coloring and shapes, when nothing is given) is printed as JSON.
 The videos are split over every device (`--num_videos` a multiple of the device count keeps them
 even); on several hosts every process runs the same command (see `main.py` for the runtime flags)
 and process 0 writes the files.
@@ -33,12 +45,14 @@ from flowception_jax import orders
 from flowception_jax import run_log
 from flowception_jax import sampler as sampler_lib
 from flowception_jax import sharding
+from flowception_jax import tasks
 from flowception_jax import video_io
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir holding checkpoints.')
 _NUM_VIDEOS = flags.DEFINE_integer('num_videos', 16, 'Number of videos to sample.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
-_OUTPUT = flags.DEFINE_string('output', None, 'Output .npz path; a .gif is written beside it.')
+_OUTPUT = flags.DEFINE_string('output', None,
+                              'Output .npz path; a .gif and a .png are written beside it.')
 _NUM_STEPS = flags.DEFINE_integer('num_steps', None,
                                   'Flow steps per unit time (default: the config).')
 _INSERTION = flags.DEFINE_enum('insertion', None, sampler_lib.INSERTION_MODES,
@@ -49,6 +63,12 @@ _ORDER = flags.DEFINE_enum('order', None, orders.ORDERS,
                            'Insertion order: learned or prescribed (default: the config).')
 _SOLVER = flags.DEFINE_enum('solver', None, sampler_lib.SOLVERS,
                             'Flow ODE step (default: the config).')
+_TASK = flags.DEFINE_enum('task', 'generate', tasks.TASKS, 'What to sample (see tasks.py).')
+_CONTEXT = flags.DEFINE_string('context', None,
+                               'Given frames of a task: an image, or an .npz with `frames` float32 '
+                               '[K, H, W, C] in [0, 1] at the model\'s frame size.')
+_CLASS = flags.DEFINE_string('class', None, 'Class id or name of every video (conditional models; '
+                             'default: random classes).')
 _COORDINATOR = flags.DEFINE_string(
     'coordinator_address', None, 'host:port of process 0 in a multi-process run (default: detect).')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in a multi-process run.')
@@ -56,50 +76,64 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process: 0 .. num_p
 _VERBOSE = flags.DEFINE_bool('verbose', False, "Also show the libraries' logs and the traceback "
                              'of every error.')
 flags.mark_flags_as_required(['workdir', 'output'])
+_FILMSTRIP_ROWS = 16  # Videos shown in the PNG beside the output.
 
 
-def sample_outputs(workdir: str, num_videos: int, seed: int, sampler_overrides=None):
-  """Returns (the sampler's `SampleOutput` as NumPy arrays, the config it ran with, its `SourceInfo`).
+def sample_outputs(workdir: str, num_videos: int, seed: int, sampler_overrides=None,
+                   task: str = 'generate', context=None, label=None):
+  """Returns (`tasks.TaskSamples`, the config it ran with, the data's `SourceInfo`).
 
-  `sampler_overrides` maps `config.sampler` fields to values that replace the trained config's.
+  `sampler_overrides` maps `config.sampler` fields to values that replace the trained config's;
+  `task` and `label` as in `tasks.TaskSampler`, `context` its frames or a file holding them
+  (`tasks.load_context`). The videos are split over all devices.
   """
   mesh = sharding.make_mesh(ml_collections.ConfigDict({'data': -1, 'fsdp': 1}))
   trained = inference.load(workdir, mesh=mesh)
-  config = trained.config
-  config.sampler.update(sampler_overrides or {})
-  sampler = inference.make_sampler(trained.model, config, trained.info, num_videos, mesh=mesh)
-  label_key, sample_key = jax.random.split(jax.random.key(seed))
-  labels = inference.sample_labels(label_key, num_videos, trained.info.num_classes)
-  out = inference.to_host(sampler(trained.params, sample_key, labels=labels))
-  return out, config, trained.info
+  if isinstance(context, str):
+    context = tasks.load_context(context, task, trained.info.frame_shape, trained.info.max_frames)
+  sampler = tasks.TaskSampler(trained, num_videos, sampler_overrides, mesh=mesh)
+  return sampler(task, context, seed=seed, label=label), sampler.config, trained.info
 
 
 def sample_videos(workdir: str, num_videos: int, seed: int, sampler_overrides=None):
-  """Returns (videos [N, N_max, H, W, C] in [0, 1], lengths [N], config); see `sample_outputs`."""
-  out, config, _ = sample_outputs(workdir, num_videos, seed, sampler_overrides)
-  lengths = np.asarray(out.lengths, np.int32)
-  return inference.to_pixels(out.frames, lengths), lengths, config
+  """Returns (videos [N, N_max, H, W, C] in [0, 1], lengths [N], config) of plain generation."""
+  samples, config, _ = sample_outputs(workdir, num_videos, seed, sampler_overrides)
+  return samples.videos, samples.lengths, config
 
 
-def write_outputs(output: str, out, config, info) -> dict:
-  """Writes the .npz, the GIF grid and the figures of `out` (see the module docstring); returns
-  the summary printed as JSON."""
-  lengths = np.asarray(out.lengths, np.int32)
-  videos = inference.to_pixels(out.frames, lengths)
+def context_error(videos: np.ndarray, context_slots: np.ndarray, context: np.ndarray) -> float:
+  """Largest deviation of the given frames [N, K, H, W, C] from the videos at their slots [N, K]."""
+  rows = np.arange(len(videos))[:, None]
+  return float(np.abs(videos[rows, context_slots] - context).max())
+
+
+def write_outputs(output: str, samples: tasks.TaskSamples, config, info) -> dict:
+  """Writes the .npz, the GIF grid, the filmstrip and the figures of `samples` (see the module
+  docstring); returns the summary printed as JSON."""
+  videos, lengths = samples.videos, samples.lengths
+  arrays = {'videos': videos, 'lengths': lengths, 'context_slots': samples.context_slots}
+  if samples.labels is not None:
+    arrays['labels'] = samples.labels
   os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-  np.savez(output, videos=videos, lengths=lengths)
+  np.savez(output, **arrays)
   stem = output[:-len('.npz')]
   video_io.write_gif(stem + '.gif', video_io.video_grid(videos, lengths))
+  shown = slice(0, _FILMSTRIP_ROWS)
+  given = np.zeros(videos.shape[:2], bool)
+  given[np.arange(len(videos))[:, None], samples.context_slots] = True
+  video_io.write_png(stem + '.png', video_io.filmstrip(videos[shown], lengths[shown], given[shown]))
   data_lengths = evaluate.data_reference(config.data, config.eval.num_data_videos).lengths
   images = figures.sample_figures(
-      np.asarray(out.insert_step), lengths, data_lengths,
-      num_steps=config.sampler.num_steps, num_iterations=int(out.num_iterations),
-      max_frames=info.max_frames)
+      samples.insert_step, lengths, data_lengths, num_steps=config.sampler.num_steps,
+      num_iterations=samples.num_iterations, max_frames=info.max_frames)
   for name, image in images.items():
     video_io.write_png(f'{stem}_{name}.png', image)
-  summary = {'method': config.method, 'num_videos': len(lengths),
+  summary = {'method': config.method, 'task': samples.task, 'num_videos': len(lengths),
              'mean_length': float(lengths.mean()), 'sampler': config.sampler.to_dict()}
-  summary.update(datasets.task_metrics(config.data.name, videos, lengths, config.data))
+  if samples.context.shape[1]:
+    summary['context_error'] = context_error(videos, samples.context_slots, samples.context)
+  else:
+    summary.update(datasets.task_metrics(config.data.name, videos, lengths, config.data))
   return summary
 
 
@@ -117,11 +151,13 @@ def main(argv):
     own_flags = flags.FLAGS.get_flags_for_module(sys.modules[__name__])
     distributed.check_same('sampling flags',
                            {f.name: f.value for f in own_flags if f.name != 'process_id'})
-    out, config, info = sample_outputs(_WORKDIR.value, _NUM_VIDEOS.value, _SEED.value,
-                                       {k: v for k, v in overrides.items() if v is not None})
+    samples, config, info = sample_outputs(
+        _WORKDIR.value, _NUM_VIDEOS.value, _SEED.value,
+        {k: v for k, v in overrides.items() if v is not None}, task=_TASK.value,
+        context=_CONTEXT.value, label=_CLASS.value)
     if jax.process_index():
       return
-    summary = write_outputs(_OUTPUT.value, out, config, info)
+    summary = write_outputs(_OUTPUT.value, samples, config, info)
   print(json.dumps(summary, indent=1))
 
 

@@ -124,12 +124,15 @@ class SampleOutput:
   lengths: int32 [B].
   insert_step: int32 [B, N] as in `SamplerState`.
   num_iterations: int32 scalar, loop iterations run.
+  context_slots: int32 [B, N] where the context frames ended up: entry k is the slot of the k-th
+    context frame in the given order (insertions never reorder frames), -1 past the last one.
   """
   frames: jax.Array
   times: jax.Array
   lengths: jax.Array
   insert_step: jax.Array
   num_iterations: jax.Array
+  context_slots: jax.Array
 
 
 def insert_frames(slots: Any, alive: jax.Array, counts: jax.Array,
@@ -344,11 +347,13 @@ def make_sampler(apply_fn: ApplyFn, *, config: SamplerConfig, batch_size: int, c
     state = jax.lax.while_loop(functools.partial(_running, config=config),
                                lambda s: _split_over_batch(body(s)), _split_over_batch(state))
     alive = state.alive
+    context_slots = jnp.sort(jnp.where(state.context, jnp.arange(n), n), axis=1)
     return SampleOutput(
         frames=jnp.where(alive[..., None, None, None], state.frames, 0.0),
         times=jnp.where(alive, state.times, 0.0),
         lengths=jnp.sum(alive, axis=1, dtype=jnp.int32),
         insert_step=state.insert_step,
-        num_iterations=state.iteration)
+        num_iterations=state.iteration,
+        context_slots=jnp.where(context_slots < n, context_slots, -1).astype(jnp.int32))
 
   return jax.jit(sample)

@@ -318,7 +318,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # ---- Input pipeline --------------------------------------------------------------------------
   dataset = data.make_train_dataset(source, config.data, config.flow, batch_size=local_batch_size,
                                     seed=config.seed, max_frames=info.max_frames,
-                                    method=config.method, shard=shard)
+                                    method=config.method, shard=shard,
+                                    context_config=config.context)
   data_iterator = iter(dataset)
 
   # ---- Model, optimizer and sharded initialisation ----------------------------------------------

@@ -89,3 +89,33 @@ def write_png(path: str, image: np.ndarray) -> None:
   if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
     raise ValueError(f'expected a uint8 image [H, W, 3], got {image.dtype} {image.shape}')
   _write_atomically(path, lambda f: Image.fromarray(image).save(f, format='PNG'))
+
+
+_MARK = (230, 40, 40)  # Red border of marked frames in a filmstrip.
+
+
+def filmstrip(videos: np.ndarray, lengths: np.ndarray, marked: np.ndarray | None = None,
+              scale: int | None = None) -> np.ndarray:
+  """One picture of a batch of videos: a row per video, its frames from left to right.
+
+  Args:
+    videos: float [B, N, H, W, C] in [0, 1].
+    lengths: int [B]; frames at or past a video's length show as grey.
+    marked: bool [B, N] frames framed in red (e.g. the frames given to a task), or None.
+    scale: integer upscaling, as in `video_grid`.
+
+  Returns:
+    uint8 [B * (H * scale + 1) - 1, N * (W * scale + 1) - 1, 3].
+  """
+  videos = np.asarray(videos, np.float32)
+  b, n = videos.shape[:2]
+  alive = np.arange(n)[None, :] < np.asarray(lengths)[:, None]
+  picture = np.array(video_grid(videos.reshape((b * n, 1) + videos.shape[2:]),
+                                alive.reshape(-1).astype(np.int32), columns=n, scale=scale)[0])
+  if marked is not None:
+    th, tw = (picture.shape[0] + 1) // b, (picture.shape[1] + 1) // n  # Tile plus separator.
+    width = max(1, (th - 1) // 16)
+    for row, col in zip(*np.nonzero(np.asarray(marked))):
+      tile = picture[row * th:(row + 1) * th - 1, col * tw:(col + 1) * tw - 1]
+      tile[:width], tile[-width:], tile[:, :width], tile[:, -width:] = _MARK, _MARK, _MARK, _MARK
+  return picture

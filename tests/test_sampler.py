@@ -143,6 +143,7 @@ def test_context_frames_are_exact_and_passive_frames_never_insert():
     # Nothing is inserted right after the passive key frame: the start frame follows it.
     slot = np.flatnonzero(initial[row])
     assert slot[2] == slot[1] + 1
+    np.testing.assert_array_equal(np.asarray(out.context_slots)[row], list(slot[:2]) + [-1] * 6)
     generated = alive[row] & ~np.isin(np.arange(n), slot[:2])
     np.testing.assert_allclose(frames[row][generated], -2.0, atol=1e-5)
 

@@ -3,12 +3,14 @@
 A source is a Grain random-access data source (`__len__`, `__getitem__`), picklable so reader
 threads and processes can hold copies. Record `i` is a dict
   video: float32 [N, H, W, C] in [0, 1], `N` varying per record (1 <= N <= SourceInfo.max_frames).
-  label: int32 scalar class (0 for unconditional sources).
+  label: int32 scalar class (0 for unconditional sources); `SourceInfo.class_names` names the
+    classes where the data set knows them (`sample --class=NAME`).
 The built-in sources are procedural: record `i` is a pure function of `(data.seed, i)`, so no files
 are needed and every process sees the same clips. Each data set is one module holding its source and
 its `make(data_config)` factory, and, where samples can be scored exactly, a metrics function
 (`coloring.metrics`; `shapes_metrics.metrics`, built on the reusable `shapes_tracker`);
-`_DATASETS` below registers them by name.
+`_DATASETS` below registers them by name. The tasks with given frames are scored exactly on shapes
+by `shapes_tasks` (continuation and interpolation, against the clips the frames were cut from).
 """
 
 from collections.abc import Callable

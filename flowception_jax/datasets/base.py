@@ -11,6 +11,7 @@ class SourceInfo:
   frame_shape: tuple[int, int, int]  # (H, W, C).
   max_frames: int  # Longest clip; the sampler's frame capacity.
   num_classes: int  # 0 for unconditional sources.
+  class_names: tuple[str, ...] = ()  # Class names by label id, where the data set knows them.
 
 
 def record_rng(seed: int, index: int, num_records: int) -> np.random.Generator:

@@ -25,7 +25,8 @@ class ShapesSource:
   the primary shape's velocity is set so that it is just outside one side of the frame at time -1
   and just outside the other side at time `L`. Frames 0 and `L - 1` thus show it entering and
   leaving, and slow shapes make long clips. An optional second shape moves at its own velocity, may
-  be only partly visible and is drawn below the primary one.
+  be only partly visible and is drawn below the primary one. With `kind_labels` a clip's label is
+  its primary shape's kind (an index into `KINDS`), for class-conditional training; otherwise 0.
   """
   seed: int
   num_records: int
@@ -33,6 +34,7 @@ class ShapesSource:
   min_frames: int
   max_frames: int
   max_shapes: int
+  kind_labels: bool = False
 
   def __post_init__(self):
     if self.image_size < 8:
@@ -80,7 +82,8 @@ class ShapesSource:
       colour = _contrasting_colour(rng, background)
       alpha = coverage(kind, centres, r, self.image_size)[..., None]
       video = video * (1 - alpha) + colour * alpha
-    return {'video': video.astype(np.float32), 'label': np.int32(0)}
+    label = KINDS.index(kind) if self.kind_labels else 0  # The primary shape is drawn last.
+    return {'video': video.astype(np.float32), 'label': np.int32(label)}
 
 
 def _unit(angle: float) -> np.ndarray:
@@ -131,7 +134,11 @@ def make(data_config) -> tuple[ShapesSource, base.SourceInfo]:
   source = ShapesSource(
       seed=data_config.get('seed', 0), num_records=base.num_records(data_config),
       image_size=data_config.get('image_size', 32), min_frames=data_config.get('min_frames', 6),
-      max_frames=data_config.get('max_frames', 16), max_shapes=data_config.get('max_shapes', 2))
+      max_frames=data_config.get('max_frames', 16), max_shapes=data_config.get('max_shapes', 2),
+      kind_labels=data_config.get('kind_labels', False))
   info = base.SourceInfo(frame_shape=(source.image_size, source.image_size, 3),
-                         max_frames=source.max_frames, num_classes=0)
+                         max_frames=source.max_frames,
+                         num_classes=len(KINDS) if source.kind_labels else 0,
+                         class_names=KINDS if source.kind_labels else ())
   return source, info
+
