@@ -7,7 +7,8 @@ batches of examples that share a bucket, so the model only ever computes on visi
 little padding, and every bucket size compiles once.
 
 A batch is a dict of NumPy arrays, `F` the bucket size:
-  frames:         float32 [B, F, H, W, C] clean visible frames in [-1, 1], zeros in padding.
+  frames:         float32 [B, F, H, W, C] clean visible frames in [-1, 1] (latents as the source
+                  gives them), zeros in padding.
   frame_times:    float32 [B, F] per-frame flow time `clip(tau_i, 0, 1)`, 0 in padding.
   positions:      int32   [B, F] slot index in the compacted sequence.
   frame_mask:     bool    [B, F] real (visible) frames.
@@ -28,6 +29,7 @@ import grain
 import jax
 import numpy as np
 
+from flowception_jax import datasets
 from flowception_jax import flowception
 
 
@@ -57,6 +59,7 @@ class ExtendedTimeTransform(grain.transforms.RandomMap):
   num_start_frames: int
   tau_distribution: str
   buckets: tuple[int, ...]
+  pixels: bool = True  # Pixels in [0, 1] go to [-1, 1]; latents (False) pass through unscaled.
 
   def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
     video = np.asarray(element['video'], np.float32)
@@ -75,7 +78,7 @@ class ExtendedTimeTransform(grain.transforms.RandomMap):
 
     context = np.zeros(n, bool)
     return {
-        'frames': gather(video * 2.0 - 1.0).astype(np.float32),
+        'frames': gather(video * 2.0 - 1.0 if self.pixels else video).astype(np.float32),
         'frame_times': gather(ext.times).astype(np.float32),
         'positions': np.arange(size, dtype=np.int32),
         'frame_mask': real,
@@ -138,24 +141,28 @@ def _with_index(index: int, example: dict) -> tuple[int, dict]:
 
 
 def make_train_dataset(source, data_config, flow_config, *, batch_size: int, seed: int,
-                       max_frames: int) -> grain.IterDataset:
+                       max_frames: int, pixels: bool = True) -> grain.IterDataset:
   """The training pipeline over `source` for this process's share of the data.
 
   `batch_size` is per process. Shuffling and the extended-time draws are seeded by `seed` and the
-  record index, so the stream is a pure function of the seed and the position in it.
+  record index, so the stream is a pure function of the seed and the position in it. A
+  `datasets.RandomClipSource` is read through `random_map`, so each draw of a video cuts a new
+  clip; records it skips as unreadable (None) are dropped. `pixels` is `SourceInfo.pixels`.
   """
   buckets = check_buckets(data_config.buckets, max_frames)
   transform = ExtendedTimeTransform(
       kappa=flow_config.kappa, num_start_frames=flow_config.num_start_frames,
-      tau_distribution=flow_config.tau_distribution, buckets=buckets)
+      tau_distribution=flow_config.tau_distribution, buckets=buckets, pixels=pixels)
+  clips = isinstance(source, datasets.RandomClipSource)
   records = (
-      grain.MapDataset.source(source)
+      (grain.MapDataset.range(len(source)) if clips else grain.MapDataset.source(source))
       .seed(seed)
       [jax.process_index()::jax.process_count()]
       .shuffle()
-      .repeat()
-      .random_map(transform)
-      .map_with_index(_with_index))
+      .repeat())
+  if clips:
+    records = records.random_map(source.read)
+  records = records.random_map(transform).map_with_index(_with_index)
   read_options = grain.ReadOptions(num_threads=data_config.num_threads,
                                    prefetch_buffer_size=data_config.prefetch)
   return BucketBatchIterDataset(records, batch_size, read_options)

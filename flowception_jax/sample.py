@@ -3,10 +3,10 @@ r"""Samples videos from a trained workdir with its saved config and latest EMA w
   python -m flowception_jax.sample --workdir=/tmp/shapes --num_videos=16 --seed=0 --output=/tmp/s.npz
 
 Writes `videos` float32 [N, N_max, H, W, C] in [0, 1] (slots past each length are zero) and `lengths`
-int32 [N] to the .npz, and a GIF grid beside it. The same seed and weights give the same file. The
-sampler settings come from the trained config unless a flag overrides them (`--num_steps=200
---insertion=thinning`); a summary (with the data set's exact metrics, for coloring and shapes) is
-printed as JSON.
+int32 [N] to the .npz, and a GIF grid beside it (a model of latents writes `latents` instead, and no
+GIF). The same seed and weights give the same file. The sampler settings come from the trained
+config unless a flag overrides them (`--num_steps=200 --insertion=thinning`); a summary (with the
+data set's exact metrics, where it has them) is printed as JSON.
 """
 
 import json
@@ -39,6 +39,7 @@ def sample_videos(workdir: str, num_videos: int, seed: int, sampler_overrides=No
   """Returns (videos [N, N_max, H, W, C] in [0, 1], lengths [N], config).
 
   `sampler_overrides` maps `config.sampler` fields to values that replace the trained config's.
+  A model trained on latents (`config.pixels` False) gives its latents instead of videos.
   """
   trained = inference.load(workdir)
   config = trained.config
@@ -48,6 +49,8 @@ def sample_videos(workdir: str, num_videos: int, seed: int, sampler_overrides=No
   labels = inference.sample_labels(label_key, num_videos, trained.info.num_classes)
   out = sampler(trained.params, sample_key, labels=labels)
   lengths = np.asarray(out.lengths, np.int32)
+  if not config.get('pixels', True):
+    return inference.to_latents(out.frames, lengths), lengths, config
   return inference.to_pixels(out.frames, lengths), lengths, config
 
 
@@ -62,10 +65,15 @@ def main(argv):
       _WORKDIR.value, _NUM_VIDEOS.value, _SEED.value,
       {k: v for k, v in overrides.items() if v is not None})
   os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
-  np.savez(_OUTPUT.value, videos=videos, lengths=lengths)
-  video_io.write_gif(_OUTPUT.value[:-len('.npz')] + '.gif', video_io.video_grid(videos, lengths))
   summary = {'num_videos': len(lengths), 'mean_length': float(lengths.mean()),
              'sampler': config.sampler.to_dict()}
+  if not config.get('pixels', True):  # No decoder here: the latents are the output.
+    inference.save_latents(_OUTPUT.value, videos, lengths)
+    summary['latents'] = 'no GIF: decode the latents with the autoencoder that encoded the data'
+    print(json.dumps(summary, indent=1))
+    return
+  np.savez(_OUTPUT.value, videos=videos, lengths=lengths)
+  video_io.write_gif(_OUTPUT.value[:-len('.npz')] + '.gif', video_io.video_grid(videos, lengths))
   summary.update(datasets.task_metrics(config.data.name, videos, lengths, config.data))
   print(json.dumps(summary, indent=1))
 

@@ -131,9 +131,10 @@ def build(config, info: datasets.SourceInfo):
 
 
 def resolve(config: ml_collections.ConfigDict, info: datasets.SourceInfo):
-  """The config with the source's facts (class count) filled in; checked for consistency."""
+  """The config with the source's facts (class count, pixels or latents) filled in; checked."""
   config = ml_collections.ConfigDict(config.to_dict())
   config.num_classes = info.num_classes
+  config.pixels = info.pixels
   h, w, _ = info.frame_shape
   if h % config.model.patch_size or w % config.model.patch_size:
     raise ValueError(f'frame size {h}x{w} is not divisible by model.patch_size '
@@ -202,7 +203,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   # ---- Input pipeline --------------------------------------------------------------------------
   dataset = data.make_train_dataset(source, config.data, config.flow, batch_size=local_batch_size,
-                                    seed=config.seed, max_frames=info.max_frames)
+                                    seed=config.seed, max_frames=info.max_frames,
+                                    pixels=info.pixels)
   data_iterator = iter(dataset)
 
   # ---- Model, optimizer and sharded initialisation ----------------------------------------------
@@ -231,6 +233,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     labels = inference.sample_labels(key, config.num_sample_videos, info.num_classes)
     out = sampler(state.ema_params, key, labels=labels)
     lengths = np.asarray(out.lengths)
+    if not info.pixels:  # Latents: saved for an external decoder; no GIF, no pixel metrics.
+      if jax.process_index() == 0:
+        inference.save_latents(os.path.join(workdir, f'samples_{step:06d}.npz'),
+                               inference.to_latents(out.frames, lengths), lengths)
+      writer.write_scalars(step, {'sample/mean_length': float(lengths.mean())})
+      return
     videos = inference.to_pixels(out.frames, lengths)
     if jax.process_index() == 0:
       video_io.write_gif(os.path.join(workdir, f'samples_{step:06d}.gif'),
