@@ -1,0 +1,32 @@
+r"""A camera moving over real photographs: the realistic built-in set, no downloads.
+
+  python -m flowception_jax.main --config=configs/camera.py --workdir=/tmp/camera
+
+Clips pan, zoom and roll over eight public-domain photographs (`datasets/camera.py`; two more are
+held out, `--config.data.split=test`) and end when the view would leave the photo. `datasets/camera.py`
+scores samples by how well each frame is the previous one seen by a moving camera.
+`configs/camera.py:tiny` is a seconds-long smoke run.
+"""
+
+from flowception_jax import config as config_lib
+
+
+def get_config(arg=None):
+  config_lib.check_variant(arg, 'configs/camera.py')
+  c = config_lib.base_config()
+  c.total_steps = 1500
+  c.batch_size = 16
+  c.checkpoint_every = 500
+  c.sample_every = 750
+  c.data.name = 'camera'
+  c.data.image_size = 32
+  c.data.min_frames = 4
+  c.data.max_frames = 12
+  c.data.buckets = (3, 6, 9, 12)
+  c.model.size = 'mini'
+  c.model.patch_size = 4
+  c.optim.learning_rate = 5e-4
+  c.sampler.num_steps = 50
+  if arg == 'tiny':
+    config_lib.make_tiny(c)
+  return c
