@@ -128,3 +128,14 @@ def test_test_split_holds_other_photos():
   assert test_source[0]['video'].shape[1:] == (SIZE, SIZE, 3)
   with pytest.raises(ValueError, match='--config.data.split'):
     camera.load_photos('val', SIZE)
+
+
+def test_alignment_never_explains_a_pair_by_looking_outside_the_frame():
+  ramp = np.broadcast_to(np.linspace(0, 1, 16)[None, :, None], (16, 16, 3))
+  # A brighter ramp is the ramp shifted by 12 of 16 pixels: a "motion" that compares a quarter
+  # of the frame, which does not count.
+  previous = np.stack([ramp, np.full((16, 16, 3), 0.5)])
+  following = np.stack([ramp + 0.8, np.full((16, 16, 3), 0.6)])  # Flat frames: no gradient.
+  matrix, shift, rmse = motion.align(previous, following)
+  assert np.isfinite(matrix).all() and np.isfinite(shift).all()
+  np.testing.assert_allclose(rmse, [0.8, 0.1], atol=1e-6)

@@ -12,6 +12,10 @@ from scipy import ndimage
 
 _BLURS = (1.5, 0.0)  # Gaussian sigmas (pixels) of the coarse-to-fine passes.
 _ITERATIONS = 6  # Gauss-Newton steps per pass.
+# A transform that keeps less than this share of the frame inside it is no camera motion between
+# consecutive frames (it would "explain" any pair by comparing almost nothing).
+MIN_OVERLAP = 0.5
+_MAX_SCALE_CHANGE = 0.5  # Bounds on `a` and `r` that keep Gauss-Newton steps finite.
 
 
 def _centred_grid(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -69,7 +73,8 @@ def align(previous: np.ndarray, following: np.ndarray):
   Returns:
     matrix float [P, 2, 2] and shift float [P, 2] (`following(p) ~ previous(A p + b)`), and the
     root-mean-square residual float [P] over the pixels whose source lies inside the frame (all
-    channels), in the images' units.
+    channels), in the images' units. A pair whose best transform keeps less than `MIN_OVERLAP` of
+    the frame inside gets the residual of no motion instead.
   """
   previous = np.asarray(previous, np.float64)
   following = np.asarray(following, np.float64)
@@ -91,10 +96,14 @@ def align(previous: np.ndarray, following: np.ndarray):
       hessian = transposed @ jacobian + 1e-6 * np.eye(4)
       gradient = transposed @ residual[..., None]
       params = params - np.linalg.solve(hessian, gradient)[..., 0]
+      bound = np.array([_MAX_SCALE_CHANGE, _MAX_SCALE_CHANGE, w, h])
+      params = np.clip(params, -bound, bound)
   matrix, shift = _similarity(params)
   sampled, valid = warp(previous, matrix, shift)
   squared = ((sampled - following) ** 2).mean(axis=-1) * valid
   rmse = np.sqrt(squared.sum(axis=(1, 2)) / np.maximum(valid.sum(axis=(1, 2)), 1))
+  still = np.sqrt(((previous - following) ** 2).mean(axis=(1, 2, 3)))
+  rmse = np.where(valid.mean(axis=(1, 2)) >= MIN_OVERLAP, rmse, still)
   return matrix, shift, rmse
 
 
