@@ -71,7 +71,7 @@ def test_frames_are_the_photo_seen_through_the_recorded_path(source):
   src, _ = source
   record = src[3]
   again = camera.render(src.photos[record['photo']], record['camera'].astype(np.float64), SIZE)
-  np.testing.assert_allclose(again, record['video'], atol=1e-6)
+  np.testing.assert_allclose(again, record['video'], atol=1e-4)  # The path is stored as float32.
 
 
 def test_alignment_recovers_the_exact_motion_of_real_clips(source):

@@ -3,7 +3,7 @@
 A folder holds ArrayRecord shards `clips-NNNNN.array_record`, one record per video, and
 `metadata.json`, written last, so a folder without it is incomplete. A record is a msgpack map
 (`flax.serialization`):
-  name:    str, where the video came from (its path relative to the prepared folder of videos).
+  name:    str, where the video came from (for `prepare`, its path relative to the inputs' folder).
   label:   int, index into the metadata's `classes` (0 when there are none).
   frames:  list of N encoded images (PNG, lossless, or JPEG), each H x W RGB; for kind 'pixels'.
   latents: float16 or float32 [N, h, w, c], any channel count; for kind 'latents'.
@@ -184,9 +184,9 @@ def read_metadata(directory: str) -> dict[str, Any]:
 class VideoFolderSource(base.RandomClipSource):
   """Clips of the videos of a prepared folder (see `base.RandomClipSource` for the randomness).
 
-  Records are `video` float32 [L, S, S, 3] in [0, 1] (frames resized to `image_size` unless they
-  are stored at that size) for kind 'pixels', or the stored latents as float32 [L, h, w, c] for
-  kind 'latents'; and `label` int32.
+  Records are `video` float32 [L, S, S, 3] in [0, 1] (the centred square of each stored frame,
+  resized to `frame_shape` unless stored at that size) for kind 'pixels', or the stored latents as
+  float32 [L, h, w, c] for kind 'latents'; and `label` int32.
   """
   records: Any  # grain.sources.ArrayRecordDataSource over the shards.
   names: tuple[str, ...]
