@@ -26,14 +26,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.profile_first_step = 5  # Steps into this run (resumed or not) before the traced window opens.
 
   c.data = ml_collections.ConfigDict()
-  c.data.name = 'shapes'  # Source of clips: 'shapes' or 'coloring' (procedural, no files needed).
+  # Source of clips: 'shapes', 'coloring' or 'camera' (built in, no files needed), 'ucf101' (TFDS)
+  # or 'videos' (a folder written by `python -m flowception_jax.prepare`).
+  c.data.name = 'shapes'
   c.data.seed = 0  # Seed of the procedural clip generator (which videos exist, not their order).
   c.data.num_records = 1_000_000  # Nominal size of a procedural source (shuffled, repeated).
-  c.data.image_size = 32  # Frame height and width of 'shapes' clips.
-  c.data.min_frames = 6  # Shortest 'shapes' clip.
+  c.data.image_size = 32  # Frame height and width (not 'coloring'; latents keep their size).
+  c.data.min_frames = 6  # Shortest clip (not 'coloring').
   c.data.max_frames = 16  # Longest clip; the model's frame capacity at sampling time.
   c.data.max_shapes = 2  # 'shapes': 1 or 2 shapes per clip.
   c.data.kind_labels = False  # 'shapes': label clips by the primary shape's kind (3 named classes).
+  c.data.data_dir = ''  # TFDS data_dir of 'ucf101' (empty: TFDS's default); folder of 'videos'.
+  c.data.tfds_name = 'ucf101'  # TFDS name[/config] read by 'ucf101', e.g. 'ucf101/ucf101_2'.
+  c.data.split = 'train'  # TFDS split of 'ucf101' (e.g. 'test[:10%]'); 'train'/'test' of 'camera'.
+  c.data.frame_stride = 1  # Step between the frames of a clip cut from a stored video.
+  c.data.on_corrupt = 'stop'  # Unreadable stored record: 'stop' naming it, or 'skip' and count it.
   c.data.buckets = (4, 8, 12, 16)  # Frame-axis sizes that visible frames are padded to.
   c.data.num_threads = 2  # Grain reader threads per process.
   c.data.prefetch = 64  # Examples Grain reads ahead.
@@ -118,10 +125,53 @@ def make_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
-def check_variant(arg: str | None, config_file: str) -> None:
-  """Refuses a variant name (the part after ':' in `--config=FILE:VARIANT`) that no config knows."""
-  if arg not in (None, 'tiny'):
-    raise ValueError(f'unknown variant {arg!r} of {config_file}; known: tiny (or none)')
+def make_tiny_clips(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`make_tiny` for sets of stored videos: also clips of 2 to 6 frames of 16x16 pixels."""
+  make_tiny(c)
+  c.data.image_size = 16
+  c.data.min_frames = 2
+  c.data.max_frames = 6
+  c.data.buckets = (2, 4, 6)
+  c.model.patch_size = 4
+  c.model.dtype = 'float32'
+  return c
+
+
+def check_variant(arg: str | None, config_file: str,
+                  variants: tuple[str, ...] = ('tiny',)) -> None:
+  """Refuses a variant name (the part after ':' in `--config=FILE:VARIANT`) not in `variants`."""
+  if arg is not None and arg not in variants:
+    raise ValueError(f'unknown variant {arg!r} of {config_file}; known: {", ".join(variants)} '
+                     '(or none)')
+
+
+def long_clip_config(arg: str | None, config_file: str) -> ml_collections.ConfigDict:
+  """The paper's long-clip setting on a folder prepared with `--size=256 --fps=16`.
+
+  Clips of 16 to 145 frames at 16 FPS, 256 px with 16-pixel patches (256 tokens per frame);
+  variants '128' and '64' keep the tokens per frame (patches of 8 and 4, frames resized on read),
+  'tiny' is a seconds-long smoke run.
+  """
+  check_variant(arg, config_file, ('128', '64', 'tiny'))
+  c = base_config()
+  c.total_steps = 400_000
+  c.batch_size = 64
+  c.checkpoint_every = 5000
+  c.sample_every = 20_000
+  c.data.name = 'videos'
+  c.data.image_size = int(arg) if arg in ('128', '64') else 256
+  c.data.min_frames = 16
+  c.data.max_frames = 145
+  c.data.buckets = (16, 32, 48, 64, 96, 128, 145)
+  c.model.size = 'XL'
+  c.model.patch_size = c.data.image_size // 16
+  c.model.dtype = 'bfloat16'
+  c.optim.learning_rate = 1e-4
+  c.optim.warmup_steps = 5000
+  c.optim.ema_decay = 0.9999
+  if arg == 'tiny':
+    make_tiny_clips(c)
+  return c
 
 
 def load_file(spec: str) -> ml_collections.ConfigDict:

@@ -7,7 +7,8 @@ batches of examples that share a bucket, so the model only ever computes on visi
 little padding, and every bucket size compiles once.
 
 A batch is a dict of NumPy arrays, `F` the bucket size:
-  frames:         float32 [B, F, H, W, C] clean visible frames in [-1, 1], zeros in padding.
+  frames:         float32 [B, F, H, W, C] clean visible frames in [-1, 1] (latents as the source
+                  gives them), zeros in padding.
   frame_times:    float32 [B, F] per-frame flow time `clip(tau_i, 0, 1)`, 0 in padding.
   positions:      int32   [B, F] slot index in the compacted sequence (autoregressive: frame index).
   frame_mask:     bool    [B, F] real (visible) frames.
@@ -34,6 +35,7 @@ import numpy as np
 
 from flowception_jax import context as context_lib
 from flowception_jax import data_shards
+from flowception_jax import datasets
 from flowception_jax import flowception
 
 
@@ -65,6 +67,7 @@ class ExtendedTimeTransform(grain.transforms.RandomMap):
   buckets: tuple[int, ...]
   tau_loc: float = 0.0
   tau_scale: float = 1.0
+  pixels: bool = True  # Pixels in [0, 1] go to [-1, 1]; latents (False) pass through unscaled.
   context: context_lib.ContextPatterns = context_lib.ContextPatterns()
 
   def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -85,7 +88,7 @@ class ExtendedTimeTransform(grain.transforms.RandomMap):
       return np.where(real.reshape((size,) + (1,) * (picked.ndim - 1)), picked, fill)
 
     return {
-        'frames': gather(video * 2.0 - 1.0).astype(np.float32),
+        'frames': gather(_model_space(video, self.pixels)).astype(np.float32),
         'frame_times': gather(ext.times).astype(np.float32),
         'positions': np.arange(size, dtype=np.int32),
         'frame_mask': real,
@@ -96,6 +99,11 @@ class ExtendedTimeTransform(grain.transforms.RandomMap):
         'label': np.int32(element['label']),
         'length': np.int32(n),
     }
+
+
+def _model_space(video: np.ndarray, pixels: bool) -> np.ndarray:
+  """Pixels in [0, 1] to [-1, 1]; latents (`pixels` False) pass through unscaled."""
+  return video * 2.0 - 1.0 if pixels else video
 
 
 def _pad(values: np.ndarray, size: int) -> np.ndarray:
@@ -114,6 +122,7 @@ class FullSequenceTransform(grain.transforms.RandomMap):
   buckets: tuple[int, ...]
   tau_loc: float = 0.0
   tau_scale: float = 1.0
+  pixels: bool = True
 
   def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
     video = np.asarray(element['video'], np.float32)
@@ -123,7 +132,7 @@ class FullSequenceTransform(grain.transforms.RandomMap):
     time = flowception.sample_global_ratio(rng, self.tau_distribution, loc=self.tau_loc,
                                            scale=self.tau_scale)
     return {
-        'frames': _pad(video * 2.0 - 1.0, size),
+        'frames': _pad(_model_space(video, self.pixels), size),
         'frame_times': np.where(real, time, 0.0).astype(np.float32),
         'positions': np.arange(size, dtype=np.int32),
         'frame_mask': real,
@@ -151,6 +160,7 @@ class AutoregressiveTransform(grain.transforms.RandomMap):
   buckets: tuple[int, ...]
   tau_loc: float = 0.0
   tau_scale: float = 1.0
+  pixels: bool = True
 
   def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
     video = np.asarray(element['video'], np.float32)
@@ -160,7 +170,7 @@ class AutoregressiveTransform(grain.transforms.RandomMap):
     none = np.zeros(size, bool)
     noisy_times = flowception.sample_global_ratio(rng, self.tau_distribution, size=size,
                                                   loc=self.tau_loc, scale=self.tau_scale)
-    frames = _pad(video * 2.0 - 1.0, size)
+    frames = _pad(_model_space(video, self.pixels), size)
     return {
         'frames': np.concatenate([frames, frames]),
         'frame_times': np.concatenate([real, np.where(real, noisy_times, 0.0)]).astype(np.float32),
@@ -176,15 +186,16 @@ class AutoregressiveTransform(grain.transforms.RandomMap):
     }
 
 
-def make_transform(method: str, flow_config, buckets: tuple[int, ...],
-                   context_config=None) -> grain.transforms.RandomMap:
+def make_transform(method: str, flow_config, buckets: tuple[int, ...], context_config=None,
+                   pixels: bool = True) -> grain.transforms.RandomMap:
   """The per-example transform of `method` ('flowception' or a baseline, see `baselines.METHODS`).
 
   `context_config` (`config.context`, None for none) sets Flowception's context patterns; the
-  baselines train without context frames.
+  baselines train without context frames. `pixels` is `SourceInfo.pixels`.
   """
   times = dict(tau_distribution=flow_config.tau_distribution, buckets=buckets,
-               tau_loc=flow_config.get('tau_loc', 0.0), tau_scale=flow_config.get('tau_scale', 1.0))
+               tau_loc=flow_config.get('tau_loc', 0.0), tau_scale=flow_config.get('tau_scale', 1.0),
+               pixels=pixels)
   if method == 'flowception':
     context = (context_lib.ContextPatterns() if context_config is None
                else context_lib.from_config(context_config))
@@ -256,7 +267,7 @@ def _with_index(index: int, example: dict) -> tuple[int, dict]:
 def make_train_dataset(source, data_config, flow_config, *, batch_size: int, seed: int,
                        max_frames: int, method: str = 'flowception',
                        shard: tuple[int, int] | None = None,
-                       context_config=None) -> grain.IterDataset:
+                       context_config=None, pixels: bool = True) -> grain.IterDataset:
   """The training pipeline over `source` for one data shard.
 
   Shuffling and the extended-time draws are seeded by `seed` and the position in the global stream,
@@ -265,12 +276,19 @@ def make_train_dataset(source, data_config, flow_config, *, batch_size: int, see
   of `batch_size` examples (`batch_size` is the shard's share of a global batch). One shard batches
   greedily by bucket; several follow one bucket sequence so that all agree (`data_shards`).
   `method` chooses the examples (`make_transform`); `context_config` (`config.context`) sets the
-  context patterns of Flowception examples, None trains without context.
+  context patterns of Flowception examples, None trains without context; `pixels` is
+  `SourceInfo.pixels`. A `datasets.RandomClipSource` is read through `random_map`, so each draw of
+  a video cuts a new clip; records it skips as unreadable (None) are dropped.
   """
   index, count = (jax.process_index(), jax.process_count()) if shard is None else shard
   buckets = check_buckets(data_config.buckets, max_frames)
-  transform = make_transform(method, flow_config, buckets, context_config)
-  stream = grain.MapDataset.source(source).seed(seed).shuffle().repeat().random_map(transform)
+  transform = make_transform(method, flow_config, buckets, context_config, pixels)
+  clips = isinstance(source, datasets.RandomClipSource)
+  stream = (grain.MapDataset.range(len(source)) if clips else grain.MapDataset.source(source))
+  stream = stream.seed(seed).shuffle().repeat()
+  if clips:
+    stream = stream.random_map(source.read)
+  stream = stream.random_map(transform)
   records = data_shards.ShardBlocks(stream, batch_size, index, count) if count > 1 else stream
   records = records.map_with_index(_with_index)
   read_options = grain.ReadOptions(num_threads=data_config.num_threads,

@@ -151,6 +151,26 @@ def from_pixels(frames: np.ndarray) -> np.ndarray:
   return (np.asarray(frames, np.float32) * 2.0 - 1.0).astype(np.float32)
 
 
+def to_latents(frames: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+  """Latent frames [B, N, h, w, c] as they are (float32), padded slots zero; for latent models."""
+  alive = np.arange(frames.shape[1])[None, :] < np.asarray(lengths)[:, None]
+  return np.where(alive[:, :, None, None, None], np.asarray(frames, np.float32), 0.0)
+
+
+def save_latents(path: str, latents: np.ndarray, lengths: np.ndarray) -> None:
+  """Writes generated `latents` float32 [N, N_max, h, w, c] and `lengths` int32 [N] to an .npz.
+
+  A latent model's samples are not pixels: decode them with the autoencoder whose encoder wrote
+  the training latents. The file is written under a temporary name and renamed, so it is never
+  partial.
+  """
+  directory, name = os.path.split(os.path.abspath(path))
+  tmp_path = os.path.join(directory, f'.{name}.tmp.npz')
+  np.savez(tmp_path, latents=np.asarray(latents, np.float32),
+           lengths=np.asarray(lengths, np.int32))
+  os.replace(tmp_path, path)
+
+
 def sample_labels(key: jax.Array, num_videos: int, num_classes: int) -> jax.Array | None:
   """Random class labels int32 [num_videos] for conditional models, None for unconditional ones."""
   if not num_classes:

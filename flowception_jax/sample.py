@@ -20,7 +20,8 @@ the first 16 videos (`<name>.png`, a row per video, given frames framed in red) 
 1). The same seed, weights and inputs give the same file. The sampler settings come from the
 trained config unless a flag overrides them (`--num_steps=200 --insertion=thinning`, or
 `--order=hierarchical` for a prescribed insertion order); a summary (with the data set's exact
-metrics, for coloring and shapes, when nothing is given) is printed as JSON.
+metrics, where it has them, when nothing is given) is printed as JSON. A model of latents writes
+`latents` (float32, unscaled) and `lengths` only, for the autoencoder that encoded its data.
 The videos are split over every device (`--num_videos` a multiple of the device count keeps them
 even); on several hosts every process runs the same command (see `main.py` for the runtime flags)
 and process 0 writes the files.
@@ -111,6 +112,12 @@ def write_outputs(output: str, samples: tasks.TaskSamples, config, info) -> dict
   """Writes the .npz, the GIF grid, the filmstrip and the figures of `samples` (see the module
   docstring); returns the summary printed as JSON."""
   videos, lengths = samples.videos, samples.lengths
+  summary = {'method': config.method, 'task': samples.task, 'num_videos': len(lengths),
+             'mean_length': float(lengths.mean()), 'sampler': config.sampler.to_dict()}
+  if not info.pixels:  # No decoder here: the latents are the output.
+    inference.save_latents(output, videos, lengths)
+    summary['latents'] = 'no GIF: decode the latents with the autoencoder that encoded the data'
+    return summary
   arrays = {'videos': videos, 'lengths': lengths, 'context_slots': samples.context_slots}
   if samples.labels is not None:
     arrays['labels'] = samples.labels
@@ -128,8 +135,6 @@ def write_outputs(output: str, samples: tasks.TaskSamples, config, info) -> dict
       num_iterations=samples.num_iterations, max_frames=info.max_frames)
   for name, image in images.items():
     video_io.write_png(f'{stem}_{name}.png', image)
-  summary = {'method': config.method, 'task': samples.task, 'num_videos': len(lengths),
-             'mean_length': float(lengths.mean()), 'sampler': config.sampler.to_dict()}
   if samples.context.shape[1]:
     summary['context_error'] = context_error(videos, samples.context_slots, samples.context)
   else:

@@ -37,7 +37,8 @@ class TaskSamples:
 
   task: one of `TASKS`.
   context: float32 [B, K, H, W, C] in [0, 1], the frames given to each video (K = 0 for generate).
-  videos: float32 [B, N, H, W, C] in [0, 1], zero past each video's length (the sample file form).
+  videos: float32 [B, N, H, W, C] in [0, 1], zero past each video's length (the sample file form);
+    for a model of latents (`SourceInfo.pixels` False) its latents, unscaled.
   lengths: int32 [B].
   context_slots: int32 [B, K], the slot of the k-th given frame in each video (K = 0 for generate).
   labels: int32 [B] class labels of a conditional model, None for an unconditional one.
@@ -214,6 +215,9 @@ class TaskSampler:
     info, b = self.trained.info, self.num_videos
     frames = check_context(task, context, info.frame_shape, info.max_frames)
     method = self.config.method
+    if frames is not None and not info.pixels:
+      raise ValueError(f'--task={task} gives frames in pixels, but this model generates latents; '
+                       'sample it with --task=generate')
     if frames is not None and method != 'flowception':
       raise ValueError(f'--task={task} needs a Flowception model; this one is the {method} '
                        'baseline, which samples only --task=generate')
@@ -237,7 +241,9 @@ class TaskSampler:
     k = 0 if frames is None else frames.shape[-4]
     given = (np.zeros((b, 0) + tuple(info.frame_shape), np.float32) if frames is None
              else np.broadcast_to(frames, (b,) + frames.shape[-4:]))
-    return TaskSamples(task=task, context=given, videos=inference.to_pixels(out.frames, lengths), lengths=lengths,
+    to_videos = inference.to_pixels if info.pixels else inference.to_latents
+    return TaskSamples(task=task, context=given, videos=to_videos(out.frames, lengths),
+                       lengths=lengths,
                        context_slots=np.asarray(out.context_slots)[:, :k].astype(np.int32),
                        labels=None if labels is None else np.asarray(labels, np.int32),
                        insert_step=np.asarray(out.insert_step, np.int32),

@@ -205,10 +205,11 @@ def build(config, info: datasets.SourceInfo):
 
 
 def resolve(config: ml_collections.ConfigDict, info: datasets.SourceInfo):
-  """The config with the source's facts (class count) filled in; checked for consistency."""
+  """The config with the source's facts (class count, pixels or latents) filled in; checked."""
   baselines.check_method(config)
   config = ml_collections.ConfigDict(config.to_dict())
   config.num_classes = info.num_classes
+  config.pixels = info.pixels
   h, w, _ = info.frame_shape
   if h % config.model.patch_size or w % config.model.patch_size:
     raise ValueError(f'frame size {h}x{w} is not divisible by model.patch_size '
@@ -319,7 +320,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   dataset = data.make_train_dataset(source, config.data, config.flow, batch_size=local_batch_size,
                                     seed=config.seed, max_frames=info.max_frames,
                                     method=config.method, shard=shard,
-                                    context_config=config.context)
+                                    context_config=config.context, pixels=info.pixels)
   data_iterator = iter(dataset)
 
   # ---- Model, optimizer and sharded initialisation ----------------------------------------------
@@ -352,6 +353,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     out = sampler(state.ema_params, key, labels=labels)
     out = inference.to_host(out)
     lengths = np.asarray(out.lengths)
+    if not info.pixels:  # Latents: saved for an external decoder; no GIF, no pixel metrics.
+      if jax.process_index() == 0:
+        inference.save_latents(os.path.join(workdir, f'samples_{step:06d}.npz'),
+                               inference.to_latents(out.frames, lengths), lengths)
+      writer.write_scalars(step, {'sample/mean_length': float(lengths.mean())})
+      return
     videos = inference.to_pixels(out.frames, lengths)
     images = figures.sample_figures(
         np.asarray(out.insert_step), lengths, reference.lengths, num_steps=config.sampler.num_steps,

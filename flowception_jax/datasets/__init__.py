@@ -3,14 +3,20 @@
 A source is a Grain random-access data source (`__len__`, `__getitem__`), picklable so reader
 threads and processes can hold copies. Record `i` is a dict
   video: float32 [N, H, W, C] in [0, 1], `N` varying per record (1 <= N <= SourceInfo.max_frames).
+         For a source of latents (`SourceInfo.pixels` False) it holds float32 latents of any range
+         and channel count instead, which the pipeline passes to the model unscaled.
   label: int32 scalar class (0 for unconditional sources); `SourceInfo.class_names` names the
     classes where the data set knows them (`sample --class=NAME`).
-The built-in sources are procedural: record `i` is a pure function of `(data.seed, i)`, so no files
-are needed and every process sees the same clips. Each data set is one module holding its source and
-its `make(data_config)` factory, and, where samples can be scored exactly, a metrics function
-(`coloring.metrics`; `shapes_metrics.metrics`, built on the reusable `shapes_tracker`);
-`_DATASETS` below registers them by name. The tasks with given frames are scored exactly on shapes
-by `shapes_tasks` (continuation and interpolation, against the clips the frames were cut from).
+Sources may add keys (`camera` records keep their photo and camera path).
+The built-in sources (`shapes`, `coloring`, `camera`) are procedural: record `i` is a pure function
+of `(data.seed, i)`, so no files are needed and every process sees the same clips. Sources of stored
+videos (`ucf101`, `videos`) are `RandomClipSource`s: the pipeline cuts a new random clip at every
+draw of a video, and `source[i]` is one such clip, None if an unreadable record is skipped. Each
+data set is one module holding its source and its `make(data_config)` factory, and, where samples
+can be scored exactly, a metrics function (`coloring.metrics`; `shapes_metrics.metrics`, built on
+the reusable `shapes_tracker`; `camera.metrics`); `_DATASETS` below registers them by name. The
+tasks with given frames are scored exactly on shapes by `shapes_tasks` (continuation and
+interpolation, against the clips the frames were cut from).
 """
 
 from collections.abc import Callable
@@ -19,9 +25,13 @@ from typing import Any
 
 import numpy as np
 
+from flowception_jax.datasets import camera
 from flowception_jax.datasets import coloring
 from flowception_jax.datasets import shapes
 from flowception_jax.datasets import shapes_metrics
+from flowception_jax.datasets import ucf101
+from flowception_jax.datasets import video_folder
+from flowception_jax.datasets.base import RandomClipSource
 from flowception_jax.datasets.base import SourceInfo
 
 
@@ -34,9 +44,12 @@ class _Dataset:
 
 
 _DATASETS = {
-    # The coloring rules do not depend on the config.
+    # The camera and coloring rules do not depend on the config.
+    'camera': _Dataset(camera.make, lambda videos, lengths, _: camera.metrics(videos, lengths)),
     'coloring': _Dataset(coloring.make, lambda videos, lengths, _: coloring.metrics(videos, lengths)),
     'shapes': _Dataset(shapes.make, shapes_metrics.metrics),
+    'ucf101': _Dataset(ucf101.make),
+    'videos': _Dataset(video_folder.make),
 }
 
 
