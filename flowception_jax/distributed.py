@@ -10,8 +10,9 @@ every process raises the same error instead of some of them waiting for the othe
 import hashlib
 import json
 import os
-from typing import Any
+from typing import Any, Callable
 
+from absl import flags
 from absl import logging
 import jax
 from jax.experimental import multihost_utils
@@ -41,7 +42,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   else:
     try:
       jax.distributed.initialize()
-    except ValueError as e:
+    except (ValueError, RuntimeError) as e:  # No cluster, or JAX already running in this process.
       announced = {v: os.environ[v] for v in _TASK_COUNT_VARIABLES
                    if os.environ.get(v, '1').isdigit() and int(os.environ.get(v, '1')) > 1}
       if announced:
@@ -51,6 +52,15 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
       logging.info('no cluster detected (%s): running as a single process', e)
   logging.info('process %d of %d, local devices %s', jax.process_index(), jax.process_count(),
                jax.local_devices())
+
+
+def define_flags() -> Callable[[], None]:
+  """Defines a program's runtime flags; returns the function that joins the runtime from them."""
+  coordinator = flags.DEFINE_string(
+      'coordinator_address', None, 'host:port of process 0 in a multi-process run (default: detect).')
+  num_processes = flags.DEFINE_integer('num_processes', None, 'Processes in a multi-process run.')
+  process_id = flags.DEFINE_integer('process_id', None, 'This process: 0 .. num_processes - 1.')
+  return lambda: initialize(coordinator.value, num_processes.value, process_id.value)
 
 
 def check_same(what: str, value: Any) -> None:

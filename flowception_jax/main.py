@@ -22,10 +22,8 @@ from flowception_jax import run_log
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and samples.')
-_COORDINATOR = flags.DEFINE_string(
-    'coordinator_address', None, 'host:port of process 0 in a multi-process run (default: detect).')
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in a multi-process run.')
-_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process: 0 .. num_processes - 1.')
+_JOIN_RUNTIME = distributed.define_flags()
+flags.adopt_module_key_flags(distributed)
 _VERBOSE = flags.DEFINE_bool('verbose', False, "Also show the libraries' logs (Orbax, Grain, JAX, "
                              'TensorFlow) and the traceback of every error.')
 flags.mark_flags_as_required(['config', 'workdir'])
@@ -36,7 +34,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   run_log.setup(verbose=_VERBOSE.value)
   with run_log.one_line_errors(enabled=not _VERBOSE.value):
-    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    _JOIN_RUNTIME()
   # Imported here, after flag parsing, so that TensorFlow's C++ start-up notes (the trainer's
   # metric writers import it) can be kept out of the run's output.
   with run_log.native_output_silenced(enabled=not _VERBOSE.value):

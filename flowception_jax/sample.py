@@ -70,10 +70,8 @@ _CONTEXT = flags.DEFINE_string('context', None,
                                '[K, H, W, C] in [0, 1] at the model\'s frame size.')
 _CLASS = flags.DEFINE_string('class', None, 'Class id or name of every video (conditional models; '
                              'default: random classes).')
-_COORDINATOR = flags.DEFINE_string(
-    'coordinator_address', None, 'host:port of process 0 in a multi-process run (default: detect).')
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in a multi-process run.')
-_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process: 0 .. num_processes - 1.')
+_JOIN_RUNTIME = distributed.define_flags()
+flags.adopt_module_key_flags(distributed)
 _VERBOSE = flags.DEFINE_bool('verbose', False, "Also show the libraries' logs and the traceback "
                              'of every error.')
 flags.mark_flags_as_required(['workdir', 'output'])
@@ -152,10 +150,9 @@ def main(argv):
                'guidance_scale': _GUIDANCE.value, 'rate_guidance': _RATE_GUIDANCE.value,
                'order': _ORDER.value, 'solver': _SOLVER.value}
   with run_log.one_line_errors(enabled=not _VERBOSE.value):
-    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    _JOIN_RUNTIME()
     own_flags = flags.FLAGS.get_flags_for_module(sys.modules[__name__])
-    distributed.check_same('sampling flags',
-                           {f.name: f.value for f in own_flags if f.name != 'process_id'})
+    distributed.check_same('sampling flags', {f.name: f.value for f in own_flags})
     samples, config, info = sample_outputs(
         _WORKDIR.value, _NUM_VIDEOS.value, _SEED.value,
         {k: v for k, v in overrides.items() if v is not None}, task=_TASK.value,

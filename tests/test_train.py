@@ -149,8 +149,8 @@ def test_velocity_weighting_reweights_only_the_velocity_loss():
   target's square over frames in flow; the rate loss does not see the weighting."""
 
   class ZeroModel:
-    def apply(self, variables, frames, *args):
-      del variables, args
+    def apply(self, variables, frames, *args, **kwargs):
+      del variables, args, kwargs
       return jnp.zeros_like(frames), jnp.zeros(frames.shape[:2])
 
   rng = np.random.default_rng(0)
