@@ -75,7 +75,6 @@ flags.adopt_module_key_flags(distributed)
 _VERBOSE = flags.DEFINE_bool('verbose', False, "Also show the libraries' logs and the traceback "
                              'of every error.')
 flags.mark_flags_as_required(['workdir', 'output'])
-_FILMSTRIP_ROWS = 16  # Videos shown in the PNG beside the output.
 
 
 def sample_outputs(workdir: str, num_videos: int, seed: int, sampler_overrides=None,
@@ -123,10 +122,7 @@ def write_outputs(output: str, samples: tasks.TaskSamples, config, info) -> dict
   np.savez(output, **arrays)
   stem = output[:-len('.npz')]
   video_io.write_gif(stem + '.gif', video_io.video_grid(videos, lengths))
-  shown = slice(0, _FILMSTRIP_ROWS)
-  given = np.zeros(videos.shape[:2], bool)
-  given[np.arange(len(videos))[:, None], samples.context_slots] = True
-  video_io.write_png(stem + '.png', video_io.filmstrip(videos[shown], lengths[shown], given[shown]))
+  video_io.write_png(stem + '.png', tasks.filmstrip(samples))
   data_lengths = evaluate.data_reference(config.data, config.eval.num_data_videos).lengths
   images = figures.sample_figures(
       samples.insert_step, lengths, data_lengths, num_steps=config.sampler.num_steps,

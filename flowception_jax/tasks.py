@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from flowception_jax import inference
+from flowception_jax import video_io
 
 TASKS = ('generate', 'i2v', 'interpolate', 'extend')
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp')
@@ -248,6 +249,15 @@ class TaskSampler:
                        labels=None if labels is None else np.asarray(labels, np.int32),
                        insert_step=np.asarray(out.insert_step, np.int32),
                        num_iterations=int(out.num_iterations))
+
+
+def filmstrip(samples: TaskSamples, max_rows: int = 16) -> np.ndarray:
+  """uint8 [H', W', 3] picture of the first `max_rows` videos: a row per video, its frames from left
+  to right, the given frames framed in red (`video_io.filmstrip`)."""
+  shown = slice(0, max_rows)
+  given = np.zeros(samples.videos.shape[:2], bool)
+  given[np.arange(len(given))[:, None], samples.context_slots] = True
+  return video_io.filmstrip(samples.videos[shown], samples.lengths[shown], given[shown])
 
 
 def sample(trained: inference.TrainedModel, task: str = 'generate', context=None, *,

@@ -18,6 +18,8 @@ _COLABS = os.path.join(_ROOT, 'colabs')
 NOTEBOOKS = {
     'quickstart.ipynb': (dict(CONFIG='configs/shapes.py:tiny', CPU_STEPS=4, NUM_VIDEOS=2,
                               OVERRIDES={'data.buckets': (12,)}), 3),
+    'tasks.ipynb': (dict(CONFIG='configs/shapes.py:tiny', CPU_STEPS=4, NUM_VIDEOS=2,
+                         OVERRIDES={'data.buckets': (12,)}), 4),
 }
 
 
