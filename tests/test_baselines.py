@@ -311,7 +311,7 @@ def test_each_method_trains_samples_and_keeps_its_checkpoints(tmp_path, method):
   for video, length in zip(videos, lengths):
     assert not np.any(video[length:])
   output = str(tmp_path / 'samples.npz')
-  with flagsaver.flagsaver(workdir=workdir, output=output, order='random'), \
+  with flagsaver.flagsaver(workdir=workdir, output=output, order='random', verbose=True), \
       pytest.raises(ValueError, match='needs the flowception method'):
     sample.main(['sample'])
   assert not os.path.exists(output)
