@@ -8,6 +8,7 @@ trainer uses for its sample GIFs.
 
 import dataclasses
 import functools
+import os
 from typing import Any
 
 import flax.linen as nn

@@ -27,14 +27,6 @@ from flowception_jax import tasks
 from flowception_jax.datasets import shapes_tasks
 from flowception_jax.datasets import shapes_tracker as tracker
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir of a shapes model.')
-_NUM_VIDEOS = flags.DEFINE_integer('num_videos', 128, 'Held-out clips (videos per task).')
-_SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed (the same for every task).')
-_PREFIX = flags.DEFINE_integer('prefix', 3, 'Given frames of the extension task.')
-_OUTPUT = flags.DEFINE_string('output', None, 'Output .json path.')
-_WRITE_CONTEXTS = flags.DEFINE_string('write_contexts', None,
-                                      'Directory for example context files (optional).')
-flags.mark_flags_as_required(['workdir', 'output'])
 
 
 def held_out_clips(data_config, count: int, min_frames: int) -> tuple[np.ndarray, np.ndarray]:
@@ -106,21 +98,34 @@ def write_contexts(directory: str, data_config, prefix: int) -> None:
   np.savez(os.path.join(directory, 'keys.npz'), frames=clip[key_indices(lengths[best])])
 
 
+def _define_flags() -> None:
+  """The command's flags, defined only when it runs, so that importing this module defines none."""
+  flags.DEFINE_string('workdir', None, 'Training workdir of a shapes model.')
+  flags.DEFINE_integer('num_videos', 128, 'Held-out clips (videos per task).')
+  flags.DEFINE_integer('seed', 0, 'Sampling seed (the same for every task).')
+  flags.DEFINE_integer('prefix', 3, 'Given frames of the extension task.')
+  flags.DEFINE_string('output', None, 'Output .json path.')
+  flags.DEFINE_string('write_contexts', None, 'Directory for example context files (optional).')
+  flags.mark_flags_as_required(['workdir', 'output'])
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  trained = inference.load(_WORKDIR.value)
-  if _WRITE_CONTEXTS.value:
-    write_contexts(_WRITE_CONTEXTS.value, trained.config.data, _PREFIX.value)
-  summary = {'workdir': _WORKDIR.value, 'step': trained.step, 'num_videos': _NUM_VIDEOS.value,
-             'seed': _SEED.value, 'prefix': _PREFIX.value,
-             'tasks': evaluate(tasks.TaskSampler(trained, _NUM_VIDEOS.value), _SEED.value,
-                               _PREFIX.value)}
-  os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
-  with open(_OUTPUT.value, 'w') as f:
+  args = flags.FLAGS
+  trained = inference.load(args.workdir)
+  if args.write_contexts:
+    write_contexts(args.write_contexts, trained.config.data, args.prefix)
+  summary = {'workdir': args.workdir, 'step': trained.step, 'num_videos': args.num_videos,
+             'seed': args.seed, 'prefix': args.prefix,
+             'tasks': evaluate(tasks.TaskSampler(trained, args.num_videos), args.seed,
+                               args.prefix)}
+  os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+  with open(args.output, 'w') as f:
     json.dump(summary, f, indent=1)
   print(json.dumps(summary, indent=1))
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)
