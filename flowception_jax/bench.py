@@ -1,0 +1,364 @@
+r"""Benchmark: Flowception against full-sequence flow matching, side by side in one process.
+
+  python -m flowception_jax.bench --config=configs/bench.py --output=/tmp/bench.json
+
+On the current device (CPU, GPU or TPU) it measures, in this order: the FLOP/s of a large float32
+matrix product (the peak that utilisation is quoted against); the steady-state train step of the
+same model on the same data under both methods (the real pipeline, `train.jit_train_step`); both
+samplers at the same number of steps; the Grain pipeline alone; and the expected cost of the
+extended-time recipe for every insertion scheduler and global-time law, by numerical integration
+and from drawn examples. Times are wall-clock seconds between blocking fetches, after compilation
+(reported apart), the median over `bench.repeats` passes. On a shared machine absolute times are
+inflated; the ratios, taken side by side in one run, are what to read. Prints a table and writes
+every figure to `--output` as JSON (keys documented in the README, section Benchmark).
+"""
+
+import json
+import os
+import statistics
+import time
+from typing import Any, Callable
+
+from absl import app
+from absl import flags
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+
+from flowception_jax import baselines
+from flowception_jax import context as context_lib
+from flowception_jax import data
+from flowception_jax import datasets
+from flowception_jax import flowception
+from flowception_jax import inference
+from flowception_jax import model as model_lib
+from flowception_jax import sharding
+from flowception_jax import train
+
+TAU_DISTRIBUTIONS = ('uniform', 'logit_normal')
+
+
+# ---- Analytic FLOP count ---------------------------------------------------------------------------
+
+def forward_flops(model: model_lib.DiT, frames: int, frame_shape: tuple[int, int, int]) -> int:
+  """Matrix-product FLOPs (2 per multiply-add) of one forward pass of `model` on one example.
+
+  The example has `frames` slots (a bucket: padded slots are computed like real ones) of
+  `frame_shape` (H, W, C). Counts every dense layer and both attention products (scores and
+  weighted values over all `S x S` token pairs); elementwise work is left out.
+  """
+  h, w, c = frame_shape
+  p, d = model.patch_size, model.hidden_size
+  patches = (h // p) * (w // p)
+  tokens = frames * (patches + 1)  # One rate token per frame.
+  mlp = int(d * model.mlp_ratio)
+  embed = frames * (patches * (p * p * 2 * c) * d  # Patch embedding of [noisy | context].
+                    + model_lib._TIME_FEATURES * d + d * d)  # Time MLP.
+  block = (frames * d * 6 * d  # adaLN modulation.
+           + tokens * d * (3 * d + d + 2 * mlp)  # QKV, attention output, MLP.
+           + 2 * tokens * tokens * d)  # Scores and weighted values.
+  heads = frames * (d * 2 * d + patches * d * p * p * c + d * d + d)  # Final adaLN, velocity, rate.
+  return 2 * (embed + model.depth * block + heads)
+
+
+def train_flops(model: model_lib.DiT, frames: int, frame_shape: tuple[int, int, int]) -> int:
+  """Forward plus backward matrix-product FLOPs of one example: 3x the forward pass."""
+  return 3 * forward_flops(model, frames, frame_shape)
+
+
+# ---- Timing ----------------------------------------------------------------------------------------
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+  """Wall-clock seconds of `fn()` up to the moment its result is on hand, and the result."""
+  start = time.perf_counter()
+  out = jax.block_until_ready(fn())
+  return time.perf_counter() - start, out
+
+
+def peak_flops(size: int, repeats: int) -> list[float]:
+  """FLOP/s of `repeats` float32 `[size, size] @ [size, size]` products on the default device."""
+  keys = jax.random.split(jax.random.key(0), 2)
+  a, b = (jax.random.normal(k, (size, size), jnp.float32) for k in keys)
+  matmul = jax.jit(jnp.matmul).lower(a, b).compile()
+  jax.block_until_ready(matmul(a, b))
+  return [2 * size**3 / timed(lambda: matmul(a, b))[0] for _ in range(repeats)]
+
+
+def _with(config: ml_collections.ConfigDict, **fields) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict(config.to_dict())
+  for name, value in fields.items():
+    config[name] = value
+  return config
+
+
+def draw_batches(dataset, count: int) -> list[dict[str, np.ndarray]]:
+  """The first `count` batches of a pipeline, on the host (so steps time no input work)."""
+  iterator = iter(dataset)
+  return [next(iterator) for _ in range(count)]
+
+
+def bench_train(config, source, info, mesh, method: str, bench) -> dict[str, Any]:
+  """Compiles and times `method`'s real train step on batches of its real pipeline.
+
+  Each distinct bucket is compiled ahead of time (`compile_s`, summed); then `bench.repeats`
+  passes run every batch once, blocking after each step. Returns seconds per example (median pass),
+  the model FLOPs of the batches' bucket sizes, XLA's own FLOP count, and the final state.
+  """
+  config = train.resolve(_with(config, method=method), info)
+  model, tx, init_fn = train.build(config, info)
+  _, shardings = train.state_layout(init_fn, mesh)
+  state = train.init_sharded(init_fn, mesh, shardings, jax.random.key(config.seed))
+  step_fn = train.jit_train_step(model, tx, config, mesh, shardings)
+  dataset = data.make_train_dataset(
+      source, config.data, config.flow, batch_size=config.batch_size, seed=config.seed,
+      max_frames=info.max_frames, method=method, context_config=config.context,
+      pixels=info.pixels)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    batches = [sharding.to_global_batch(b, mesh) for b in draw_batches(dataset, bench.train_batches)]
+    compiled, compile_s, xla_flops = {}, 0.0, {}
+    for batch in batches:
+      size = batch['frame_mask'].shape[1]
+      if size not in compiled:
+        seconds, compiled[size] = timed(lambda: step_fn.lower(state, batch).compile())
+        compile_s += seconds
+        xla_flops[size] = compiled[size].cost_analysis().get('flops', float('nan'))
+    for batch in batches[:len(compiled)] + batches:  # Warm up every bucket's executable first.
+      state, _ = compiled[batch['frame_mask'].shape[1]](state, batch)
+    jax.block_until_ready(state)
+    passes = []
+    for _ in range(bench.repeats):
+      total = 0.0
+      for batch in batches:
+        seconds, (state, _) = timed(lambda: compiled[batch['frame_mask'].shape[1]](state, batch))
+        total += seconds
+      passes.append(total)
+  sizes = [int(b['frame_mask'].shape[1]) for b in batches]
+  examples = config.batch_size * len(batches)
+  frame_masks = np.stack([np.asarray(b['frame_mask']).sum(1) for b in batches])
+  lengths = np.stack([np.asarray(b['length']) for b in batches])
+  return {
+      's_per_example': statistics.median(passes) / examples,
+      'compile_s': compile_s,
+      'buckets': sizes,
+      'model_flops_per_example': float(np.mean([train_flops(model, s, info.frame_shape)
+                                                for s in sizes])),
+      'xla_flops_per_example': float(np.mean([xla_flops[s] for s in sizes])) / config.batch_size,
+      'visible_fraction': float(frame_masks.sum() / lengths.sum()),
+      'bucket_fill': float(frame_masks.sum() / (config.batch_size * sum(sizes))),
+      'model': model, 'config': config, 'state': state,
+  }
+
+
+def bench_sample(model, config, info, params, num_videos: int, repeats: int) -> dict[str, Any]:
+  """Compiles and times `config.method`'s sampler on `num_videos` videos; median of `repeats`."""
+  sample = inference.make_sampler(model, config, info, num_videos)
+  labels = inference.sample_labels(jax.random.key(1), num_videos, info.num_classes)
+  compile_s, compiled = timed(lambda: sample.lower(params, jax.random.key(0), labels).compile())
+  jax.block_until_ready(compiled(params, jax.random.key(0), labels))
+  runs = [timed(lambda: compiled(params, jax.random.key(2 + i), labels)) for i in range(repeats)]
+  per_eval = ((2 if info.num_classes and config.sampler.guidance_scale != 1.0 else 1)
+              * (2 if config.sampler.solver == 'heun' else 1))
+  return {'s': statistics.median(s for s, _ in runs), 'compile_s': compile_s,
+          'nfe': float(np.median([int(out.num_iterations) for _, out in runs])) * per_eval,
+          'mean_length': float(np.mean([np.mean(out.lengths) for _, out in runs]))}
+
+
+def bench_data(config, source, info, num_batches: int) -> float:
+  """Examples per second of the Grain pipeline alone, after its first batch (threads started)."""
+  dataset = data.make_train_dataset(
+      source, config.data, config.flow, batch_size=config.batch_size, seed=config.seed + 1,
+      max_frames=info.max_frames, method=config.method, context_config=config.context,
+      pixels=info.pixels)
+  iterator = iter(dataset)
+  next(iterator)
+  start = time.perf_counter()
+  for _ in range(num_batches):
+    next(iterator)
+  return num_batches * config.batch_size / (time.perf_counter() - start)
+
+
+# ---- The extended-time recipe: expected cost ------------------------------------------------------
+
+def _ratio_density(distribution: str, r: np.ndarray, loc: float, scale: float) -> np.ndarray:
+  """Density of the global-time ratio `r` in (0, 1) (`flowception.sample_global_ratio`)."""
+  if distribution == 'uniform':
+    return np.ones_like(r)
+  z = (np.log(r) - np.log1p(-r) - loc) / scale
+  return np.exp(-0.5 * z**2) / (scale * np.sqrt(2 * np.pi) * r * (1 - r))
+
+
+def expected_visible(kappa: flowception.Kappa, distribution: str, num_frames: int,
+                     num_start_frames: int, loc: float = 0.0, scale: float = 1.0,
+                     grid: int = 2000) -> tuple[float, float]:
+  """(E[V], E[V^2]) of the visible frame count V of a clip of `num_frames`, by integration.
+
+  The `n = N - s` non-start delays are i.i.d. with CDF `kappa`; their maximum `m` has density
+  `n kappa(m)^(n-1) kappa'(m)`; `tau_g = r (m + 1)`. Given `m` and `y = tau_g < m`, the other
+  `n - 1` delays are i.i.d. below `m`, so `V - s - 1{y >= m}` is Binomial(n - 1, kappa(y) /
+  kappa(m)). Leaves out the redraw of global times that put no frame in flow (rare).
+  """
+  s = min(num_start_frames, num_frames)
+  n = num_frames - s
+  if n == 0:
+    return float(s), float(s * s)
+  m = (np.arange(grid) + 0.5) / grid  # Midpoint rule on (0, 1) for both variables.
+  r = m
+  m_weight = n * kappa.fn(m) ** (n - 1) * kappa.derivative(m) / grid
+  r_weight = _ratio_density(distribution, r, loc, scale) / grid
+  r_weight = r_weight / r_weight.sum()
+  y = r[None, :] * (m[:, None] + 1)
+  all_in = y >= m[:, None]
+  p = np.where(all_in, 1.0, kappa.fn(np.minimum(y, 1.0)) / kappa.fn(m)[:, None])
+  mean_k = np.where(all_in, n, (n - 1) * p)  # Below the maximum: the Binomial's moments.
+  second_k = np.where(all_in, n * n, (n - 1) * p * (1 - p) + ((n - 1) * p) ** 2)
+  weight = m_weight[:, None] * r_weight[None, :]
+  weight = weight / weight.sum()
+  e_k, e_k2 = float((weight * mean_k).sum()), float((weight * second_k).sum())
+  return s + e_k, s * s + 2 * s * e_k + e_k2
+
+
+def recipe_study(config, source, info, num_examples: int) -> dict[str, dict[str, float]]:
+  """Visible fraction and attention-cost ratio of every (kappa, global-time law), two ways.
+
+  `analytic`: `expected_visible` averaged over the source's clip lengths; `pipeline`: drawn by the
+  pipeline's own transform (`data.ExtendedTimeTransform`, no context frames) on `num_examples`
+  clips of the source. Fractions are of frames (sum of visible over sum of clip frames); the
+  attention ratio is sum V^2 over sum N^2 (quadratic cost, unpadded); `padded_*` compare the
+  bucket sizes with those of the full clips.
+  """
+  lengths = np.bincount([np.asarray(source[i]['video']).shape[0] for i in range(num_examples)],
+                        minlength=info.max_frames + 1)
+  buckets = data.check_buckets(config.data.buckets, info.max_frames)
+  loc, scale = config.flow.tau_loc, config.flow.tau_scale
+  rng = np.random.default_rng(config.seed)
+  study = {}
+  for kappa_name in flowception.KAPPAS:
+    kappa = flowception.get_kappa(kappa_name)
+    for distribution in TAU_DISTRIBUTIONS:
+      moments = {n: expected_visible(kappa, distribution, n, config.flow.num_start_frames, loc,
+                                     scale) for n in np.flatnonzero(lengths)}
+      frames = sum(lengths[n] * n for n in moments)
+      squares = sum(lengths[n] * n * n for n in moments)
+      full = np.array([data.bucket_for(n, buckets) for n in moments])
+      weights = np.array([lengths[n] for n in moments])
+      transform = data.ExtendedTimeTransform(
+          kappa=kappa_name, num_start_frames=config.flow.num_start_frames,
+          tau_distribution=distribution, buckets=buckets, tau_loc=loc, tau_scale=scale,
+          pixels=info.pixels, context=context_lib.ContextPatterns())
+      visible, padded = [], []
+      for i in range(num_examples):
+        example = transform.random_map(source[i], rng)
+        visible.append(int(example['frame_mask'].sum()))
+        padded.append(example['frame_mask'].shape[0])
+      visible, padded = np.array(visible), np.array(padded)
+      study[f'{kappa_name}/{distribution}'] = {
+          'analytic_visible_fraction': sum(lengths[n] * v for n, (v, _) in moments.items()) / frames,
+          'analytic_attention_ratio': sum(lengths[n] * v2 for n, (_, v2) in moments.items())
+                                      / squares,
+          'pipeline_visible_fraction': float(visible.sum() / frames),
+          'pipeline_attention_ratio': float((visible**2).sum() / squares),
+          'pipeline_padded_fraction': float(padded.sum() / (weights * full).sum()),
+          'pipeline_padded_attention_ratio': float((padded**2).sum() / (weights * full**2).sum()),
+      }
+  return study
+
+
+# ---- The whole benchmark ---------------------------------------------------------------------------
+
+def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Every measurement of the benchmark for `config`, as a flat dict of JSON-ready figures."""
+  bench = config.bench
+  source, info = datasets.make_source(config.data)
+  mesh = sharding.make_mesh(config.mesh)
+  sharding.check_batch_size(config.batch_size, mesh)
+  peaks = peak_flops(bench.peak_size, bench.repeats)
+
+  runs = {method: bench_train(config, source, info, mesh, method, bench)
+          for method in ('flowception', 'full_sequence')}
+  peaks += peak_flops(bench.peak_size, bench.repeats)  # Again, under the same load as the steps.
+  peak = statistics.median(peaks)
+  flow, full = runs['flowception'], runs['full_sequence']
+  results = {
+      'device': jax.devices()[0].device_kind, 'num_devices': jax.device_count(),
+      'peak_flops': peak,
+      'train.flowception_s_per_example': flow['s_per_example'],
+      'train.full_sequence_s_per_example': full['s_per_example'],
+      'train.cost_ratio_measured': flow['s_per_example'] / full['s_per_example'],
+      'train.cost_ratio_analytic': flow['model_flops_per_example']
+                                   / full['model_flops_per_example'],
+      'train.model_flops_per_example': flow['model_flops_per_example'],
+      'train.full_sequence_model_flops_per_example': full['model_flops_per_example'],
+      'train.xla_flops_per_example': flow['xla_flops_per_example'],
+      'train.mfu': flow['model_flops_per_example'] / flow['s_per_example'] / peak,
+      'train.full_sequence_mfu': full['model_flops_per_example'] / full['s_per_example'] / peak,
+      'train.flowception_visible_fraction': flow['visible_fraction'],
+      'train.flowception_bucket_fill': flow['bucket_fill'],
+      'train.full_sequence_bucket_fill': full['bucket_fill'],
+      'train.flowception_buckets': flow['buckets'],
+      'train.full_sequence_buckets': full['buckets'],
+      'train.compile_s': flow['compile_s'] + full['compile_s'],
+  }
+
+  full_config = _with(full['config'], length_distribution=baselines.length_distribution(
+      source, info.max_frames, bench.study_examples))
+  params = flow['state'].ema_params
+  samples = {name: bench_sample(flow['model'], c, info, params, bench.sample_videos, bench.repeats)
+             for name, c in (('flowception', flow['config']), ('full_sequence', full_config))}
+  for name, s in samples.items():
+    results.update({f'sample.{name}_s': s['s'], f'sample.{name}_nfe': s['nfe'],
+                    f'sample.{name}_mean_length': s['mean_length']})
+  results['sample.compile_s'] = sum(s['compile_s'] for s in samples.values())
+  results['sample.speed_ratio'] = samples['full_sequence']['s'] / samples['flowception']['s']
+  results['sample.num_videos'] = bench.sample_videos
+  results['sample.num_steps'] = config.sampler.num_steps
+
+  results['data.examples_per_s'] = bench_data(flow['config'], source, info, bench.data_batches)
+  results['data.train_examples_per_s'] = 1.0 / flow['s_per_example']
+  for name, figures in recipe_study(config, source, info, bench.study_examples).items():
+    results.update({f'recipe.{name}.{k}': v for k, v in figures.items()})
+  return results
+
+
+def format_table(results: dict[str, Any]) -> str:
+  """The figures of `run` as aligned text lines."""
+  lines = []
+  for key, value in results.items():
+    if isinstance(value, float):
+      value = f'{value:.4g}'
+    elif isinstance(value, list):
+      value = ','.join(map(str, value))
+    lines.append(f'{key:<52} {value}')
+  return '\n'.join(lines)
+
+
+def write_json(path: str, results: dict[str, Any]) -> None:
+  """Writes `results` to `path` under a temporary name first, so the file is never partial."""
+  directory = os.path.dirname(os.path.abspath(path))
+  tmp_path = os.path.join(directory, f'.{os.path.basename(path)}.tmp')
+  with open(tmp_path, 'w') as f:
+    json.dump(results, f, indent=1)
+  os.replace(tmp_path, path)
+
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Benchmark config file.',
+                                          lock_config=True)
+_OUTPUT = flags.DEFINE_string('output', None, 'JSON file the figures are written to.')
+flags.mark_flags_as_required(['config', 'output'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  directory = os.path.dirname(os.path.abspath(_OUTPUT.value))
+  if not os.path.isdir(directory):
+    raise app.UsageError(f'the folder of --output={_OUTPUT.value} does not exist; create it first')
+  results = run(_CONFIG.value)
+  print(format_table(results))
+  write_json(_OUTPUT.value, results)
+
+
+if __name__ == '__main__':
+  app.run(main)
