@@ -13,9 +13,13 @@ inflated; the ratios, taken side by side in one run, are what to read. Prints a 
 every figure to `--output` as JSON (keys documented in the README, section Benchmark).
 """
 
+import collections
+import glob
 import json
 import os
+import re
 import statistics
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -87,6 +91,52 @@ def peak_flops(size: int, repeats: int) -> list[float]:
   return [2 * size**3 / timed(lambda: matmul(a, b))[0] for _ in range(repeats)]
 
 
+def _instruction_kinds(hlo_text: str) -> dict[str, str]:
+  """Kind of every instruction of a compiled HLO module: 'matmul' if it is, or its fused
+  computation holds, a dot or convolution; else its fusion name without the number ('copy_fusion')."""
+  bodies, name = {}, None
+  for line in hlo_text.splitlines():
+    if line and not line.startswith(' ') and line.rstrip().endswith('{'):
+      name = line.split()[1 if line.startswith('ENTRY') else 0].lstrip('%')
+      bodies[name] = []
+    elif name is not None:
+      bodies[name].append(line)
+  has_dot = {n: any(re.search(r' (dot|convolution)\(', l) for l in b) for n, b in bodies.items()}
+  kinds = {}
+  for lines in bodies.values():
+    for line in lines:
+      match = re.match(r'\s*(?:ROOT )?%?([\w.\-]+) = \S+ ([\w\-]+)\(', line)
+      if not match:
+        continue
+      called = re.search(r'calls=%?([\w.\-]+)', line)
+      dot = match.group(2) in ('dot', 'convolution') or (called and has_dot.get(called.group(1)))
+      kinds[match.group(1)] = 'matmul' if dot else re.sub(r'\.\d+$', '', match.group(1))
+  return kinds
+
+
+def profile_kinds(compiled, *args) -> dict[str, float]:
+  """Share of the time of one `compiled(*args)` spent in each kind of operation.
+
+  From a `jax.profiler` trace: events named after the executable's HLO instructions (on CPU, the
+  thunks of its thread pool) are summed per `_instruction_kinds` kind, over all threads.
+  """
+  kinds = _instruction_kinds(compiled.as_text())
+  with tempfile.TemporaryDirectory() as logdir:
+    jax.profiler.start_trace(logdir)
+    jax.block_until_ready(compiled(*args))
+    jax.profiler.stop_trace()
+    trace = jax.profiler.ProfileData.from_file(
+        glob.glob(os.path.join(logdir, '**', '*.xplane.pb'), recursive=True)[0])
+  totals = collections.Counter()
+  for plane in trace.planes:
+    for line in plane.lines:
+      for event in line.events:
+        if event.name in kinds:
+          totals[kinds[event.name]] += event.duration_ns
+  whole = sum(totals.values()) or 1
+  return {kind: t / whole for kind, t in totals.most_common()}
+
+
 def _with(config: ml_collections.ConfigDict, **fields) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict(config.to_dict())
   for name, value in fields.items():
@@ -128,6 +178,10 @@ def bench_train(config, source, info, mesh, method: str, bench) -> dict[str, Any
     for batch in batches[:len(compiled)] + batches:  # Warm up every bucket's executable first.
       state, _ = compiled[batch['frame_mask'].shape[1]](state, batch)
     jax.block_until_ready(state)
+    largest = max(batches, key=lambda b: b['frame_mask'].shape[1])
+    # Profiled on a copy: the executable donates (deletes) the state it is given.
+    kinds = profile_kinds(compiled[largest['frame_mask'].shape[1]],
+                          jax.tree.map(jnp.copy, state), largest)
     passes = []
     for _ in range(bench.repeats):
       total = 0.0
@@ -148,6 +202,7 @@ def bench_train(config, source, info, mesh, method: str, bench) -> dict[str, Any
       'xla_flops_per_example': float(np.mean([xla_flops[s] for s in sizes])) / config.batch_size,
       'visible_fraction': float(frame_masks.sum() / lengths.sum()),
       'bucket_fill': float(frame_masks.sum() / (config.batch_size * sum(sizes))),
+      'profile': kinds,
       'model': model, 'config': config, 'state': state,
   }
 
@@ -229,7 +284,8 @@ def recipe_study(config, source, info, num_examples: int) -> dict[str, dict[str,
   attention ratio is sum V^2 over sum N^2 (quadratic cost, unpadded); `padded_*` compare the
   bucket sizes with those of the full clips.
   """
-  lengths = np.bincount([np.asarray(source[i]['video']).shape[0] for i in range(num_examples)],
+  clips = [source[i] for i in range(num_examples)]
+  lengths = np.bincount([np.asarray(c['video']).shape[0] for c in clips],
                         minlength=info.max_frames + 1)
   buckets = data.check_buckets(config.data.buckets, info.max_frames)
   loc, scale = config.flow.tau_loc, config.flow.tau_scale
@@ -249,8 +305,8 @@ def recipe_study(config, source, info, num_examples: int) -> dict[str, dict[str,
           tau_distribution=distribution, buckets=buckets, tau_loc=loc, tau_scale=scale,
           pixels=info.pixels, context=context_lib.ContextPatterns())
       visible, padded = [], []
-      for i in range(num_examples):
-        example = transform.random_map(source[i], rng)
+      for clip in clips:
+        example = transform.random_map(clip, rng)
         visible.append(int(example['frame_mask'].sum()))
         padded.append(example['frame_mask'].shape[0])
       visible, padded = np.array(visible), np.array(padded)
@@ -300,6 +356,9 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
       'train.flowception_buckets': flow['buckets'],
       'train.full_sequence_buckets': full['buckets'],
       'train.compile_s': flow['compile_s'] + full['compile_s'],
+      'train.profile_matmul_share': flow['profile'].get('matmul', 0.0),
+      'train.profile_top_other': [[k, round(v, 4)] for k, v in flow['profile'].items()
+                                  if k != 'matmul'][:6],
   }
 
   full_config = _with(full['config'], length_distribution=baselines.length_distribution(
@@ -329,7 +388,7 @@ def format_table(results: dict[str, Any]) -> str:
     if isinstance(value, float):
       value = f'{value:.4g}'
     elif isinstance(value, list):
-      value = ','.join(map(str, value))
+      value = ' '.join(f'{v[0]}:{v[1]:.3f}' if isinstance(v, list) else str(v) for v in value)
     lines.append(f'{key:<52} {value}')
   return '\n'.join(lines)
 
