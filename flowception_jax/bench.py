@@ -14,6 +14,7 @@ every figure to `--output` as JSON (keys documented in the README, section Bench
 """
 
 import collections
+import dataclasses
 import glob
 import json
 import os
@@ -25,6 +26,7 @@ from typing import Any, Callable
 
 from absl import app
 from absl import flags
+from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -150,12 +152,28 @@ def draw_batches(dataset, count: int) -> list[dict[str, np.ndarray]]:
   return [next(iterator) for _ in range(count)]
 
 
-def bench_train(config, source, info, mesh, method: str, bench) -> dict[str, Any]:
-  """Compiles and times `method`'s real train step on batches of its real pipeline.
+@dataclasses.dataclass
+class TrainBench:
+  """One method's train step, compiled per bucket, with its batches and its (changing) state."""
+  config: ml_collections.ConfigDict
+  model: model_lib.DiT
+  batches: list[dict[str, jax.Array]]
+  compiled: dict[int, Any]  # Bucket size -> the compiled step.
+  state: train.TrainState
+  compile_s: float
+  xla_flops: dict[int, float]  # Bucket size -> XLA's FLOP count of one step.
+  profile: dict[str, float]  # `profile_kinds` of a step of the largest bucket.
 
-  Each distinct bucket is compiled ahead of time (`compile_s`, summed); then `bench.repeats`
-  passes run every batch once, blocking after each step. Returns seconds per example (median pass),
-  the model FLOPs of the batches' bucket sizes, XLA's own FLOP count, and the final state.
+
+def _frames(batch) -> int:
+  return int(batch['frame_mask'].shape[1])
+
+
+def prepare_train(config, source, info, mesh, method: str, num_batches: int) -> TrainBench:
+  """`method`'s real train step (`train.jit_train_step`) and `num_batches` of its real pipeline.
+
+  Each distinct bucket is compiled ahead of time (`compile_s`, summed), every executable runs
+  once to warm up, and a step of the largest bucket is profiled.
   """
   config = train.resolve(_with(config, method=method), info)
   model, tx, init_fn = train.build(config, info)
@@ -167,43 +185,53 @@ def bench_train(config, source, info, mesh, method: str, bench) -> dict[str, Any
       max_frames=info.max_frames, method=method, context_config=config.context,
       pixels=info.pixels)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-    batches = [sharding.to_global_batch(b, mesh) for b in draw_batches(dataset, bench.train_batches)]
+    batches = [sharding.to_global_batch(b, mesh) for b in draw_batches(dataset, num_batches)]
     compiled, compile_s, xla_flops = {}, 0.0, {}
     for batch in batches:
-      size = batch['frame_mask'].shape[1]
-      if size not in compiled:
-        seconds, compiled[size] = timed(lambda: step_fn.lower(state, batch).compile())
+      if _frames(batch) not in compiled:
+        seconds, compiled[_frames(batch)] = timed(lambda: step_fn.lower(state, batch).compile())
         compile_s += seconds
-        xla_flops[size] = compiled[size].cost_analysis().get('flops', float('nan'))
-    for batch in batches[:len(compiled)] + batches:  # Warm up every bucket's executable first.
-      state, _ = compiled[batch['frame_mask'].shape[1]](state, batch)
-    jax.block_until_ready(state)
-    largest = max(batches, key=lambda b: b['frame_mask'].shape[1])
+        xla_flops[_frames(batch)] = compiled[_frames(batch)].cost_analysis().get('flops', np.nan)
+    firsts = {_frames(b): b for b in reversed(batches)}
+    for size, batch in firsts.items():
+      state, _ = compiled[size](state, batch)
+    largest = max(firsts)
     # Profiled on a copy: the executable donates (deletes) the state it is given.
-    kinds = profile_kinds(compiled[largest['frame_mask'].shape[1]],
-                          jax.tree.map(jnp.copy, state), largest)
-    passes = []
-    for _ in range(bench.repeats):
-      total = 0.0
-      for batch in batches:
-        seconds, (state, _) = timed(lambda: compiled[batch['frame_mask'].shape[1]](state, batch))
-        total += seconds
-      passes.append(total)
-  sizes = [int(b['frame_mask'].shape[1]) for b in batches]
-  examples = config.batch_size * len(batches)
-  frame_masks = np.stack([np.asarray(b['frame_mask']).sum(1) for b in batches])
-  lengths = np.stack([np.asarray(b['length']) for b in batches])
+    profile = profile_kinds(compiled[largest], jax.tree.map(jnp.copy, state), firsts[largest])
+  return TrainBench(config=config, model=model, batches=batches, compiled=compiled, state=state,
+                    compile_s=compile_s, xla_flops=xla_flops, profile=profile)
+
+
+def train_pass(bench_state: TrainBench) -> list[float]:
+  """Runs every batch once, blocking after each step; the seconds of each step."""
+  seconds = []
+  for batch in bench_state.batches:
+    step = bench_state.compiled[_frames(batch)]
+    elapsed, (bench_state.state, _) = timed(lambda: step(bench_state.state, batch))
+    seconds.append(elapsed)
+  return seconds
+
+
+def train_figures(bench_state: TrainBench, passes: list[list[float]], info) -> dict[str, Any]:
+  """Seconds per example (median pass), per bucket, and the FLOP counts of the batches' buckets."""
+  batch_size = bench_state.config.batch_size
+  sizes = [_frames(b) for b in bench_state.batches]
+  frames = sum(int(np.asarray(b['frame_mask']).sum()) for b in bench_state.batches)
+  lengths = sum(int(np.asarray(b['length']).sum()) for b in bench_state.batches)
+  by_bucket = {size: statistics.median(t for p in passes for t, s in zip(p, sizes) if s == size)
+               / batch_size for size in sorted(set(sizes))}
+  flops = lambda size: train_flops(bench_state.model, size, info.frame_shape)
   return {
-      's_per_example': statistics.median(passes) / examples,
-      'compile_s': compile_s,
+      's_per_example': statistics.median(sum(p) for p in passes) / (batch_size * len(sizes)),
+      's_per_example_by_bucket': {str(k): v for k, v in by_bucket.items()},
+      'flops_per_s_by_bucket': {str(k): flops(k) / v for k, v in by_bucket.items()},
+      'compile_s': bench_state.compile_s,
       'buckets': sizes,
-      'model_flops_per_example': float(np.mean([train_flops(model, s, info.frame_shape)
-                                                for s in sizes])),
-      'xla_flops_per_example': float(np.mean([xla_flops[s] for s in sizes])) / config.batch_size,
-      'visible_fraction': float(frame_masks.sum() / lengths.sum()),
-      'bucket_fill': float(frame_masks.sum() / (config.batch_size * sum(sizes))),
-      'profile': kinds,
-      'model': model, 'config': config, 'state': state,
+      'model_flops_per_example': float(np.mean([flops(s) for s in sizes])),
+      'xla_flops_per_example': float(np.mean([bench_state.xla_flops[s] for s in sizes]))
+                               / batch_size,
+      'visible_fraction': frames / lengths,
+      'bucket_fill': frames / (batch_size * sum(sizes)),
   }
 
 
@@ -214,11 +242,18 @@ def bench_sample(model, config, info, params, num_videos: int, repeats: int) -> 
   compile_s, compiled = timed(lambda: sample.lower(params, jax.random.key(0), labels).compile())
   jax.block_until_ready(compiled(params, jax.random.key(0), labels))
   runs = [timed(lambda: compiled(params, jax.random.key(2 + i), labels)) for i in range(repeats)]
+  runs = [(seconds, jax.device_get(out)) for seconds, out in runs]
+  # Frame evaluations a sampler computing only alive frames would make, per generated frame:
+  # a frame takes part from its `insert_step` to the last iteration.
+  alive_evals = [np.where(out.insert_step >= 0, int(out.num_iterations) - out.insert_step, 0).sum()
+                 for _, out in runs]
   per_eval = ((2 if info.num_classes and config.sampler.guidance_scale != 1.0 else 1)
               * (2 if config.sampler.solver == 'heun' else 1))
   return {'s': statistics.median(s for s, _ in runs), 'compile_s': compile_s,
           'nfe': float(np.median([int(out.num_iterations) for _, out in runs])) * per_eval,
-          'mean_length': float(np.mean([np.mean(out.lengths) for _, out in runs]))}
+          'mean_length': float(np.mean([np.mean(out.lengths) for _, out in runs])),
+          'alive_evals_per_frame': float(np.sum(alive_evals)
+                                         / np.sum([np.sum(out.lengths) for _, out in runs]))}
 
 
 def bench_data(config, source, info, num_batches: int) -> float:
@@ -332,9 +367,17 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   sharding.check_batch_size(config.batch_size, mesh)
   peaks = peak_flops(bench.peak_size, bench.repeats)
 
-  runs = {method: bench_train(config, source, info, mesh, method, bench)
-          for method in ('flowception', 'full_sequence')}
-  peaks += peak_flops(bench.peak_size, bench.repeats)  # Again, under the same load as the steps.
+  logging.info('peak %.1f GFLOP/s; timing the train steps', statistics.median(peaks) / 1e9)
+  methods = ('flowception', 'full_sequence')
+  benches = {m: prepare_train(config, source, info, mesh, m, bench.train_batches) for m in methods}
+  # Passes alternate between the methods, so that a change of load hits both alike.
+  passes = {m: [] for m in methods}
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    for _ in range(bench.repeats):
+      for m in methods:
+        passes[m].append(train_pass(benches[m]))
+      peaks += peak_flops(bench.peak_size, 1)  # Between the passes, under the same load.
+  runs = {m: train_figures(benches[m], passes[m], info) for m in methods}
   peak = statistics.median(peaks)
   flow, full = runs['flowception'], runs['full_sequence']
   results = {
@@ -355,26 +398,37 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
       'train.full_sequence_bucket_fill': full['bucket_fill'],
       'train.flowception_buckets': flow['buckets'],
       'train.full_sequence_buckets': full['buckets'],
+      'train.flowception_s_per_example_by_bucket': flow['s_per_example_by_bucket'],
+      'train.full_sequence_s_per_example_by_bucket': full['s_per_example_by_bucket'],
+      'train.flowception_mfu_by_bucket': {k: v / peak for k, v in
+                                          flow['flops_per_s_by_bucket'].items()},
+      'train.full_sequence_mfu_by_bucket': {k: v / peak for k, v in
+                                            full['flops_per_s_by_bucket'].items()},
       'train.compile_s': flow['compile_s'] + full['compile_s'],
-      'train.profile_matmul_share': flow['profile'].get('matmul', 0.0),
-      'train.profile_top_other': [[k, round(v, 4)] for k, v in flow['profile'].items()
-                                  if k != 'matmul'][:6],
+      'train.profile_matmul_share': benches['flowception'].profile.get('matmul', 0.0),
+      'train.profile_top_other': [[k, round(v, 4)] for k, v in
+                                  benches['flowception'].profile.items() if k != 'matmul'][:6],
   }
 
-  full_config = _with(full['config'], length_distribution=baselines.length_distribution(
+  full_config = _with(benches['full_sequence'].config, length_distribution=baselines.length_distribution(
       source, info.max_frames, bench.study_examples))
-  params = flow['state'].ema_params
-  samples = {name: bench_sample(flow['model'], c, info, params, bench.sample_videos, bench.repeats)
-             for name, c in (('flowception', flow['config']), ('full_sequence', full_config))}
+  params = benches['flowception'].state.ema_params
+  logging.info('timing the samplers')
+  model = benches['flowception'].model
+  samples = {name: bench_sample(model, c, info, params, bench.sample_videos, bench.repeats)
+             for name, c in (('flowception', benches['flowception'].config),
+                             ('full_sequence', full_config))}
   for name, s in samples.items():
     results.update({f'sample.{name}_s': s['s'], f'sample.{name}_nfe': s['nfe'],
-                    f'sample.{name}_mean_length': s['mean_length']})
+                    f'sample.{name}_mean_length': s['mean_length'],
+                    f'sample.{name}_alive_evals_per_frame': s['alive_evals_per_frame']})
   results['sample.compile_s'] = sum(s['compile_s'] for s in samples.values())
   results['sample.speed_ratio'] = samples['full_sequence']['s'] / samples['flowception']['s']
   results['sample.num_videos'] = bench.sample_videos
   results['sample.num_steps'] = config.sampler.num_steps
 
-  results['data.examples_per_s'] = bench_data(flow['config'], source, info, bench.data_batches)
+  logging.info('timing the input pipeline; drawing the extended-time study')
+  results['data.examples_per_s'] = bench_data(benches['flowception'].config, source, info, bench.data_batches)
   results['data.train_examples_per_s'] = 1.0 / flow['s_per_example']
   for name, figures in recipe_study(config, source, info, bench.study_examples).items():
     results.update({f'recipe.{name}.{k}': v for k, v in figures.items()})
@@ -387,6 +441,8 @@ def format_table(results: dict[str, Any]) -> str:
   for key, value in results.items():
     if isinstance(value, float):
       value = f'{value:.4g}'
+    elif isinstance(value, dict):
+      value = ' '.join(f'{k}:{v:.4g}' for k, v in value.items())
     elif isinstance(value, list):
       value = ' '.join(f'{v[0]}:{v[1]:.3f}' if isinstance(v, list) else str(v) for v in value)
     lines.append(f'{key:<52} {value}')
