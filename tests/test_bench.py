@@ -12,6 +12,7 @@ import pytest
 from flowception_jax import bench
 from flowception_jax import flowception
 from flowception_jax import model as model_lib
+from flowception_jax import recipe_cost
 from tests import config_files
 
 KEYS = (
@@ -36,7 +37,7 @@ def test_benchmark_writes_every_figure(tmp_path):
   assert written['sample.full_sequence_nfe'] == steps
   assert steps <= written['sample.flowception_nfe'] <= 2 * steps + 2
   for kappa in flowception.KAPPAS:
-    for distribution in bench.TAU_DISTRIBUTIONS:
+    for distribution in recipe_cost.TAU_DISTRIBUTIONS:
       for figure in ('analytic_visible_fraction', 'analytic_attention_ratio',
                      'pipeline_visible_fraction', 'pipeline_attention_ratio'):
         assert 0.0 < written[f'recipe.{kappa}/{distribution}.{figure}'] <= 1.0
@@ -82,12 +83,12 @@ def test_flop_count_matches_a_hand_count():
 def test_expected_visible_count_agrees_with_drawn_examples(kappa):
   k = flowception.get_kappa(kappa)
   rng = np.random.default_rng(0)
-  for distribution in bench.TAU_DISTRIBUTIONS:
+  for distribution in recipe_cost.TAU_DISTRIBUTIONS:
     counts = np.array([flowception.sample_extended_time(
         rng, 10, kappa=k, num_start_frames=2, tau_distribution=distribution).visible.sum()
                        for _ in range(4000)])
-    mean, second = bench.expected_visible(k, distribution, 10, 2)
+    mean, second = recipe_cost.expected_visible(k, distribution, 10, 2)
     # The integral leaves out the redraws of global times with no frame in flow: a small bias.
     assert mean == pytest.approx(counts.mean(), rel=0.03)
     assert second == pytest.approx((counts**2).mean(), rel=0.05)
-  assert bench.expected_visible(k, 'uniform', 2, 2) == (2.0, 4.0)
+  assert recipe_cost.expected_visible(k, 'uniform', 2, 2) == (2.0, 4.0)
