@@ -4,9 +4,9 @@ r"""The benchmark: Flowception against full-sequence training and sampling, in o
 
 A model wider than `mini` (the `small` DiT: width 256, 6 blocks) on 32x32 `shapes` clips of 6 to
 16 frames in patches of 8 (16 tokens per frame, up to 272 tokens per clip), so that its matrix
-products are large enough to approach the device's peak; a few minutes on a 2-core CPU, most of it
-compiling the 8 train steps (4 buckets, 2 methods). `configs/bench.py:tiny` runs every measurement in
-seconds (for tests; its figures mean nothing).
+products are large enough to approach the device's peak. About 7 minutes on a shared 2-core CPU,
+two of them compiling the 8 train steps (4 buckets, 2 methods). `configs/bench.py:tiny` runs every
+measurement in seconds (for tests; its figures mean nothing).
 """
 
 from flowception_jax import config as config_lib

@@ -43,7 +43,8 @@ from flowception_jax import recipe_cost
 from flowception_jax import sharding
 from flowception_jax import train
 
-# ---- Analytic FLOP count ---------------------------------------------------------------------------
+# ---- Analytic FLOP count -------------------------------------------------------------------------
+
 
 def forward_flops(model: model_lib.DiT, frames: int, frame_shape: tuple[int, int, int]) -> int:
   """Matrix-product FLOPs (2 per multiply-add) of one forward pass of `model` on one example.
@@ -71,7 +72,8 @@ def train_flops(model: model_lib.DiT, frames: int, frame_shape: tuple[int, int, 
   return 3 * forward_flops(model, frames, frame_shape)
 
 
-# ---- Timing ----------------------------------------------------------------------------------------
+# ---- Timing --------------------------------------------------------------------------------------
+
 
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
   """Wall-clock seconds of `fn()` up to the moment its result is on hand, and the result."""
@@ -90,8 +92,11 @@ def peak_flops(size: int, repeats: int) -> list[float]:
 
 
 def _instruction_kinds(hlo_text: str) -> dict[str, str]:
-  """Kind of every instruction of a compiled HLO module: 'matmul' if it is, or its fused
-  computation holds, a dot or convolution; else its fusion name without the number ('copy_fusion')."""
+  """Kind of every instruction of a compiled HLO module, by instruction name.
+
+  'matmul' if it is, or its fused computation holds, a dot or convolution; otherwise its name
+  without the trailing number (XLA names fusions after their ops, e.g. 'copy_bitcast_fusion').
+  """
   bodies, name = {}, None
   for line in hlo_text.splitlines():
     if line and not line.startswith(' ') and line.rstrip().endswith('{'):
@@ -266,7 +271,7 @@ def bench_data(config, source, info, num_batches: int) -> float:
   return num_batches * config.batch_size / (time.perf_counter() - start)
 
 
-# ---- The whole benchmark ---------------------------------------------------------------------------
+# ---- The whole benchmark -------------------------------------------------------------------------
 
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Every measurement of the benchmark for `config`, as a flat dict of JSON-ready figures."""
@@ -319,8 +324,8 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
                                   benches['flowception'].profile.items() if k != 'matmul'][:6],
   }
 
-  full_config = _with(benches['full_sequence'].config, length_distribution=baselines.length_distribution(
-      source, info.max_frames, bench.study_examples))
+  lengths = baselines.length_distribution(source, info.max_frames, bench.study_examples)
+  full_config = _with(benches['full_sequence'].config, length_distribution=lengths)
   params = benches['flowception'].state.ema_params
   logging.info('timing the samplers')
   model = benches['flowception'].model
@@ -337,7 +342,8 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   results['sample.num_steps'] = config.sampler.num_steps
 
   logging.info('timing the input pipeline; drawing the extended-time study')
-  results['data.examples_per_s'] = bench_data(benches['flowception'].config, source, info, bench.data_batches)
+  results['data.examples_per_s'] = bench_data(benches['flowception'].config, source, info,
+                                              bench.data_batches)
   results['data.train_examples_per_s'] = 1.0 / flow['s_per_example']
   for name, figures in recipe_cost.recipe_study(config, source, info, bench.study_examples).items():
     results.update({f'recipe.{name}.{k}': v for k, v in figures.items()})

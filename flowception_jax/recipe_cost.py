@@ -89,7 +89,8 @@ def recipe_study(config, source, info, num_examples: int) -> dict[str, dict[str,
         padded.append(example['frame_mask'].shape[0])
       visible, padded = np.array(visible), np.array(padded)
       study[f'{kappa_name}/{distribution}'] = {
-          'analytic_visible_fraction': sum(lengths[n] * v for n, (v, _) in moments.items()) / frames,
+          'analytic_visible_fraction': sum(lengths[n] * v for n, (v, _) in moments.items())
+                                       / frames,
           'analytic_attention_ratio': sum(lengths[n] * v2 for n, (_, v2) in moments.items())
                                       / squares,
           'pipeline_visible_fraction': float(visible.sum() / frames),
