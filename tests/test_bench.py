@@ -1,0 +1,94 @@
+"""The benchmark: every figure written end to end, the FLOP count, the expected-cost integral."""
+
+import json
+import math
+
+import flax.linen as nn
+import jax
+from jax.extend import core as jax_core
+import numpy as np
+import pytest
+
+from flowception_jax import bench
+from flowception_jax import flowception
+from flowception_jax import model as model_lib
+from flowception_jax import recipe_cost
+from tests import config_files
+
+KEYS = (
+    'peak_flops', 'train.flowception_s_per_example', 'train.full_sequence_s_per_example',
+    'train.cost_ratio_measured', 'train.cost_ratio_analytic', 'train.model_flops_per_example',
+    'train.mfu', 'train.profile_matmul_share', 'sample.flowception_s', 'sample.full_sequence_s',
+    'sample.flowception_nfe', 'sample.full_sequence_nfe', 'sample.compile_s', 'train.compile_s',
+    'data.examples_per_s', 'data.train_examples_per_s')
+
+
+def test_benchmark_writes_every_figure(tmp_path):
+  config = config_files.load('bench', 'tiny')
+  results = bench.run(config)
+  path = tmp_path / 'bench.json'
+  bench.write_json(str(path), results)
+  written = json.loads(path.read_text())
+  for key in KEYS:
+    assert math.isfinite(written[key]) and written[key] > 0, key
+  assert written['train.cost_ratio_measured'] == pytest.approx(
+      written['train.flowception_s_per_example'] / written['train.full_sequence_s_per_example'])
+  steps = config.sampler.num_steps
+  assert written['sample.full_sequence_nfe'] == steps
+  assert steps <= written['sample.flowception_nfe'] <= 2 * steps + 2
+  for kappa in flowception.KAPPAS:
+    for distribution in recipe_cost.TAU_DISTRIBUTIONS:
+      for figure in ('analytic_visible_fraction', 'analytic_attention_ratio',
+                     'pipeline_visible_fraction', 'pipeline_attention_ratio'):
+        assert 0.0 < written[f'recipe.{kappa}/{distribution}.{figure}'] <= 1.0
+  assert not list(tmp_path.glob('.*'))  # No temporary file left behind.
+  assert 'train.mfu' in bench.format_table(written)
+
+
+def _dot_flops(jaxpr) -> int:
+  """2 x the multiply-adds of every dot_general in a jaxpr, nested ones included."""
+  total = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == 'dot_general':
+      (lhs_contract, _), (_, rhs_batch) = eqn.params['dimension_numbers']
+      lhs, rhs = (v.aval.shape for v in eqn.invars)
+      free_rhs = [s for i, s in enumerate(rhs) if i not in eqn.params['dimension_numbers'][0][1]
+                  and i not in rhs_batch]
+      total += 2 * math.prod(lhs) * math.prod(free_rhs)
+  return total + sum(_dot_flops(sub) for sub in jax_core.subjaxprs(jaxpr))
+
+
+def test_flop_count_matches_a_hand_count():
+  # tiny DiT: width 32, 2 blocks, 2 heads, MLP 128; 8x8x3 frames in 4x4 patches, 2 frames.
+  model = model_lib.DiT(patch_size=4, channels=3, hidden_size=32, depth=2, num_heads=2)
+  frames, patches = 2, 4
+  tokens = frames * (patches + 1)  # 10: each frame's patches and its rate token.
+  multiply_adds = (
+      frames * patches * 96 * 32  # Patch embedding: 4 * 4 * (3 + 3 context) inputs.
+      + frames * (256 * 32 + 32 * 32)  # Time MLP from 256 sinusoidal features.
+      + 2 * (frames * 32 * 192  # Per block: adaLN to 6 * 32.
+             + tokens * (32 * 96 + 32 * 32 + 32 * 128 + 128 * 32)  # QKV, out, MLP in and out.
+             + 2 * tokens * tokens * 32)  # Scores and weighted values (2 heads of 16).
+      + frames * (32 * 64 + patches * 32 * 48 + 32 * 32 + 32 * 1))  # Final adaLN, velocity, rate.
+  assert bench.forward_flops(model, frames, (8, 8, 3)) == 2 * multiply_adds
+  assert bench.train_flops(model, frames, (8, 8, 3)) == 6 * multiply_adds
+
+  inputs = model_lib.init_inputs((8, 8, 3), frames, 0)
+  params = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), *inputs)))
+  jaxpr = jax.make_jaxpr(model.apply)(params, *inputs).jaxpr
+  assert _dot_flops(jaxpr) == 2 * multiply_adds
+
+
+@pytest.mark.parametrize('kappa', sorted(flowception.KAPPAS))
+def test_expected_visible_count_agrees_with_drawn_examples(kappa):
+  k = flowception.get_kappa(kappa)
+  rng = np.random.default_rng(0)
+  for distribution in recipe_cost.TAU_DISTRIBUTIONS:
+    counts = np.array([flowception.sample_extended_time(
+        rng, 10, kappa=k, num_start_frames=2, tau_distribution=distribution).visible.sum()
+                       for _ in range(4000)])
+    mean, second = recipe_cost.expected_visible(k, distribution, 10, 2)
+    # The integral leaves out the redraws of global times with no frame in flow: a small bias.
+    assert mean == pytest.approx(counts.mean(), rel=0.03)
+    assert second == pytest.approx((counts**2).mean(), rel=0.05)
+  assert recipe_cost.expected_visible(k, 'uniform', 2, 2) == (2.0, 4.0)
