@@ -49,9 +49,10 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         raise ValueError(f'the environment announces several tasks ({announced}) but JAX could not '
                          f'join them ({e}); pass --coordinator_address, --num_processes and '
                          '--process_id') from e
-      logging.info('no cluster detected (%s): running as a single process', e)
-  logging.info('process %d of %d, local devices %s', jax.process_index(), jax.process_count(),
-               jax.local_devices())
+      logging.debug('no cluster detected (%s): running as a single process', e)
+  if jax.process_count() > 1:
+    logging.info('process %d of %d, local devices %s', jax.process_index(), jax.process_count(),
+                 jax.local_devices())
 
 
 def define_flags() -> Callable[[], None]:
