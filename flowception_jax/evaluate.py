@@ -56,10 +56,13 @@ def data_reference(data_config: ml_collections.ConfigDict, num_data: int, *,
   lengths = []
 
   def clips():
-    for index in range(num):
-      video = source[index]['video']
-      lengths.append(len(video))
-      yield video
+    for index in range(len(source)):
+      if len(lengths) == num:
+        return
+      record = source[index]
+      if record is not None:  # None: an unreadable stored record the source skips.
+        lengths.append(len(record['video']))
+        yield record['video']
 
   stats = None
   if i3d is not None:

@@ -32,7 +32,7 @@ def _data_as_samples(data_config, num: int):
   return videos, lengths
 
 
-@pytest.mark.parametrize('name', ['coloring', 'shapes'])
+@pytest.mark.parametrize('name', ['camera', 'coloring', 'shapes'])
 def test_the_data_scores_as_the_data(name):
   config = importlib.import_module(f'configs.{name}').get_config('tiny')
   reference = evaluate.data_reference(config.data, 16)

