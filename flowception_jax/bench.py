@@ -373,22 +373,25 @@ def write_json(path: str, results: dict[str, Any]) -> None:
   os.replace(tmp_path, path)
 
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Benchmark config file.',
-                                          lock_config=True)
-_OUTPUT = flags.DEFINE_string('output', None, 'JSON file the figures are written to.')
-flags.mark_flags_as_required(['config', 'output'])
+def _define_flags() -> None:
+  """The command's flags, defined only when it runs, so that importing this module defines none."""
+  config_flags.DEFINE_config_file('config', None, 'Benchmark config file.', lock_config=True)
+  flags.DEFINE_string('output', None, 'JSON file the figures are written to.')
+  flags.mark_flags_as_required(['config', 'output'])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  directory = os.path.dirname(os.path.abspath(_OUTPUT.value))
+  output = flags.FLAGS.output
+  directory = os.path.dirname(os.path.abspath(output))
   if not os.path.isdir(directory):
-    raise app.UsageError(f'the folder of --output={_OUTPUT.value} does not exist; create it first')
-  results = run(_CONFIG.value)
+    raise app.UsageError(f'the folder of --output={output} does not exist; create it first')
+  results = run(flags.FLAGS.config)
   print(format_table(results))
-  write_json(_OUTPUT.value, results)
+  write_json(output, results)
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)

@@ -2,6 +2,9 @@
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -14,6 +17,8 @@ from flowception_jax import flowception
 from flowception_jax import model as model_lib
 from flowception_jax import recipe_cost
 from tests import config_files
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 KEYS = (
     'peak_flops', 'train.flowception_s_per_example', 'train.full_sequence_s_per_example',
@@ -92,3 +97,13 @@ def test_expected_visible_count_agrees_with_drawn_examples(kappa):
     assert mean == pytest.approx(counts.mean(), rel=0.03)
     assert second == pytest.approx((counts**2).mean(), rel=0.05)
   assert recipe_cost.expected_visible(k, 'uniform', 2, 2) == (2.0, 4.0)
+
+
+def test_command_refuses_an_output_in_a_missing_folder(tmp_path):
+  output = tmp_path / 'missing' / 'bench.json'
+  result = subprocess.run(
+      [sys.executable, '-m', 'flowception_jax.bench', '--config=configs/bench.py:tiny',
+       f'--output={output}'], cwd=_ROOT, capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode != 0
+  assert 'does not exist; create it first' in result.stderr
+  assert not output.parent.exists()
