@@ -235,6 +235,7 @@ def _write_json(path: str, value) -> None:
   try:
     with os.fdopen(fd, 'w') as f:
       json.dump(value, f, indent=1)
+    os.chmod(tmp_path, 0o644)  # mkstemp makes the file private; a study is for reading.
     os.replace(tmp_path, path)
   except BaseException:
     os.remove(tmp_path)

@@ -100,3 +100,12 @@ def test_curves_average_seeds_and_span_their_range():
   np.testing.assert_allclose(curves['a']['min'], [0.1, 0.5])
   np.testing.assert_allclose(curves['a']['max'], [0.3, 0.7])
   assert curves['b'] == {'minutes': [1.0], 'mean': [0.2], 'min': [0.2], 'max': [0.2], 'seeds': 1}
+
+
+def test_study_json_is_written_whole_and_readable_by_others(tmp_path):
+  path = str(tmp_path / 'study.json')
+  study._write_json(path, {'runs': [1, 2]})
+  study._write_json(path, {'runs': [3]})  # Rewritten in place after every evaluation.
+  assert json.load(open(path)) == {'runs': [3]}
+  assert os.stat(path).st_mode & 0o777 == 0o644
+  assert os.listdir(tmp_path) == ['study.json']  # No temporary file left behind.
