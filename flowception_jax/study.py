@@ -41,6 +41,7 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
+from flowception_jax import baselines
 from flowception_jax import datasets
 from flowception_jax import inference
 from flowception_jax import train
@@ -177,8 +178,10 @@ class _Curve:
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, steps: tuple[int, ...],
                num_videos: int, eval_seed: int, clock: _Clock, on_point):
-    _, self.info = datasets.make_source(config.data)
+    source, self.info = datasets.make_source(config.data)
     self.config = train.resolve(config, self.info)
+    if self.config.method == 'full_sequence':  # Its sampler draws lengths as training measures.
+      self.config.length_distribution = baselines.length_distribution(source, self.info.max_frames)
     self.workdir = workdir
     self.steps = steps
     self.num_videos = num_videos
@@ -235,6 +238,7 @@ def _write_json(path: str, value) -> None:
   try:
     with os.fdopen(fd, 'w') as f:
       json.dump(value, f, indent=1)
+    os.chmod(tmp_path, 0o644)  # mkstemp makes the file private; a study is for reading.
     os.replace(tmp_path, path)
   except BaseException:
     os.remove(tmp_path)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from configs import shapes as shapes_config
+from flowception_jax import inference
 from flowception_jax import study
 
 
@@ -100,3 +101,25 @@ def test_curves_average_seeds_and_span_their_range():
   np.testing.assert_allclose(curves['a']['min'], [0.1, 0.5])
   np.testing.assert_allclose(curves['a']['max'], [0.3, 0.7])
   assert curves['b'] == {'minutes': [1.0], 'mean': [0.2], 'min': [0.2], 'max': [0.2], 'seeds': 1}
+
+
+def test_study_json_is_written_whole_and_readable_by_others(tmp_path):
+  path = str(tmp_path / 'study.json')
+  study._write_json(path, {'runs': [1, 2]})
+  study._write_json(path, {'runs': [3]})  # Rewritten in place after every evaluation.
+  assert json.load(open(path)) == {'runs': [3]}
+  assert os.stat(path).st_mode & 0o777 == 0o644
+  assert os.listdir(tmp_path) == ['study.json']  # No temporary file left behind.
+
+
+def test_a_full_sequence_curve_samples_lengths_as_its_training_measures(tmp_path):
+  config = shapes_config.get_config('tiny')
+  config.method = 'full_sequence'
+  with study._Clock() as clock:
+    curve = study._Curve(config, str(tmp_path), (1,), 2, 0, clock, on_point=lambda: None)
+  lengths = np.asarray(curve.config.length_distribution)
+  # Shapes clips are uniform on [min_frames, max_frames] = [4, 12].
+  assert lengths.shape == (13,) and np.all(lengths[:4] == 0)
+  np.testing.assert_allclose(lengths[4:], 1 / 9, atol=0.04)
+  model = inference.build_model(curve.config, curve.info)
+  inference.make_sampler(model, curve.config, curve.info, 2)  # Refused without the lengths.
