@@ -112,28 +112,42 @@ def _pad(values: np.ndarray, size: int) -> np.ndarray:
 
 
 @dataclasses.dataclass(frozen=True)
-class FullSequenceTransform(grain.transforms.RandomMap):
-  """Turns a clip into a full-sequence example: every frame visible, in flow at one shared time.
-
-  The shared time is drawn like the global ratio of extended time (`flow.tau_distribution`). No frame
-  may insert (`rate_mask` is empty): this baseline takes its lengths from the data's distribution.
-  """
+class _WholeClipTransform(grain.transforms.RandomMap):
+  """What the baselines' transforms share: every frame of the clip, times drawn like the global
+  ratio of extended time (`flow.tau_distribution`, `tau_loc`, `tau_scale`)."""
   tau_distribution: str
   buckets: tuple[int, ...]
   tau_loc: float = 0.0
   tau_scale: float = 1.0
   pixels: bool = True
 
-  def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
+  def _clip(self, element: dict[str, Any]) -> tuple[np.ndarray, int, np.ndarray]:
+    """(frames [F, H, W, C] in model space zero-padded to the clip's bucket F, its length N,
+    real bool [F]: the first N slots)."""
     video = np.asarray(element['video'], np.float32)
     n = video.shape[0]
     size = bucket_for(n, self.buckets)
-    real = np.arange(size) < n
-    time = flowception.sample_global_ratio(rng, self.tau_distribution, loc=self.tau_loc,
-                                           scale=self.tau_scale)
+    return _pad(_model_space(video, self.pixels), size), n, np.arange(size) < n
+
+  def _times(self, rng: np.random.Generator, size: int | None = None):
+    return flowception.sample_global_ratio(rng, self.tau_distribution, size=size,
+                                           loc=self.tau_loc, scale=self.tau_scale)
+
+
+@dataclasses.dataclass(frozen=True)
+class FullSequenceTransform(_WholeClipTransform):
+  """Turns a clip into a full-sequence example: every frame visible, in flow at one shared time.
+
+  No frame may insert (`rate_mask` is empty): this baseline takes its lengths from the data's
+  distribution.
+  """
+
+  def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    frames, n, real = self._clip(element)
+    size = real.shape[0]
     return {
-        'frames': _pad(_model_space(video, self.pixels), size),
-        'frame_times': np.where(real, time, 0.0).astype(np.float32),
+        'frames': frames,
+        'frame_times': np.where(real, self._times(rng), 0.0).astype(np.float32),
         'positions': np.arange(size, dtype=np.int32),
         'frame_mask': real,
         'flow_mask': real.copy(),
@@ -146,31 +160,22 @@ class FullSequenceTransform(grain.transforms.RandomMap):
 
 
 @dataclasses.dataclass(frozen=True)
-class AutoregressiveTransform(grain.transforms.RandomMap):
+class AutoregressiveTransform(_WholeClipTransform):
   """Turns a clip into a teacher-forcing example of `2 F` slots, `F` the clip's bucket.
 
   Slots `[0, F)` hold the clip clean (t = 1); slots `[F, 2F)` a noisy copy of every frame (the
-  `flow_mask`), each at its own time drawn like the global ratio of extended time. Both halves carry
-  positions `0..F-1`. Under `model.causal_attention(positions, noisy=flow_mask)` the noisy copy of
-  frame i sees the clean frames before it and itself, as when the sampler makes frame i, so one pass
-  trains the denoising of every frame from its clean past. The clean frames decide where the video
-  ends: `rate_mask` marks them and `insert_targets` counts the frames after each (0 on the last one).
+  `flow_mask`), each at its own time. Both halves carry positions `0..F-1`. Under
+  `model.causal_attention(positions, noisy=flow_mask)` the noisy copy of frame i sees the clean
+  frames before it and itself, as when the sampler makes frame i, so one pass trains the denoising
+  of every frame from its clean past. The clean frames decide where the video ends: `rate_mask`
+  marks them and `insert_targets` counts the frames after each (0 on the last one).
   """
-  tau_distribution: str
-  buckets: tuple[int, ...]
-  tau_loc: float = 0.0
-  tau_scale: float = 1.0
-  pixels: bool = True
 
   def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
-    video = np.asarray(element['video'], np.float32)
-    n = video.shape[0]
-    size = bucket_for(n, self.buckets)
-    real = np.arange(size) < n
+    frames, n, real = self._clip(element)
+    size = real.shape[0]
     none = np.zeros(size, bool)
-    noisy_times = flowception.sample_global_ratio(rng, self.tau_distribution, size=size,
-                                                  loc=self.tau_loc, scale=self.tau_scale)
-    frames = _pad(_model_space(video, self.pixels), size)
+    noisy_times = self._times(rng, size)
     return {
         'frames': np.concatenate([frames, frames]),
         'frame_times': np.concatenate([real, np.where(real, noisy_times, 0.0)]).astype(np.float32),
