@@ -5,6 +5,7 @@ runtime, either from explicit flags (`--coordinator_address`, `--num_processes`,
 through JAX's detection of TPU pod slices and cluster managers (SLURM, Open MPI, Kubernetes).
 `check_same` compares a value (the config, the flags) across processes: if any process differs,
 every process raises the same error instead of some of them waiting for the others forever.
+`any_process` shares a flag (a preemption one process saw) so that every process acts on it alike.
 """
 
 import hashlib
@@ -62,6 +63,13 @@ def define_flags() -> Callable[[], None]:
   num_processes = flags.DEFINE_integer('num_processes', None, 'Processes in a multi-process run.')
   process_id = flags.DEFINE_integer('process_id', None, 'This process: 0 .. num_processes - 1.')
   return lambda: initialize(coordinator.value, num_processes.value, process_id.value)
+
+
+def any_process(flag: bool) -> bool:
+  """Whether `flag` is True on any process; every process must call it, and gets the same answer."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.max(multihost_utils.process_allgather(np.array([flag], np.int32))))
 
 
 def check_same(what: str, value: Any) -> None:

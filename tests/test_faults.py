@@ -3,7 +3,8 @@
 SIGTERM (preemption), SIGKILL in the middle of a checkpoint write and damaged checkpoint files all
 end, after the same command is run again, with the weights, optimizer state and data position of
 one uninterrupted run; a write that fails stops with one message and leaves nothing a resume would
-trust. The processes share a JAX compilation cache, so only the first one compiles.
+trust. SIGTERM is also sent at the moments the loop waits (`sigterm_at.py`), and to one process of
+two. The processes share a JAX compilation cache, so only the first one compiles.
 """
 
 import json
@@ -11,6 +12,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -45,10 +47,10 @@ def _config():
   return config
 
 
-def _command(workdir):
+def _command(workdir, flags=()):
   return [sys.executable, '-m', 'flowception_jax.main', '--config=configs/coloring.py:tiny',
           f'--workdir={workdir}'] + [f'--config.{k}={v}'.replace(' ', '')
-                                     for k, v in _OVERRIDES.items()]
+                                     for k, v in _OVERRIDES.items()] + list(flags)
 
 
 @pytest.fixture(scope='module')
@@ -58,9 +60,12 @@ def env(tmp_path_factory):
               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
 
 
-def _start(workdir, env, max_file_size=None):
-  """Starts a training run; `max_file_size` (bytes) makes every longer write fail (EFBIG)."""
-  command = _command(workdir)
+def _start(workdir, env, max_file_size=None, flags=(), sigterm_at=None):
+  """Starts a training run; `max_file_size` (bytes) makes every longer write fail (EFBIG);
+  `sigterm_at` (moment, step) sends it SIGTERM there (see `sigterm_at.py`)."""
+  command = _command(workdir, flags)
+  if sigterm_at:
+    command[1:3] = [os.path.join(_ROOT, 'tests', 'sigterm_at.py'), *map(str, sigterm_at)]
   if max_file_size:
     limit = ('import os, resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, '
              f'({max_file_size}, {max_file_size})); '
@@ -87,6 +92,20 @@ def _checkpoints(workdir):
   return os.path.join(workdir, 'checkpoints')
 
 
+def _preempted(process, workdir):
+  """The step a SIGTERMed run saved, once it exits: with 0 and one warning, which names its newest
+  checkpoint, complete."""
+  _, stderr = process.communicate(timeout=300)
+  assert process.returncode == 0, stderr[-3000:]
+  lines = [line for line in stderr.splitlines() if 'SIGTERM' in line]
+  assert len(lines) == 1, stderr[-3000:]
+  step, path = re.search(r'saved step (\d+) in (\S+) and exiting', lines[0]).groups()
+  assert path == os.path.join(_checkpoints(workdir), step)
+  assert checkpoint.make_manager(workdir, read_only=True).latest_step() == int(step)
+  assert not [name for name in os.listdir(_checkpoints(workdir)) if 'tmp' in name]
+  return int(step)
+
+
 def _final_state(workdir):
   """The latest step, its train state (on the host) and its data-iterator state."""
   config = _config()
@@ -104,10 +123,10 @@ def _final_state(workdir):
   return step, state, data_state
 
 
-def _assert_same_run(reference, workdir):
+def _assert_same_run(reference, workdir, total_steps=_config().total_steps):
   step_a, state_a, data_a = reference[1]
   step_b, state_b, data_b = _final_state(workdir)
-  assert step_a == step_b == _config().total_steps == int(state_b.step)
+  assert step_a == step_b == total_steps == int(state_b.step)
   jax.tree.map(np.testing.assert_array_equal, state_a, state_b)  # Params, EMA, moments, step.
   assert data_a == data_b  # The same position in the data stream.
 
@@ -127,12 +146,7 @@ def test_sigterm_then_sigkill_mid_save_resume_like_an_uninterrupted_run(referenc
   process = _start(workdir, env)
   _wait_for(os.path.join(_checkpoints(workdir), str(_EVERY)), process)
   process.send_signal(signal.SIGTERM)
-  _, stderr = process.communicate(timeout=600)
-  assert process.returncode == 0, stderr[-3000:]
-  lines = [line for line in stderr.splitlines() if 'SIGTERM' in line]
-  assert len(lines) == 1, stderr[-3000:]
-  preempted = int(re.search(r'saved step (\d+)', lines[0]).group(1))
-  assert checkpoint.make_manager(workdir, read_only=True).latest_step() == preempted
+  preempted = _preempted(process, workdir)
 
   # SIGKILL while the next checkpoint is being written: only its temporary directory remains.
   next_save = (preempted // _EVERY + 1) * _EVERY
@@ -150,6 +164,67 @@ def test_sigterm_then_sigkill_mid_save_resume_like_an_uninterrupted_run(referenc
   assert f'resumed from step {preempted}' in stderr
   assert not os.path.exists(partial)
   _assert_same_run(reference, workdir)
+
+
+@pytest.mark.parametrize('moment, step, flags', [
+    ('fetch', 9, ['--config.log_every=3']),  # A step that logs but has no regular checkpoint.
+    ('samples', 7, ['--config.sample_every=7']),
+    ('checkpoint', 10, []),
+])
+def test_sigterm_while_the_loop_waits_saves_the_step_it_names(reference, env, tmp_path, moment,
+                                                             step, flags):
+  workdir = str(tmp_path)
+  saved = _preempted(_start(workdir, env, flags=flags, sigterm_at=(moment, step)), workdir)
+  if moment == 'checkpoint':  # The loop may go on while step 10 is written, but waits for it.
+    assert saved >= step and step in checkpoint.make_manager(workdir, read_only=True).all_steps()
+  else:
+    assert saved == step
+  returncode, stderr = _run(workdir, env)  # `flags` only set up the moment.
+  assert returncode == 0, stderr[-3000:]
+  assert f'resumed from step {saved}' in stderr
+  _assert_same_run(reference, workdir)
+
+
+_TWO_STEPS = 12  # Steps of the two-process runs, which have one bucket: fewer step compilations.
+
+
+def _start_two(workdir, env, sigterm_at=None):
+  """Starts a run of two processes, of one CPU device each; `sigterm_at` applies to process 1."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  env = dict(env, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  flags = [f'--config.total_steps={_TWO_STEPS}', '--config.data.buckets=(30,)',
+           '--config.log_every=3', f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2']
+  return [_start(workdir, env, flags=flags + [f'--process_id={i}'],
+                 sigterm_at=sigterm_at if i else None) for i in range(2)]
+
+
+def _each(processes, check):
+  """`check(process)` of every process, in order; none outlives a failure."""
+  try:
+    return [check(process) for process in processes]
+  finally:
+    for process in processes:
+      process.kill()
+
+
+def _succeeded(process):
+  _, stderr = process.communicate(timeout=300)
+  assert process.returncode == 0, stderr[-3000:]
+
+
+def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both(env, tmp_path):
+  uninterrupted, workdir = str(tmp_path / 'uninterrupted'), str(tmp_path / 'preempted')
+  _each(_start_two(uninterrupted, env), _succeeded)
+  # Only process 1 gets SIGTERM, in the fetch of step 9 (a step that logs but has no checkpoint).
+  saved = _each(_start_two(workdir, env, sigterm_at=('fetch', 9)),
+                lambda process: _preempted(process, workdir))
+  assert saved == [9, 9]
+  data_dir = os.path.join(_checkpoints(workdir), '9', 'data')
+  assert len([f for f in os.listdir(data_dir) if f.endswith('.json')]) == 2  # Each process's.
+  _each(_start_two(workdir, env), _succeeded)
+  _assert_same_run((uninterrupted, _final_state(uninterrupted)), workdir, _TWO_STEPS)
 
 
 def test_damaged_newest_checkpoints_are_reported_skipped_and_moved_aside(reference, env, tmp_path):
