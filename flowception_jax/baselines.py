@@ -62,18 +62,19 @@ def length_distribution(source, max_frames: int, num_records: int = LENGTH_RECOR
   return (np.bincount(lengths, minlength=max_frames + 1) / count).tolist()
 
 
-def end_loss(logit: jax.Array, frames_after: jax.Array, mask: jax.Array) -> jax.Array:
+def end_loss(logit: jax.Array, frames_after: jax.Array, mask: jax.Array,
+             segment_ids: jax.Array | None = None) -> jax.Array:
   """Binary cross-entropy of the end-of-video decision, averaged over frames in `mask`.
 
   logit: [B, F] the rate head's output, the log-odds that the video ends after this frame;
   frames_after: int [B, F] frames that follow (0 on the last frame); mask: bool [B, F] clean frames
-  of the clip. Every frame of every clip counts once, so the minimiser is the hazard
-  `P(the video ends here | the frames so far)`, whose product over frames gives the data's lengths.
+  of the clip; segment_ids: see `flowception.masked_mean`. Every frame of a clip counts once, so
+  the minimiser is the hazard `P(the video ends here | the frames so far)`, whose product over
+  frames gives the data's lengths.
   """
   ends = (frames_after == 0).astype(jnp.float32)
   nll = optax.sigmoid_binary_cross_entropy(logit.astype(jnp.float32), ends)
-  mask = mask.astype(jnp.float32)
-  return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+  return flowception.masked_mean(nll, mask, segment_ids)
 
 
 def _evaluate(apply_fn, params, inputs: tuple, labels, config: sampler_lib.SamplerConfig,

@@ -42,6 +42,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.frame_stride = 1  # Step between the frames of a clip cut from a stored video.
   c.data.on_corrupt = 'stop'  # Unreadable stored record: 'stop' naming it, or 'skip' and count it.
   c.data.buckets = (4, 8, 12, 16)  # Frame-axis sizes that visible frames are padded to.
+  # Pack the visible frames of several clips into rows of `pack_frames` slots (one compiled shape,
+  # every batch mixing all phases of the process) instead of batching by bucket; `batch_size` then
+  # counts rows.
+  c.data.packing = False
+  c.data.pack_frames = 0  # Slots of a packed row (0: the largest bucket).
   c.data.num_threads = 2  # Grain reader threads per process.
   c.data.prefetch = 64  # Examples Grain reads ahead.
 
@@ -53,6 +58,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.flow.tau_scale = 1.0  # 'logit_normal' global time: its standard deviation.
   c.flow.snr_shift = 1.0  # Shift of denoising time towards noise, t / (t + s (1 - t)); 1 is off.
   c.flow.rate_weight = 1.0  # Weight of the insertion-rate loss against the velocity loss.
+  # Losses average each clip's frames, then the clips ('clip'), or all frames of a batch alike
+  # ('frame', where a clip counts by how many of its frames are visible).
+  c.flow.loss_normalisation = 'clip'
   # Per-frame velocity-loss weight over the frame's (shifted) time: 'uniform' (1) or 'logit_normal'
   # (the density of sigmoid(N(loc, scale^2)), mean 1 over uniform times).
   c.flow.velocity_weighting = 'uniform'
@@ -78,6 +86,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.param_dtype = 'float32'  # Parameter (and optimizer state) dtype: 'float32' or 'bfloat16'.
   c.model.remat = 'none'  # Recompute blocks in the backward pass: none, full, dots, dots_no_batch.
   c.model.attn_window = 0  # Frames see frames at most this many slots away (0: all), any method.
+  c.model.prediction = 'velocity'  # Network output: 'velocity', or 'data' (the clean frame).
+  c.model.local_mixing = False  # MLPs also mix each patch with its 3x3 grid neighbours.
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 3e-4  # Peak AdamW learning rate.

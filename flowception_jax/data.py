@@ -1,12 +1,16 @@
-"""Grain input pipeline: extended-time samples, compacted and padded to a bucket, batched per bucket.
+"""Grain input pipeline: extended-time samples, compacted, then packed into rows or batched per bucket.
 
 Each example is a video `[N, H, W, C]` from a source in `datasets/`. `ExtendedTimeTransform` draws its
 start frames, delays and global time, keeps the visible frames in order (left-aligned) and pads the
-frame axis to the smallest configured bucket that holds them. `BucketBatchIterDataset` then forms
-batches of examples that share a bucket, so the model only ever computes on visible frames plus a
-little padding, and every bucket size compiles once.
+frame axis to the smallest configured bucket that holds them. Then either (`data.packing`):
+- packed rows: the visible frames of several clips share a row of `data.pack_frames` slots, each
+  clip its own segment (Grain's first-fit packing). One compiled shape, and every batch mixes clips
+  of every phase of the process; attention stays within a clip (`train.frame_attention_of`).
+- bucketed batches: `BucketBatchIterDataset` forms batches of examples that share a bucket, so
+  every bucket size compiles once; a batch's clips are all in a similar phase.
+Either way the model only computes on visible frames plus a little padding.
 
-A batch is a dict of NumPy arrays, `F` the bucket size:
+A batch is a dict of NumPy arrays, `F` the bucket size or the packed row's slots:
   frames:         float32 [B, F, H, W, C] clean visible frames in [-1, 1] (latents as the source
                   gives them), zeros in padding.
   frame_times:    float32 [B, F] per-frame flow time `clip(tau_i, 0, 1)`, 0 in padding.
@@ -16,8 +20,10 @@ A batch is a dict of NumPy arrays, `F` the bucket size:
   rate_mask:      bool    [B, F] frames that may insert (not passive, not padding): the rate loss.
   insert_targets: int32   [B, F] invisible frames between a frame and the next visible one.
   context_mask:   bool    [B, F] clean conditioning frames at t = 1 (patterns: `context.py`).
-  label:          int32   [B] class label (0 for unlabelled sources).
-  length:         int32   [B] the full clip's number of frames.
+  segment_ids:    int32   [B, F] the clip of each slot (1, 2, ... within a row; 0 for padding).
+  label:          int32   [B] class label (0 for unlabelled sources); [B, F] per slot if packed.
+  length:         int32   [B] the full clip's number of frames; [B, F] per slot if packed.
+Positions (and so rotary slot indices and insertion gaps) restart at 0 in every clip.
 Noise is not drawn here: the train step draws it from a key folded with the step.
 
 The baselines (`config.method`) fill the same keys with their own examples: `FullSequenceTransform`
@@ -96,6 +102,7 @@ class ExtendedTimeTransform(grain.transforms.RandomMap):
         'rate_mask': gather(~passive, False),
         'insert_targets': gather(flowception.insertion_targets(visible)).astype(np.int32),
         'context_mask': gather(context, False),
+        'segment_ids': real.astype(np.int32),
         'label': np.int32(element['label']),
         'length': np.int32(n),
     }
@@ -154,6 +161,7 @@ class FullSequenceTransform(_WholeClipTransform):
         'rate_mask': np.zeros(size, bool),
         'insert_targets': np.zeros(size, np.int32),
         'context_mask': np.zeros(size, bool),
+        'segment_ids': real.astype(np.int32),
         'label': np.int32(element['label']),
         'length': np.int32(n),
     }
@@ -186,6 +194,7 @@ class AutoregressiveTransform(_WholeClipTransform):
         'insert_targets': np.concatenate([np.where(real, n - 1 - np.arange(size), 0),
                                           np.zeros(size)]).astype(np.int32),
         'context_mask': np.concatenate([none, none]),
+        'segment_ids': np.concatenate([real, real]).astype(np.int32),
         'label': np.int32(element['label']),
         'length': np.int32(n),
     }
@@ -269,6 +278,45 @@ def _with_index(index: int, example: dict) -> tuple[int, dict]:
   return index, example
 
 
+def pack_size(data_config, method: str) -> int:
+  """Slots of a packed row: `data.pack_frames`, or (0) the largest example of `method`."""
+  largest = max(slot_counts(method, tuple(data_config.buckets)))
+  size = data_config.get('pack_frames', 0) or largest
+  if size < largest:
+    raise ValueError(f'data.pack_frames={size} cannot hold the largest example ({largest} slots); '
+                     f'set --config.data.pack_frames to at least {largest} (or 0)')
+  return size
+
+
+def _real_slots(example: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """An example's real slots only, its label and length repeated per slot, for packing."""
+  real = example['frame_mask']
+  out = {k: v[real] for k, v in example.items() if k not in ('label', 'length', 'segment_ids')}
+  for k in ('label', 'length'):
+    out[k] = np.full(int(real.sum()), example[k], np.int32)
+  return out
+
+
+def _packed_row(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Grain's packed row with the batch keys: its segment ids, and the mask of real slots."""
+  out = {k: v for k, v in row.items() if not k.endswith(('_segment_ids', '_positions'))}
+  out['segment_ids'] = row['frames_segment_ids'].astype(np.int32)
+  out['frame_mask'] = out['segment_ids'] > 0
+  return out
+
+
+def _packed_batches(records: grain.MapDataset, data_config, *, batch_size: int, seed: int,
+                    method: str, read_options: grain.ReadOptions) -> grain.IterDataset:
+  """Batches of `batch_size` rows, each row the real slots of several examples packed first-fit."""
+  size = pack_size(data_config, method)
+  keys = ('frames', 'frame_times', 'positions', 'frame_mask', 'flow_mask', 'rate_mask',
+          'insert_targets', 'context_mask', 'label', 'length')
+  rows = grain.experimental.FirstFitPackIterDataset(
+      records.map(_real_slots).to_iter_dataset(read_options),
+      length_struct={k: size for k in keys}, num_packing_bins=batch_size, seed=seed)
+  return rows.map(_packed_row).batch(batch_size, drop_remainder=True)
+
+
 def make_train_dataset(source, data_config, flow_config, *, batch_size: int, seed: int,
                        max_frames: int, method: str = 'flowception',
                        shard: tuple[int, int] | None = None,
@@ -278,8 +326,9 @@ def make_train_dataset(source, data_config, flow_config, *, batch_size: int, see
   Shuffling and the extended-time draws are seeded by `seed` and the position in the global stream,
   so the stream is a pure function of the seed. `shard = (index, count)` (default: one shard per
   process, `sharding.data_shard` gives it for a mesh) reads block `index` of every `count` blocks
-  of `batch_size` examples (`batch_size` is the shard's share of a global batch). One shard batches
-  greedily by bucket; several follow one bucket sequence so that all agree (`data_shards`).
+  of `batch_size` examples (`batch_size` is the shard's share of a global batch). Packed rows
+  (`data.packing`) have one shape everywhere; otherwise one shard batches greedily by bucket, and
+  several follow one bucket sequence so that all agree (`data_shards`).
   `method` chooses the examples (`make_transform`); `context_config` (`config.context`) sets the
   context patterns of Flowception examples, None trains without context; `pixels` is
   `SourceInfo.pixels`. A `datasets.RandomClipSource` is read through `random_map`, so each draw of
@@ -295,9 +344,12 @@ def make_train_dataset(source, data_config, flow_config, *, batch_size: int, see
     stream = stream.random_map(source.read)
   stream = stream.random_map(transform)
   records = data_shards.ShardBlocks(stream, batch_size, index, count) if count > 1 else stream
-  records = records.map_with_index(_with_index)
   read_options = grain.ReadOptions(num_threads=data_config.num_threads,
                                    prefetch_buffer_size=data_config.prefetch)
+  if data_config.get('packing', False):
+    return _packed_batches(records, data_config, batch_size=batch_size, seed=seed + index,
+                           method=method, read_options=read_options)
+  records = records.map_with_index(_with_index)
   if count == 1:
     return BucketBatchIterDataset(records, batch_size, read_options)
   sizes = slot_counts(method, buckets)

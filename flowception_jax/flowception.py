@@ -210,19 +210,52 @@ def compact(visible: np.ndarray, capacity: int) -> np.ndarray:
   return np.pad(order, (0, capacity - order.size)).astype(np.int32)
 
 
-def velocity_loss(velocity, target, mask, weight=None):
+LOSS_NORMALISATIONS = ('clip', 'frame')
+
+
+def masked_mean(values, mask, segment_ids=None):
+  """Mean of `values` [B, F] over the frames in `mask` bool [B, F]; 0 when the mask is empty.
+
+  With `segment_ids` int [B, F] (the clip of each slot, 1.. per row, 0 for padding; see
+  `data.py`) each clip's frames are averaged first, then the clips that have any: every clip
+  weighs the same, whatever its phase or how many frames it shows. Without, every frame weighs the
+  same. Reduced in float32.
+  """
+  values = values.astype(jnp.float32)
+  mask = mask.astype(jnp.float32)
+  if segment_ids is None:
+    return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+  clips = jax.nn.one_hot(segment_ids, segment_ids.shape[1] + 1, dtype=jnp.float32)  # [B, F, S]
+  sums = jnp.einsum('bf,bfs->bs', values * mask, clips)
+  counts = jnp.einsum('bf,bfs->bs', mask, clips)
+  present = (counts > 0).astype(jnp.float32)
+  per_clip = sums / jnp.maximum(counts, 1.0)
+  return jnp.sum(per_clip * present) / jnp.maximum(jnp.sum(present), 1.0)
+
+
+def mean_count(mask, segment_ids=None):
+  """How many terms `masked_mean` averages: frames in `mask`, or clips with any (float32 scalar)."""
+  mask = mask.astype(jnp.float32)
+  if segment_ids is None:
+    return jnp.sum(mask)
+  clips = jax.nn.one_hot(segment_ids, segment_ids.shape[1] + 1, dtype=jnp.float32)
+  return jnp.sum(jnp.einsum('bf,bfs->bs', mask, clips) > 0).astype(jnp.float32)
+
+
+def velocity_loss(velocity, target, mask, weight=None, segment_ids=None):
   """Mean squared error over the elements of frames in `mask`, each frame weighed by `weight`.
 
   velocity, target: [B, F, H, W, C]; mask: bool [B, F] (frames in flow, not context, not padding);
   weight: float [B, F] or None (all 1), e.g. `time_weight` of the frames' times. The sum is divided
   by the number of masked frames, not by the weights, so weights of mean 1 keep the loss's scale.
-  Returns a float32 scalar; 0 when the mask is empty.
+  segment_ids: int [B, F] or None, see `masked_mean`. Returns a float32 scalar; 0 when the mask is
+  empty.
   """
   per_frame = jnp.mean(jnp.square(velocity.astype(jnp.float32) - target.astype(jnp.float32)),
                        axis=(2, 3, 4))
-  mask = mask.astype(jnp.float32)
-  weighted = per_frame if weight is None else per_frame * weight.astype(jnp.float32)
-  return jnp.sum(weighted * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+  if weight is not None:
+    per_frame = per_frame * weight.astype(jnp.float32)
+  return masked_mean(per_frame, mask, segment_ids)
 
 
 TIME_WEIGHTINGS = ('uniform', 'logit_normal')
@@ -245,13 +278,13 @@ def time_weight(t, weighting: str, loc: float = 0.0, scale: float = 1.0):
                    f'{", ".join(TIME_WEIGHTINGS)}; set --config.flow.velocity_weighting')
 
 
-def rate_loss(log_rate, targets, mask):
+def rate_loss(log_rate, targets, mask, segment_ids=None):
   """Poisson negative log-likelihood of the insertion counts, averaged over frames in `mask`.
 
   log_rate: [B, F] predicted log-rates; targets: int [B, F] insertion counts; mask: bool [B, F]
-  (visible frames that may insert). Its minimiser is `lambda = E[k]`.
+  (visible frames that may insert); segment_ids: see `masked_mean`. Its minimiser is
+  `lambda = E[k]`.
   """
   rate = jnp.exp(jnp.minimum(log_rate.astype(jnp.float32), MAX_LOG_RATE))
   nll = rate - targets.astype(jnp.float32) * jnp.log(rate + 1e-8)
-  mask = mask.astype(jnp.float32)
-  return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+  return masked_mean(nll, mask, segment_ids)

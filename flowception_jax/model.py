@@ -103,6 +103,21 @@ def apply_rotary(x: jax.Array, angles: jax.Array) -> jax.Array:
   return out.astype(x.dtype)
 
 
+# `model.prediction`: what the network's frame output is. 'velocity': `x1 - x0` itself. 'data': the
+# clean frame `x1` (Li & He 2025, "Back to Basics: Let Denoising Generative Models Denoise"); the
+# model returns the velocity it implies, so losses and sampler are the same for both.
+PREDICTIONS = ('velocity', 'data')
+# 'data': `1 - t` is floored here, so frames near t = 1 do not divide by zero.
+_MIN_DATA_DENOMINATOR = 0.05
+
+
+def velocity_of_data(clean: jax.Array, noisy: jax.Array, times: jax.Array) -> jax.Array:
+  """The velocity `(x1 - x_t) / (1 - t)` implied by clean frames [B, F, H, W, C] predicted from
+  `noisy` frames at (model) times [B, F]; equals `x1 - x0` on the straight path."""
+  denominator = jnp.maximum(1.0 - times.astype(jnp.float32), _MIN_DATA_DENOMINATOR)
+  return (clean - noisy.astype(jnp.float32)) / denominator[..., None, None, None]
+
+
 def _modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
   """adaLN modulation of x [B, F, T, D] by per-frame shift and scale [B, F, D]."""
   return x * (1.0 + scale[:, :, None, :]) + shift[:, :, None, :]
@@ -179,11 +194,17 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-  """A DiT block with adaLN-Zero modulation computed per frame."""
+  """A DiT block with adaLN-Zero modulation computed per frame.
+
+  With `grid` (the patch grid's rows and columns) the MLP's hidden layer also mixes each patch with
+  its 3x3 neighbours on the grid (a depthwise convolution, as in SegFormer's Mix-FFN); the rate
+  token, last in each frame, is left out of it.
+  """
   num_heads: int
   mlp_ratio: float
   dtype: Any
   param_dtype: Any
+  grid: tuple[int, int] | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, cond: jax.Array, angles: jax.Array,
@@ -203,8 +224,23 @@ class Block(nn.Module):
     h = _modulate(norm('norm2')(x), shift2, scale2)
     h = _dense(int(d * self.mlp_ratio), ('embed', 'mlp'), 'mlp_in', self.dtype, self.param_dtype)(h)
     h = nn.with_logical_constraint(h, ('batch', None, None, 'mlp'))
+    if self.grid is not None:
+      h = h + self._local_mixing(h)
     h = _dense(d, ('mlp', 'embed'), 'mlp_out', self.dtype, self.param_dtype)(nn.gelu(h))
     return x + gate2[:, :, None, :] * h
+
+  def _local_mixing(self, h: jax.Array) -> jax.Array:
+    """Depthwise 3x3 convolution of the patch tokens of h [B, F, T, M] over their grid."""
+    b, f, t, m = h.shape
+    rows, cols = self.grid
+    patches = h[:, :, :-1].reshape(b * f, rows, cols, m)
+    mixed = nn.Conv(m, (3, 3), padding='SAME', feature_group_count=m, dtype=self.dtype,
+                    param_dtype=self.param_dtype, name='mlp_mix',
+                    kernel_init=nn.with_logical_partitioning(
+                        nn.initializers.lecun_normal(), (None, None, None, 'mlp')),
+                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                           ('mlp',)))(patches)
+    return jnp.concatenate([mixed.reshape(b, f, t - 1, m), jnp.zeros_like(h[:, :, -1:])], axis=2)
 
 
 class DiT(nn.Module):
@@ -221,6 +257,8 @@ class DiT(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   remat: str = 'none'  # A key of `REMAT_POLICIES`.
+  prediction: str = 'velocity'  # What the network outputs, a key of `PREDICTIONS`.
+  local_mixing: bool = False  # The MLPs also mix neighbouring patches (`Block`).
 
   @nn.compact
   def __call__(self, frames: jax.Array, context: jax.Array, frame_times: jax.Array,
@@ -235,13 +273,15 @@ class DiT(nn.Module):
       frame_times: [B, F] per-frame flow times in [0, 1].
       positions: int [B, F] slot indices of the compacted sequence.
       frame_mask: bool [B, F] real frames; padded slots are masked as keys.
-      labels: int [B] class labels, `num_classes` meaning none; ignored if `num_classes == 0`.
+      labels: int [B] class labels, or [B, F] one per frame (packed rows), `num_classes` meaning
+        none; ignored if `num_classes == 0`.
       frame_attention: bool [B, F, F], True where query frame q may attend to key frame k (e.g.
         `causal_attention`); None lets every frame see every real frame. `attn_window` further
         restricts it.
 
     Returns:
-      velocity float32 [B, F, H, W, C] and log_rate float32 [B, F].
+      velocity float32 [B, F, H, W, C] and log_rate float32 [B, F]. With `prediction='data'` the
+      network predicts the clean frames and the velocity is the one they imply (`PREDICTIONS`).
     """
     b, f, hgt, wid, c = frames.shape
     p, d = self.patch_size, self.hidden_size
@@ -275,7 +315,8 @@ class DiT(nn.Module):
           self.num_classes + 1, d, dtype=self.dtype, param_dtype=self.param_dtype, name='class_embed',
           embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                       ('vocab', 'embed')))
-      cond = cond + embed(labels)[:, None, :]
+      embedded = embed(labels)
+      cond = cond + (embedded[:, None, :] if labels.ndim == 1 else embedded)
 
     cond = _constrain(cond)  # [B, F, D]; see the heads below for why.
 
@@ -296,8 +337,9 @@ class DiT(nn.Module):
     if self.remat != 'none':
       block = nn.remat(Block, policy=REMAT_POLICIES[self.remat])
     for i in range(self.depth):
-      x = block(self.num_heads, self.mlp_ratio, self.dtype, self.param_dtype, name=f'block_{i}')(
-          x, cond, angles, mask)
+      x = block(self.num_heads, self.mlp_ratio, self.dtype, self.param_dtype,
+                grid=(gh, gw) if self.local_mixing else None, name=f'block_{i}')(
+                    x, cond, angles, mask)
 
     # ---- Heads: velocity from patch tokens, log-rate from the rate token -------------------------
     # Both heads read the tokens split over the batch only. Without this constraint (and the one
@@ -313,13 +355,15 @@ class DiT(nn.Module):
     patches = _dense(p * p * c, ('embed', 'patch'), 'velocity_out', self.dtype, self.param_dtype,
                      zero=True)(_modulate(patches, shift, scale))
     velocity = patches.reshape(b, f, gh, gw, p, p, c).transpose(0, 1, 2, 4, 3, 5, 6)
-    velocity = velocity.reshape(b, f, hgt, wid, c)
+    velocity = velocity.reshape(b, f, hgt, wid, c).astype(jnp.float32)
+    if self.prediction == 'data':
+      velocity = velocity_of_data(velocity, frames, frame_times)
 
     r = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype, name='rate_norm')(x[:, :, -1])
     r = _dense(d, ('embed', 'mlp'), 'rate_hidden', self.dtype, self.param_dtype)(r)
     log_rate = _dense(1, ('mlp', None), 'rate_out', self.dtype, self.param_dtype,
                       zero=True)(nn.silu(r))[..., 0]
-    return velocity.astype(jnp.float32), log_rate.astype(jnp.float32)
+    return velocity, log_rate.astype(jnp.float32)
 
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -346,11 +390,16 @@ def build_model(model_config, *, channels: int, num_classes: int) -> DiT:
   if remat not in REMAT_POLICIES:
     raise ValueError(f'unknown remat policy {remat!r}; set --config.model.remat to one of '
                      f'{sorted(REMAT_POLICIES)}')
+  prediction = model_config.get('prediction', 'velocity')
+  if prediction not in PREDICTIONS:
+    raise ValueError(f'unknown prediction target {prediction!r}; set --config.model.prediction '
+                     f'to one of {", ".join(PREDICTIONS)}')
   hidden, depth, heads = MODEL_SIZES[model_config.size]
   return DiT(patch_size=model_config.patch_size, channels=channels, hidden_size=hidden, depth=depth,
              num_heads=heads, mlp_ratio=model_config.mlp_ratio, num_classes=num_classes,
              attn_window=attn_window, dtype=_DTYPES[model_config.dtype],
-             param_dtype=_DTYPES[param_dtype], remat=remat)
+             param_dtype=_DTYPES[param_dtype], remat=remat, prediction=prediction,
+             local_mixing=model_config.get('local_mixing', False))
 
 
 def init_inputs(frame_shape: tuple[int, int, int], frames: int, num_classes: int) -> tuple:

@@ -52,6 +52,8 @@ from flowception_jax import video_io
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir holding checkpoints.')
 _NUM_VIDEOS = flags.DEFINE_integer('num_videos', 16, 'Number of videos to sample.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+_BATCH_SIZE = flags.DEFINE_integer('batch_size', 64, 'Videos per sampler call; each call logs '
+                                   'a progress line.')
 _OUTPUT = flags.DEFINE_string('output', None,
                               'Output .npz path; a .gif and a .png are written beside it.')
 _NUM_STEPS = flags.DEFINE_integer('num_steps', None,
@@ -78,18 +80,21 @@ flags.mark_flags_as_required(['workdir', 'output'])
 
 
 def sample_outputs(workdir: str, num_videos: int, seed: int, sampler_overrides=None,
-                   task: str = 'generate', context=None, label=None):
+                   task: str = 'generate', context=None, label=None,
+                   batch_size: int | None = None):
   """Returns (`tasks.TaskSamples`, the config it ran with, the data's `SourceInfo`).
 
   `sampler_overrides` maps `config.sampler` fields to values that replace the trained config's;
   `task` and `label` as in `tasks.TaskSampler`, `context` its frames or a file holding them
-  (`tasks.load_context`). The videos are split over all devices.
+  (`tasks.load_context`); `batch_size` videos per sampler call (None: all at once). The videos
+  are split over all devices.
   """
   mesh = sharding.make_mesh(ml_collections.ConfigDict({'data': -1, 'fsdp': 1}))
   trained = inference.load(workdir, mesh=mesh)
   if isinstance(context, str):
     context = tasks.load_context(context, task, trained.info.frame_shape, trained.info.max_frames)
-  sampler = tasks.TaskSampler(trained, num_videos, sampler_overrides, mesh=mesh)
+  sampler = tasks.TaskSampler(trained, num_videos, sampler_overrides, mesh=mesh,
+                              batch_size=batch_size)
   return sampler(task, context, seed=seed, label=label), sampler.config, trained.info
 
 
@@ -152,7 +157,7 @@ def main(argv):
     samples, config, info = sample_outputs(
         _WORKDIR.value, _NUM_VIDEOS.value, _SEED.value,
         {k: v for k, v in overrides.items() if v is not None}, task=_TASK.value,
-        context=_CONTEXT.value, label=_CLASS.value)
+        context=_CONTEXT.value, label=_CLASS.value, batch_size=_BATCH_SIZE.value)
     if jax.process_index():
       return
     summary = write_outputs(_OUTPUT.value, samples, config, info)

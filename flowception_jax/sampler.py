@@ -214,16 +214,22 @@ def _integrate(state: SamplerState, times: jax.Array, moving: jax.Array, velocit
 
   The ODE runs in the model's (shifted) time, `dx / dt' = v`. `velocity` is the model's at the
   step's start; 'heun' also evaluates it at the Euler prediction (`evaluate(state) -> velocity`)
-  and steps along the mean of both.
+  and steps along the mean of both, except on a frame's last step: training never supervises the
+  velocity at t = 1, so a step that ends there is plain Euler (and when every moving frame ends
+  there, the second evaluation is skipped).
   """
   dt = (flowception.snr_shift(times, config.snr_shift)
         - flowception.snr_shift(state.times, config.snr_shift))[..., None, None, None]
-  moving = moving[..., None, None, None]
-  frames = jnp.where(moving, state.frames + dt * velocity, state.frames)
-  if config.solver == 'heun':
+  frames = jnp.where(moving[..., None, None, None], state.frames + dt * velocity, state.frames)
+  if config.solver != 'heun':
+    return frames
+  corrected = (moving & (times < 1.0))[..., None, None, None]
+
+  def heun(frames):
     end_velocity = evaluate(state.replace(frames=frames, times=times)).astype(jnp.float32)
-    frames = jnp.where(moving, state.frames + dt * (velocity + end_velocity) / 2, state.frames)
-  return frames
+    return jnp.where(corrected, state.frames + dt * (velocity + end_velocity) / 2, frames)
+
+  return jax.lax.cond(jnp.any(corrected), heun, lambda frames: frames, frames)
 
 
 def _step(state: SamplerState, *, apply_fn: ApplyFn, params, labels, config: SamplerConfig,

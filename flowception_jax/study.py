@@ -8,9 +8,9 @@ r"""Learning curves: named config variants, each trained for one budget and scor
 A variant is `NAME [FIELD=VALUE ...]`: overrides of the config (applied after any `--config.*`
 flag), values read as Python literals (`data.buckets=(4,8)`, `flow.kappa=cosine`). Each (variant,
 seed) run trains through `train.train_and_evaluate` in `OUTPUT/runs/NAME/seed_S` with `config.seed =
-S`. At `--evals` evenly spaced steps (the last at the end) the EMA weights sample `--num_videos`
-videos from the same noise in every run, scored by the data set's exact metrics
-(`datasets.task_metrics`); a GIF of them goes to the run's workdir.
+S`. At `--evals` steps (the last at the end; `--eval_spacing=log` halves the step from each to the
+one before) the EMA weights sample `--num_videos` videos from the same noise in every run, scored
+by the data set's exact metrics (`datasets.task_metrics`); a GIF of them goes to the run's workdir.
 
 Time is training time: wall-clock seconds between blocking fetches of the train state, from the
 end of the first step, with evaluation and JAX compilation (as `jax.monitoring` reports it) taken
@@ -102,9 +102,19 @@ def apply_overrides(config: ml_collections.ConfigDict,
   return config
 
 
-def eval_steps(total_steps: int, evals: int) -> tuple[int, ...]:
-  """`evals` evenly spaced steps in [1, total_steps], the last one `total_steps`."""
-  steps = np.round(np.linspace(0, total_steps, evals + 1)[1:]).astype(int)
+EVAL_SPACINGS = ('linear', 'log')
+
+
+def eval_steps(total_steps: int, evals: int, spacing: str = 'linear') -> tuple[int, ...]:
+  """`evals` steps in [1, total_steps], the last one `total_steps`: evenly spaced ('linear'), or
+  each twice the one before ('log', so early learning and late convergence both show)."""
+  if spacing == 'log':
+    steps = np.round(total_steps * 2.0 ** (np.arange(evals) - evals + 1)).astype(int)
+  elif spacing == 'linear':
+    steps = np.round(np.linspace(0, total_steps, evals + 1)[1:]).astype(int)
+  else:
+    raise ValueError(f'unknown evaluation spacing {spacing!r}; set --eval_spacing to one of '
+                     f'{", ".join(EVAL_SPACINGS)}')
   return tuple(int(s) for s in np.unique(np.maximum(steps, 1)))
 
 
@@ -248,7 +258,7 @@ def _write_json(path: str, value) -> None:
 def run_study(config: ml_collections.ConfigDict, variants: list[Variant], seeds: list[int],
               output: str, *, minutes: float | None = None, steps: int | None = None,
               evals: int = 5, num_videos: int = 64, calibration_steps: int = 30,
-              eval_seed: int = 0) -> dict:
+              eval_seed: int = 0, eval_spacing: str = 'linear') -> dict:
   """Trains every variant with every seed; returns the study and writes it to OUTPUT/study.json.
 
   See the module docstring for the budget, the timing and the evaluations.
@@ -283,7 +293,7 @@ def run_study(config: ml_collections.ConfigDict, variants: list[Variant], seeds:
       workdir = os.path.join(output, 'runs', variant.name, f'seed_{seed}')
       with _Clock() as clock:
         curve = _Curve(_study_config(variant_config, total_steps, seed), workdir,
-                       eval_steps(total_steps, evals), num_videos, eval_seed, clock,
+                       eval_steps(total_steps, evals, eval_spacing), num_videos, eval_seed, clock,
                        on_point=lambda: _write_json(path, study))
         run['points'] = curve.points
         train.train_and_evaluate(curve.config, workdir, step_hook=curve)
@@ -352,7 +362,9 @@ def _define_flags() -> None:
   flags.DEFINE_float('minutes', None, 'Training budget per run in wall-clock minutes.')
   flags.DEFINE_integer('steps', None,
                        "Training budget per run in steps (default: each config's total_steps).")
-  flags.DEFINE_integer('evals', 5, 'Evaluations per run at evenly spaced steps.')
+  flags.DEFINE_integer('evals', 5, 'Evaluations per run (the last at its end).')
+  flags.DEFINE_enum('eval_spacing', 'linear', EVAL_SPACINGS,
+                    'Evaluation steps evenly spaced, or each twice the one before.')
   flags.DEFINE_integer('num_videos', 64, 'Videos sampled at each evaluation.')
   flags.DEFINE_integer('calibration_steps', 30, 'Steps timed per variant to fit --minutes.')
   flags.DEFINE_integer('eval_seed', 0, 'Seed of the evaluation noise.')
@@ -375,7 +387,7 @@ def main(argv):
       args.config, [parse_variant(v) for v in args.variant], [int(s) for s in args.seeds],
       args.output, minutes=args.minutes, steps=args.steps, evals=args.evals,
       num_videos=args.num_videos, calibration_steps=args.calibration_steps,
-      eval_seed=args.eval_seed)
+      eval_seed=args.eval_seed, eval_spacing=args.eval_spacing)
   plot_study(study, args.output, args.metrics)
   for run in study['runs']:
     last = run['points'][-1] if run['points'] else {}

@@ -69,14 +69,60 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Arra
                     opt_state=tx.init(params))
 
 
+def _frame_labels(batch: dict[str, jax.Array], drop_keys: jax.Array, flow_config,
+                  num_classes: int) -> jax.Array:
+  """Class label of every frame slot, int [B, F], dropped to `num_classes` (none) per clip.
+
+  Bucketed batches carry one label per row [B], packed ones one per frame [B, F]; each clip (row
+  and segment) is dropped with probability `p_uncond` from its row's key.
+  """
+  segment_ids = batch['segment_ids']
+  b, f = segment_ids.shape
+  labels = batch['label']
+  labels = jnp.broadcast_to(labels[:, None], (b, f)) if labels.ndim == 1 else labels
+  drop = jax.vmap(lambda k: jax.random.bernoulli(k, flow_config.p_uncond, (f + 1,)))(drop_keys)
+  return jnp.where(jnp.take_along_axis(drop, segment_ids, axis=1), num_classes, labels)
+
+
+def frame_attention_of(batch: dict[str, jax.Array], *, method: str,
+                       packed: bool) -> jax.Array | None:
+  """bool [B, F, F] (query frame, key frame) of a training batch, or None for all real frames.
+
+  Packed rows keep attention within each clip (padding, segment 0, may look anywhere: its keys are
+  masked and its outputs unused); the autoregressive method attends causally.
+  """
+  segment_ids = batch['segment_ids']
+  attention = None
+  if packed:
+    attention = ((segment_ids[:, :, None] == segment_ids[:, None, :])
+                 | (segment_ids[:, :, None] == 0))
+  if method == 'autoregressive':
+    causal = model_lib.causal_attention(batch['positions'], noisy=batch['flow_mask'])
+    attention = causal if attention is None else attention & causal
+  return attention
+
+
+def loss_segments(batch: dict[str, jax.Array], flow_config) -> jax.Array | None:
+  """The clip ids the losses average per clip first (`flow.loss_normalisation` 'clip'), or None
+  (every frame of the batch weighs the same)."""
+  normalisation = flow_config.get('loss_normalisation', 'frame')
+  if normalisation not in flowception.LOSS_NORMALISATIONS:
+    raise ValueError(f'unknown loss normalisation {normalisation!r}; set '
+                     f'--config.flow.loss_normalisation to one of '
+                     f'{", ".join(flowception.LOSS_NORMALISATIONS)}')
+  return batch['segment_ids'] if normalisation == 'clip' else None
+
+
 def compute_losses(params, batch: dict[str, jax.Array], key: jax.Array, *, model: nn.Module,
-                   flow_config, num_classes: int, method: str = 'flowception'):
+                   flow_config, num_classes: int, method: str = 'flowception',
+                   packed: bool = False):
   """Velocity and rate losses of one batch; noise and label dropout drawn from `key`.
 
   The autoregressive method attends causally (teacher forcing, see `data.AutoregressiveTransform`)
-  and its rate loss is the end-of-video loss (`baselines.end_loss`). `key` is one PRNG key, or one
-  per example [B]: each example draws from its own key, so any split of a batch into microbatches
-  draws what the whole batch would.
+  and its rate loss is the end-of-video loss (`baselines.end_loss`). `packed` batches hold several
+  clips per row (`data.packing`), which attend only within themselves. `key` is one PRNG key, or
+  one per example [B]: each example draws from its own key, so any split of a batch into
+  microbatches draws what the whole batch would.
   """
   x1 = batch['frames']
   keys = key if key.ndim else jax.random.split(key, x1.shape[0])
@@ -85,29 +131,21 @@ def compute_losses(params, batch: dict[str, jax.Array], key: jax.Array, *, model
   times = flowception.snr_shift(batch['frame_times'], flow_config.snr_shift)
   t = times[..., None, None, None]
   x_t = jnp.where(batch['context_mask'][..., None, None, None], x1, t * x1 + (1 - t) * x0)
-  labels = None
-  if num_classes:
-    drop = jax.vmap(lambda k: jax.random.bernoulli(k, flow_config.p_uncond))(drop_keys)
-    labels = jnp.where(drop, num_classes, batch['label'])
-  autoregressive = method == 'autoregressive'
-  frame_attention = None
-  if autoregressive:
-    frame_attention = model_lib.causal_attention(batch['positions'], noisy=batch['flow_mask'])
-  velocity, log_rate = model.apply({'params': params}, *model_inputs(batch, x_t, times, labels),
-                                   frame_attention=frame_attention)
+  labels = _frame_labels(batch, drop_keys, flow_config, num_classes) if num_classes else None
+  velocity, log_rate = model.apply(
+      {'params': params}, *model_inputs(batch, x_t, times, labels),
+      frame_attention=frame_attention_of(batch, method=method, packed=packed))
   weight = flowception.time_weight(times, flow_config.velocity_weighting,
                                    flow_config.velocity_weight_loc,
                                    flow_config.velocity_weight_scale)
-  vel_loss = flowception.velocity_loss(velocity, x1 - x0, batch['flow_mask'], weight)
-  if autoregressive:
-    rate_loss = baselines.end_loss(log_rate, batch['insert_targets'], batch['rate_mask'])
-  else:
-    rate_loss = flowception.rate_loss(log_rate, batch['insert_targets'], batch['rate_mask'])
+  segments = loss_segments(batch, flow_config)
+  vel_loss = flowception.velocity_loss(velocity, x1 - x0, batch['flow_mask'], weight, segments)
+  rate_fn = baselines.end_loss if method == 'autoregressive' else flowception.rate_loss
+  rate_loss = rate_fn(log_rate, batch['insert_targets'], batch['rate_mask'], segments)
   loss = vel_loss + flow_config.rate_weight * rate_loss
-  rate_mask = batch['rate_mask'].astype(jnp.float32)
-  mean = lambda x: jnp.sum(x * rate_mask) / jnp.maximum(jnp.sum(rate_mask), 1.0)
+  mean = lambda x: flowception.masked_mean(x, batch['rate_mask'])
   aux = {'velocity_loss': vel_loss, 'rate_loss': rate_loss}
-  if autoregressive:
+  if method == 'autoregressive':
     aux.update(end_probability=mean(jax.nn.sigmoid(log_rate)),
                end_share=mean(batch['insert_targets'] == 0))
   else:
@@ -127,17 +165,20 @@ def accumulate_gradients(params, batch: dict[str, jax.Array], key: jax.Array, *,
 
   The result is that of the whole batch at once: microbatch i holds examples i, i + k, ... (so it
   spreads over every device), draws from the same per-example keys, and weighs each loss term by its
-  share of the frames that the term averages over in the whole batch.
+  share of the frames (or clips, `flow.loss_normalisation`) that the term averages over in the
+  whole batch.
   """
   steps = config.grad_accum_steps
   keys = jax.random.split(key, batch['frame_mask'].shape[0])
   losses = functools.partial(compute_losses, model=model, flow_config=config.flow,
-                             num_classes=config.num_classes, method=config.method)
+                             num_classes=config.num_classes, method=config.method,
+                             packed=config.data.get('packing', False))
   if steps == 1:
     (loss, aux), grads = jax.value_and_grad(losses, has_aux=True)(params, batch, keys)
     return loss, aux, grads
   terms = loss_terms(config.flow)
-  counts = lambda b, mask: jnp.maximum(jnp.sum(b[mask].astype(jnp.float32)), 1.0)
+  counts = lambda b, mask: jnp.maximum(
+      flowception.mean_count(b[mask], loss_segments(b, config.flow)), 1.0)
   totals = {mask: counts(batch, mask) for _, mask, _ in terms}
 
   def split(x):
@@ -185,12 +226,15 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   params = optax.apply_updates(state.params, updates)
   ema_params = optax.incremental_update(params, state.ema_params,
                                        1.0 - ema_decay(state.step, config.optim.ema_decay))
-  frame_mask = batch['frame_mask'].astype(jnp.float32)
+  frame_mask = batch['frame_mask']
+  clips = flowception.mean_count(frame_mask, batch['segment_ids'])
+  lengths = jnp.broadcast_to(batch['length'].reshape(frame_mask.shape[0], -1), frame_mask.shape)
   metrics = dict(aux, loss=loss, grad_norm=optax.tree.norm(grads),
                  param_norm=optax.tree.norm(params),
-                 visible_frames=jnp.mean(jnp.sum(frame_mask, axis=1)),
-                 visible_share=jnp.mean(jnp.sum(frame_mask, axis=1) / batch['length']),
-                 bucket_fill=jnp.mean(frame_mask))
+                 visible_frames=jnp.sum(frame_mask) / clips,
+                 visible_share=jnp.sum(jnp.where(frame_mask, 1.0 / lengths, 0.0)) / clips,
+                 clips_per_row=clips / frame_mask.shape[0],
+                 slot_fill=jnp.mean(frame_mask.astype(jnp.float32)))
   new_state = TrainState(step=state.step + 1, params=params, ema_params=ema_params,
                          opt_state=opt_state)
   return new_state, metrics
@@ -274,7 +318,11 @@ def device_bytes(tree) -> int:
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop checks, so a preempted run saves before it exits."""
+  """Turns SIGTERM into a flag the loop checks, so a preempted run saves before it exits.
+
+  Pods send SIGTERM to every host, but not at the same instant: `agreed` makes the processes stop
+  at the same point, so that they save the same step.
+  """
 
   def __init__(self):
     self.requested = False
@@ -283,6 +331,14 @@ class _Preemption:
   def _handle(self, signum, frame):
     del signum, frame
     self.requested = True
+
+  def agreed(self, synced: bool) -> bool:
+    """Whether the run stops here: some process got SIGTERM. Every process calls it at the same
+    points. Several processes compare their flags only where `synced` (all of them just waited for
+    the same step, so the exchange holds up no dispatch); a single process just reads its flag."""
+    if jax.process_count() == 1:
+      return self.requested
+    return synced and distributed.any_process(self.requested)
 
   def __enter__(self):
     self._previous = signal.signal(signal.SIGTERM, self._handle)
@@ -401,6 +457,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       scalars = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
       writer.write_scalars(step, scalars | progress.update(step))  # Timed after the fetch.
 
+  def save_step(step: int) -> None:
+    """Starts the asynchronous checkpoint of `step`."""
+    nonlocal last_saved
+    with progress.paused():
+      checkpoint.save(manager, step, state, data_iterator, config)
+    logging.info('checkpoint of step %d: writing %s/%d', step, manager.directory, step)
+    last_saved = step
+
+  def stop(step: int, synced: bool) -> bool:
+    """Whether a SIGTERM (to any process) ends the run at `step`, looked up after each wait (where
+    the signal usually lands). If so, `step` is saved (unless it already is) and that save is
+    complete before the warning names it."""
+    if not preemption.agreed(synced):
+      return False
+    if last_saved != step:
+      check_and_log(step)
+      save_step(step)
+    checkpoint.wait(manager)
+    logging.warning('SIGTERM: saved step %d in %s/%d and exiting; the same command resumes', step,
+                    manager.directory, step)
+    return True
+
   try:
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES), \
         metric_writers.ensure_flushes(writer), _Preemption() as preemption:
@@ -415,25 +493,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         for hook in hooks:
           hook(step)
         last = step == config.total_steps
-        save = last or preemption.requested or step % config.checkpoint_every == 0
+        save = last or step % config.checkpoint_every == 0
         sample = last or (config.sample_every and step % config.sample_every == 0)
-        if save or sample or step % config.log_every == 0:
+        synced = save or sample or step % config.log_every == 0
+        if synced:
           check_and_log(step)  # Blocks until `step` is computed, so pauses below time no steps.
         if save:
-          with progress.paused():
-            checkpoint.save(manager, step, state, data_iterator, config)
-          logging.info('checkpoint of step %d: writing %s/%d', step, manager.directory, step)
-          last_saved = step
-        if preemption.requested:
-          checkpoint.wait(manager)
-          logging.warning('SIGTERM: saved step %d in %s and exiting; the same command resumes',
-                          step, workdir)
+          save_step(step)
+        if stop(step, synced):
           break
-        if step_hook is not None and step_hook(step, state):
+        if step_hook is not None and (step_hook(step, state) or stop(step, synced)):
           break
         if sample:
           with progress.paused():
             write_samples(step)
+          if stop(step, synced):
+            break
   finally:
     checkpoint.wait(manager)  # A failing run still completes its last good save.
     manager.close()

@@ -14,7 +14,7 @@ H, W = 2, 3
 KEYS = {
     'frames': np.float32, 'frame_times': np.float32, 'positions': np.int32, 'frame_mask': np.bool_,
     'flow_mask': np.bool_, 'rate_mask': np.bool_, 'insert_targets': np.int32,
-    'context_mask': np.bool_, 'label': np.int32, 'length': np.int32,
+    'context_mask': np.bool_, 'segment_ids': np.int32, 'label': np.int32, 'length': np.int32,
 }
 
 

@@ -329,7 +329,9 @@ def test_solver_error_falls_with_its_order(solver, order, shift):
   start = jax.random.normal(jax.random.key(0), (2, 3) + FRAME)
   moving = jnp.array([[True, True, False]] * 2)  # The last slot is done and must not move.
   errors = []
-  for num_steps in (32, 64, 128):
+  # Heun's last step is Euler: one local error of the second order, so the order shows once
+  # steps are small against the shift's stretch of time near t = 1.
+  for num_steps in (64, 128, 256):
     state = sampler_lib.SamplerState(
         frames=start, times=jnp.where(moving, 0.0, 1.0), alive=jnp.ones((2, 3), bool),
         context=jnp.zeros((2, 3), bool), passive=jnp.zeros((2, 3), bool),
@@ -359,3 +361,19 @@ def test_heun_keeps_the_insertion_draws_and_compiles_once():
   assert heun._cache_size() == 1 and len(calls) == 2  # Traced once, two evaluations per step.
   with pytest.raises(ValueError, match='--config.sampler.solver'):
     sampler_lib.SamplerConfig(num_steps=4, num_start_frames=1, solver='rk4')
+
+
+@pytest.mark.parametrize('shift', [1.0, 3.0])
+def test_heun_never_uses_a_velocity_at_time_one(shift):
+  """Training never supervises the velocity at t = 1: a model that answers NaN there must not
+  reach any frame (Heun's last step of each frame is Euler)."""
+  model = _fake_model(log_rate=0.5)
+
+  def poisoned(params, frames, context, frame_times, *rest):
+    velocity, rates = model(params, frames, context, frame_times, *rest)
+    return jnp.where(frame_times[..., None, None, None] >= 1.0, jnp.nan, velocity), rates
+
+  out = _sampler(poisoned, batch_size=16, capacity=8, num_steps=5, solver='heun',
+                 snr_shift=shift)(None, jax.random.key(0))
+  alive = _check_complete(out, 8)
+  np.testing.assert_allclose(np.asarray(out.frames)[alive], 0.5, atol=1e-5)

@@ -31,6 +31,10 @@ def test_variants_parse_and_override_existing_fields_only():
   with pytest.raises(ValueError, match='FIELD=VALUE'):
     study.parse_variant('bad learning_rate')
   assert study.eval_steps(10, 3) == (3, 7, 10) and study.eval_steps(2, 5) == (1, 2)
+  assert study.eval_steps(1000, 4, 'log') == (125, 250, 500, 1000)
+  assert study.eval_steps(4, 5, 'log') == (1, 2, 4)
+  with pytest.raises(ValueError, match='--eval_spacing'):
+    study.eval_steps(10, 3, 'cubic')
 
 
 def test_a_tiny_study_end_to_end(tmp_path):

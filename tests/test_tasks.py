@@ -170,6 +170,17 @@ def test_tasks_keep_their_context_frames_at_their_slots(workdir):
   between = np.diff(keys, axis=1) - 1
   assert len(np.unique(between[:, 0])) > 1  # The model chose how many frames go between.
 
+  # In batches: every video keeps its own context, batch i is what a sampler of one batch makes.
+  batched = tasks.TaskSampler(trained, b, batch_size=3)
+  context = rng.uniform(size=(b, 3) + FRAME).astype(np.float32)
+  out = batched('extend', context, seed=0)
+  assert out.videos.shape[0] == out.lengths.shape[0] == b
+  for row in range(b):
+    np.testing.assert_allclose(out.videos[row, out.context_slots[row]], context[row], atol=1e-5)
+  one_batch = tasks.TaskSampler(trained, 3)('generate', seed=5)
+  np.testing.assert_array_equal(batched('generate', seed=5).videos[:3], one_batch.videos)
+  assert batched.sampler._cache_size() == 1
+
   # The task scores run on the same sampler; the data's own interpolation is exact.
   scores = task_eval.evaluate(sampler, seed=0, prefix=3)
   assert set(scores) == {'i2v', 'i2v_without_context', 'extend', 'extend_without_context',

@@ -162,6 +162,7 @@ def test_velocity_weighting_reweights_only_the_velocity_loss():
       'frame_mask': np.ones((b, f), bool), 'rate_mask': np.ones((b, f), bool),
       'flow_mask': rng.uniform(size=(b, f)) < 0.7, 'context_mask': np.zeros((b, f), bool),
       'insert_targets': rng.integers(0, 3, (b, f)).astype(np.int32),
+      'segment_ids': np.ones((b, f), np.int32),
       'label': np.zeros(b, np.int32), 'length': np.full(b, f, np.int32)}
   config = coloring.get_config()
 
