@@ -129,6 +129,12 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def no_context(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Trains `c` on plain generation only: no clip gets context frames."""
+  c.context.update(p_none=1.0, p_first=0.0, p_prefix=0.0, p_keyframes=0.0, p_random=0.0)
+  return c
+
+
 def make_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Shrinks `c` to a seconds-long smoke run (the `:tiny` variant of every config)."""
   c.total_steps = 20

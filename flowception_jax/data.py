@@ -288,6 +288,13 @@ def pack_size(data_config, method: str) -> int:
   return size
 
 
+def max_slots(data_config, method: str) -> int:
+  """The frame-axis size of `method`'s largest batch: the packed row, or the largest bucket."""
+  if data_config.get('packing', False):
+    return pack_size(data_config, method)
+  return max(slot_counts(method, tuple(data_config.buckets)))
+
+
 def _real_slots(example: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """An example's real slots only, its label and length repeated per slot, for packing."""
   real = example['frame_mask']

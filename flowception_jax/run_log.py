@@ -18,6 +18,8 @@ import traceback
 from absl import flags
 from absl import logging
 
+from flowception_jax import data
+
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _CLU_SCALARS = '[%d]%s %s'  # The template of clu's LoggingWriter.write_scalars lines.
 
@@ -192,7 +194,9 @@ def config_summary(config, info, num_params: int) -> list[str]:
              else 'samples at the end')
   return [
       f'data: {config.data.name}, clips of up to {info.max_frames} frames of {h}x{w}x{c}, '
-      f'{classes}, buckets {tuple(config.data.buckets)}',
+      f'{classes}, ' + (f'packed rows of {data.max_slots(config.data, config.method)} slots'
+                         if config.data.get('packing', False)
+                         else f'buckets {tuple(config.data.buckets)}'),
       f'model: DiT {config.model.size}, {num_params / 1e6:.2f}M parameters, patch '
       f'{config.model.patch_size}, {config.model.dtype} activations, kappa {config.flow.kappa}',
       f'training: {config.total_steps} steps of batch {config.batch_size}, peak learning rate '

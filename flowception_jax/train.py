@@ -486,7 +486,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         with jax.profiler.StepTraceAnnotation('train', step_num=step):
           batch = sharding.to_global_batch(next(data_iterator), mesh)
           if step == first_step + 1:
-            frames = max(data.slot_counts(config.method, config.data.buckets))
+            frames = data.max_slots(config.data, config.method)
             log_memory(compiled_memory(step_fn, state, batch, frames), device_bytes(state), frames)
           state, metrics = step_fn(state, batch)
           pending_metrics.append(metrics)
@@ -510,6 +510,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           if stop(step, synced):
             break
   finally:
-    checkpoint.wait(manager)  # A failing run still completes its last good save.
+    with _Preemption():  # A SIGTERM now lets the save in flight finish; the run ends anyway.
+      checkpoint.wait(manager)  # A failing run still completes its last good save.
     manager.close()
   return state

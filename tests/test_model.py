@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from flowception_jax import model as model_lib
@@ -133,3 +134,85 @@ def test_bad_config_names_the_fix(field, value, match):
   with pytest.raises(ValueError, match=match):
     net = _model(**kwargs)
     net.init(jax.random.key(0), *_inputs())
+
+
+def test_per_frame_labels_equal_per_video_labels_broadcast():
+  net = _model(num_classes=4)
+  inputs = _inputs()
+  params = _params(net, inputs, jnp.zeros((B,), jnp.int32))
+  per_video, _ = net.apply(params, *inputs, jnp.array([0, 3]))
+  per_frame, _ = net.apply(params, *inputs, jnp.array([[0] * F, [3] * F]))
+  np.testing.assert_allclose(per_video, per_frame, atol=1e-6)
+  mixed, _ = net.apply(params, *inputs, jnp.array([[0, 2, 0, 0, 0], [3, 3, 3, 1, 1]]))
+  assert not np.allclose(np.asarray(per_video)[0, 1], np.asarray(mixed)[0, 1], atol=1e-6)
+  # Row 1's last two slots are padding: their labels reach no real frame.
+  np.testing.assert_allclose(np.asarray(per_video)[1, :3], np.asarray(mixed)[1, :3], atol=1e-6)
+
+
+def test_data_prediction_implies_the_straight_path_velocity():
+  rng = np.random.default_rng(0)
+  x1, x0 = rng.normal(size=(2, B, F, H, W, C)).astype(np.float32)
+  t = rng.uniform(0, 0.9, size=(B, F)).astype(np.float32)
+  x_t = t[..., None, None, None] * x1 + (1 - t[..., None, None, None]) * x0
+  np.testing.assert_allclose(model_lib.velocity_of_data(x1, x_t, t), x1 - x0, atol=1e-4)
+  assert np.isfinite(model_lib.velocity_of_data(x1, x1, np.ones((B, F), np.float32))).all()
+  config = ml_collections.ConfigDict(dict(size='tiny', patch_size=4, mlp_ratio=2.0,
+                                          dtype='float32', prediction='data'))
+  net = model_lib.build_model(config, channels=C, num_classes=0)
+  inputs = _inputs()
+  params = nn.unbox(net.init(jax.random.key(0), *inputs))
+  frames, _, times, *_ = inputs
+  velocity, _ = net.apply(params, *inputs)  # Zero-initialised head: the clean frame is 0.
+  np.testing.assert_allclose(velocity, model_lib.velocity_of_data(jnp.zeros_like(frames), frames,
+                                                                  times), atol=1e-5)
+  with pytest.raises(ValueError, match='--config.model.prediction'):
+    model_lib.build_model(ml_collections.ConfigDict(dict(config, prediction='noise')),
+                          channels=C, num_classes=0)
+
+
+def test_local_mixing_reaches_grid_neighbours_only():
+  """With attention switched off (its gates at zero), a change in one patch reaches the patches
+  next to it on the grid through the mixing layers, and nothing beyond the blocks' reach."""
+  config = ml_collections.ConfigDict(dict(size='tiny', patch_size=2, mlp_ratio=2.0,
+                                          dtype='float32', local_mixing=True))
+  net = model_lib.build_model(config, channels=C, num_classes=0)
+  inputs = _inputs()
+  params = _params(net, inputs)
+  d = net.hidden_size
+  for i in range(net.depth):
+    adaln = params['params'][f'block_{i}']['adaln']
+    adaln['kernel'] = adaln['kernel'].at[:, 2 * d:3 * d].set(0)
+    adaln['bias'] = adaln['bias'].at[2 * d:3 * d].set(0)
+  frames, context, times, positions, mask = inputs
+  v1, _ = net.apply(params, *inputs)
+  v2, _ = net.apply(params, frames.at[:, 0, :2, :2].add(1.0), context, times, positions, mask)
+  change = np.abs(np.asarray(v1 - v2))[:, 0].reshape(B, 4, 2, 4, 2, C).max(axis=(0, 2, 4, 5))
+  assert change[0, 0] > 0 and change[1, 1] > 0  # Its own patch and a diagonal neighbour.
+  assert change[2, 2] > 0  # Two blocks of 3x3 mixing reach two patches away.
+  assert change[3, 3] == 0 and change[0, 3] == 0  # Three away: out of reach.
+  np.testing.assert_array_equal(np.asarray(v1)[:, 1:], np.asarray(v2)[:, 1:])  # Other frames.
+
+
+def test_attention_learns_to_route_by_position():
+  """The backbone can learn what the shapes set needs of it: each patch's output is its right
+  neighbour's input (wrapping), which only position-aware attention can compute."""
+  # Wide enough to carry a patch's 48 values through the residual stream.
+  net = model_lib.DiT(patch_size=4, channels=C, hidden_size=64, depth=2, num_heads=2)
+  frames = lambda key: jax.random.normal(key, (8, 1, H, W, C))
+  apply = lambda p, x: net.apply(p, x, jnp.zeros_like(x), jnp.full((8, 1), 0.5),
+                                 jnp.zeros((8, 1), jnp.int32), jnp.ones((8, 1), bool))[0]
+  loss = lambda p, x: jnp.mean((apply(p, x) - jnp.roll(x, -4, axis=3))**2)
+  params = nn.unbox(net.init(jax.random.key(0), *model_lib.init_inputs((H, W, C), 1, 0)))
+  tx = optax.adam(3e-3)
+
+  @jax.jit
+  def step(params, opt_state, key):
+    grads = jax.grad(loss)(params, frames(key))
+    updates, opt_state = tx.update(grads, opt_state)
+    return optax.apply_updates(params, updates), opt_state
+
+  opt_state = tx.init(params)
+  for i in range(400):
+    params, opt_state = step(params, opt_state, jax.random.key(i))
+  # Ignoring position (the best mean-pool answer) leaves about the target's variance, 1.
+  assert float(loss(params, frames(jax.random.key(10_000)))) < 0.2

@@ -183,3 +183,15 @@ def test_masked_mean_per_clip_matches_brute_force():
                              values[mask].mean(), rtol=1e-6)
   assert float(flowception.masked_mean(jnp.asarray(values), jnp.zeros((3, 7), bool),
                                        jnp.asarray(segment_ids))) == 0.0
+
+
+def test_data_shards_pack_rows_of_one_shape_from_their_own_clips():
+  config = _data_config()
+  shards = [next(iter(data.make_train_dataset(CountingSource(), config, _flow_config(),
+                                              batch_size=2, seed=0, max_frames=MAX_FRAMES,
+                                              shard=(index, 2))))
+            for index in range(2)]
+  assert shards[0]['frames'].shape == shards[1]['frames'].shape
+  records = [set(np.rint((b['frames'][b['frame_mask']][:, 0, 0, 0] + 1) / 2 * 64).astype(int))
+             for b in shards]
+  assert not records[0] & records[1]  # Each process reads its own block of the stream.
