@@ -225,11 +225,9 @@ def masked_mean(values, mask, segment_ids=None):
   mask = mask.astype(jnp.float32)
   if segment_ids is None:
     return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-  clips = jax.nn.one_hot(segment_ids, segment_ids.shape[1] + 1, dtype=jnp.float32)  # [B, F, S]
-  sums = jnp.einsum('bf,bfs->bs', values * mask, clips)
-  counts = jnp.einsum('bf,bfs->bs', mask, clips)
+  counts = _clip_sums(mask, segment_ids)
   present = (counts > 0).astype(jnp.float32)
-  per_clip = sums / jnp.maximum(counts, 1.0)
+  per_clip = _clip_sums(values * mask, segment_ids) / jnp.maximum(counts, 1.0)
   return jnp.sum(per_clip * present) / jnp.maximum(jnp.sum(present), 1.0)
 
 
@@ -238,8 +236,13 @@ def mean_count(mask, segment_ids=None):
   mask = mask.astype(jnp.float32)
   if segment_ids is None:
     return jnp.sum(mask)
+  return jnp.sum(_clip_sums(mask, segment_ids) > 0).astype(jnp.float32)
+
+
+def _clip_sums(values, segment_ids):
+  """Sums of `values` [B, F] over each row's segments: [B, F + 1], column s for segment id s."""
   clips = jax.nn.one_hot(segment_ids, segment_ids.shape[1] + 1, dtype=jnp.float32)
-  return jnp.sum(jnp.einsum('bf,bfs->bs', mask, clips) > 0).astype(jnp.float32)
+  return jnp.einsum('bf,bfs->bs', values, clips)
 
 
 def velocity_loss(velocity, target, mask, weight=None, segment_ids=None):
