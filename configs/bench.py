@@ -1,6 +1,6 @@
 r"""The benchmark: Flowception against full-sequence training and sampling, in one process.
 
-  python -m flowception_jax.bench --config=configs/bench.py --output=/tmp/bench.json
+  python -m flowception_jax.research.bench --config=configs/bench.py --output=/tmp/bench.json
 
 A model wider than `mini` (the `small` DiT: width 256, 6 blocks) on 32x32 `shapes` clips of 6 to
 16 frames in patches of 8 (16 tokens per frame, up to 272 tokens per clip), so that its matrix
@@ -9,7 +9,7 @@ two of them compiling the 8 train steps (4 buckets, 2 methods). `configs/bench.p
 measurement in seconds (for tests; its figures mean nothing).
 """
 
-from flowception_jax import config as config_lib
+from flowception_jax.training import config as config_lib
 
 
 def get_config(arg=None):

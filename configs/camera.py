@@ -9,7 +9,7 @@ camera.
 `configs/camera.py:tiny` is a seconds-long smoke run.
 """
 
-from flowception_jax import config as config_lib
+from flowception_jax.training import config as config_lib
 
 
 def get_config(arg=None):

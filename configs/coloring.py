@@ -6,7 +6,7 @@ Lengths are uniform over {15, 20, 25, 30}; one token per frame (patch 3). `datas
 scores samples: length histogram against uniform, and the share of frame pairs that follow the rule.
 """
 
-from flowception_jax import config as config_lib
+from flowception_jax.training import config as config_lib
 
 
 def get_config(arg=None):

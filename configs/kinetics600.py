@@ -12,7 +12,7 @@ when sampling). Variants `:128` and `:64` train on the same
 folder at a lower resolution; `:tiny` is a smoke run. See `config.long_clip_config`.
 """
 
-from flowception_jax import config as config_lib
+from flowception_jax.training import config as config_lib
 
 
 def get_config(arg=None):

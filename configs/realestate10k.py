@@ -10,7 +10,7 @@ Unconditional (the videos are 16:9; `prepare` keeps their centred square). Varia
 `config.long_clip_config` for the shared settings.
 """
 
-from flowception_jax import config as config_lib
+from flowception_jax.training import config as config_lib
 
 
 def get_config(arg=None):

@@ -13,7 +13,7 @@ curves of `docs/learning.md` chose). Variants:
 - `configs/shapes.py:tiny` is a seconds-long smoke run.
 """
 
-from flowception_jax import config as config_lib
+from flowception_jax.training import config as config_lib
 
 
 def get_config(arg=None):

@@ -9,7 +9,7 @@ Unconditional. Variants `:128` and `:64` train on the same folder at a lower res
 a smoke run. See `config.long_clip_config` for the shared settings.
 """
 
-from flowception_jax import config as config_lib
+from flowception_jax.training import config as config_lib
 
 
 def get_config(arg=None):

@@ -10,7 +10,7 @@ per frame). Variants: `:128` and `:256` keep the tokens per frame (patches of 8 
 a seconds-long smoke run.
 """
 
-from flowception_jax import config as config_lib
+from flowception_jax.training import config as config_lib
 
 
 def get_config(arg=None):

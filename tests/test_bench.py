@@ -12,10 +12,10 @@ from jax.extend import core as jax_core
 import numpy as np
 import pytest
 
-from flowception_jax import bench
-from flowception_jax import flowception
-from flowception_jax import model as model_lib
-from flowception_jax import recipe_cost
+from flowception_jax.core import flowception
+from flowception_jax.core import model as model_lib
+from flowception_jax.research import bench
+from flowception_jax.research import recipe_cost
 from tests import config_files
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -102,7 +102,7 @@ def test_expected_visible_count_agrees_with_drawn_examples(kappa):
 def test_command_refuses_an_output_in_a_missing_folder(tmp_path):
   output = tmp_path / 'missing' / 'bench.json'
   result = subprocess.run(
-      [sys.executable, '-m', 'flowception_jax.bench', '--config=configs/bench.py:tiny',
+      [sys.executable, '-m', 'flowception_jax.research.bench', '--config=configs/bench.py:tiny',
        f'--output={output}'], cwd=_ROOT, capture_output=True, text=True, timeout=300, check=False)
   assert result.returncode != 0
   assert 'does not exist; create it first' in result.stderr

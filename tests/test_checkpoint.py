@@ -12,10 +12,10 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import coloring
-from flowception_jax import checkpoint
-from flowception_jax import config as config_lib
-from flowception_jax import sharding
-from flowception_jax import train
+from flowception_jax.training import checkpoint
+from flowception_jax.training import config as config_lib
+from flowception_jax.training import sharding
+from flowception_jax.training import train
 
 
 # Orbax leaves its failed reads' coroutines to the garbage collector, which reports them.

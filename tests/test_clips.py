@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flowception_jax import data
 from flowception_jax.datasets import base
 from flowception_jax.datasets import clips
+from flowception_jax.training import input_pipeline
 
 
 def test_clip_spec_draws_strided_windows_of_every_allowed_length():
@@ -65,7 +65,7 @@ def _dataset(seed=0, num_threads=0):
                                            'prefetch': 4})
   flow_config = ml_collections.ConfigDict({'kappa': 'linear', 'num_start_frames': 2,
                                            'tau_distribution': 'uniform'})
-  return data.make_train_dataset(CountingClips(), data_config, flow_config, batch_size=3,
+  return input_pipeline.make_train_dataset(CountingClips(), data_config, flow_config, batch_size=3,
                                  seed=seed, max_frames=6)
 
 

@@ -4,10 +4,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from flowception_jax import config as config_lib
-from flowception_jax import context as context_lib
-from flowception_jax import data
-from flowception_jax import flowception
+from flowception_jax.core import context as context_lib
+from flowception_jax.core import flowception
+from flowception_jax.training import config as config_lib
+from flowception_jax.training import input_pipeline
 
 
 def _only(pattern, max_keyframes=4):
@@ -106,7 +106,7 @@ class _IndexSource:
 
 def test_batches_with_context():
   context_config = ml_collections.ConfigDict(config_lib.base_config().context.to_dict())
-  dataset = data.make_train_dataset(
+  dataset = input_pipeline.make_train_dataset(
       _IndexSource(), ml_collections.ConfigDict({'buckets': (5, 10), 'num_threads': 0,
                                                  'prefetch': 2}),
       ml_collections.ConfigDict({'kappa': 'linear', 'num_start_frames': 2,

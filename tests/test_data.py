@@ -6,7 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from flowception_jax import data
+from flowception_jax.training import input_pipeline
 
 BUCKETS = (4, 8, 12)
 MAX_FRAMES = 11
@@ -55,7 +55,7 @@ def _configs(num_threads=0, kappa='linear', buckets=BUCKETS):
 
 def _dataset(seed=0, batch_size=3, **kwargs):
   data_config, flow_config = _configs(**kwargs)
-  return data.make_train_dataset(TinySource(), data_config, flow_config, batch_size=batch_size,
+  return input_pipeline.make_train_dataset(TinySource(), data_config, flow_config, batch_size=batch_size,
                                  seed=seed, max_frames=MAX_FRAMES)
 
 
@@ -95,7 +95,7 @@ def test_batch_contents(kappa):
       # Left-aligned, in the smallest bucket that holds the visible frames.
       np.testing.assert_array_equal(mask, np.arange(size) < count)
       assert 1 <= count <= min(size, length)
-      assert data.bucket_for(count, BUCKETS) == size
+      assert input_pipeline.bucket_for(count, BUCKETS) == size
       np.testing.assert_array_equal(batch['positions'][b], np.arange(size))
       # Padding is zero everywhere.
       assert not batch['frames'][b, count:].any()
@@ -128,16 +128,16 @@ def test_batch_contents(kappa):
 
 
 def test_check_buckets():
-  assert data.check_buckets([8, 4], 8) == (4, 8)
+  assert input_pipeline.check_buckets([8, 4], 8) == (4, 8)
   with pytest.raises(ValueError, match=r'--config\.data\.buckets'):
-    data.check_buckets([4, 8], 9)
+    input_pipeline.check_buckets([4, 8], 9)
   with pytest.raises(ValueError, match=r'--config\.data\.buckets'):
     _dataset(buckets=(4, 8))
   with pytest.raises(ValueError):
-    data.check_buckets([], 4)
-  assert data.bucket_for(5, (12, 4, 8)) == 8
+    input_pipeline.check_buckets([], 4)
+  assert input_pipeline.bucket_for(5, (12, 4, 8)) == 8
   with pytest.raises(ValueError):
-    data.bucket_for(13, (4, 8, 12))
+    input_pipeline.bucket_for(13, (4, 8, 12))
 
 
 def test_same_seed_same_stream():
@@ -168,7 +168,7 @@ def test_global_time_location_reaches_the_pipeline():
   video = {'video': np.zeros((8, H, W, 2), np.float32), 'label': np.int32(0)}
 
   def visible(tau_loc):
-    transform = data.ExtendedTimeTransform(kappa='linear', num_start_frames=1,
+    transform = input_pipeline.ExtendedTimeTransform(kappa='linear', num_start_frames=1,
                                            tau_distribution='logit_normal', buckets=(8,),
                                            tau_loc=tau_loc, tau_scale=0.5)
     rng = np.random.default_rng(0)

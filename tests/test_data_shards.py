@@ -3,9 +3,9 @@
 import ml_collections
 import numpy as np
 
-from flowception_jax import data
-from flowception_jax import data_shards
 from flowception_jax import datasets
+from flowception_jax.training import input_pipeline
+from flowception_jax.training import input_shards
 
 BUCKETS = (8, 16, 24, 30)
 
@@ -21,7 +21,7 @@ def _configs(buckets=BUCKETS):
 def _iterator(shard, batch_size, buckets=BUCKETS):
   data_config, flow_config = _configs(buckets)
   source, info = datasets.make_source(data_config)
-  return iter(data.make_train_dataset(source, data_config, flow_config, batch_size=batch_size,
+  return iter(input_pipeline.make_train_dataset(source, data_config, flow_config, batch_size=batch_size,
                                       seed=3, max_frames=info.max_frames, shard=shard))
 
 
@@ -56,7 +56,7 @@ def test_shards_follow_one_bucket_sequence_and_their_queues_stay_short():
 
 
 def test_schedule_shares_cover_the_data_with_a_margin():
-  schedule = data_shards.BucketSchedule(BUCKETS, [0.1, 0.4, 0.3, 0.2], largest=30, seed=0,
+  schedule = input_shards.BucketSchedule(BUCKETS, [0.1, 0.4, 0.3, 0.2], largest=30, seed=0,
                                         num_estimated=256)
   steps = np.array([schedule.bucket(s) for s in range(2000)])
   at_least = {b: np.mean(steps >= b) for b in BUCKETS}
@@ -64,7 +64,7 @@ def test_schedule_shares_cover_the_data_with_a_margin():
   for b in BUCKETS[1:]:
     assert data_tails[b] + 0.02 < at_least[b] < data_tails[b] + 0.25
   # Buckets above the longest clip's get no steps; one the estimate never saw still gets some.
-  capped = data_shards.BucketSchedule(BUCKETS, [0.5, 0.5, 0.0, 0.0], largest=24, seed=0,
+  capped = input_shards.BucketSchedule(BUCKETS, [0.5, 0.5, 0.0, 0.0], largest=24, seed=0,
                                       num_estimated=256)
   steps = {capped.bucket(s) for s in range(500)}
   assert 30 not in steps and 24 in steps

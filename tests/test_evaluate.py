@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 from configs import coloring
-from flowception_jax import checkpoint
-from flowception_jax import data
 from flowception_jax import datasets
-from flowception_jax import evaluate
-from flowception_jax import sharding
-from flowception_jax import train
+from flowception_jax.evaluation import evaluators
+from flowception_jax.training import checkpoint
+from flowception_jax.training import input_pipeline
+from flowception_jax.training import sharding
+from flowception_jax.training import train
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,10 +35,10 @@ def _data_as_samples(data_config, num: int):
 @pytest.mark.parametrize('name', ['camera', 'coloring', 'shapes'])
 def test_the_data_scores_as_the_data(name):
   config = importlib.import_module(f'configs.{name}').get_config('tiny')
-  reference = evaluate.data_reference(config.data, 16)
+  reference = evaluators.data_reference(config.data, 16)
   videos, lengths = _data_as_samples(config.data, 16)
   np.testing.assert_array_equal(reference.lengths, lengths)
-  result = evaluate.evaluate_samples(videos, lengths, reference)
+  result = evaluators.evaluate_samples(videos, lengths, reference)
   assert result['data_length_tv'] == 0.0
   assert result['mean_length'] == result['data_mean_length'] == pytest.approx(lengths.mean())
   assert (result['min_length'], result['max_length']) == (lengths.min(), lengths.max())
@@ -46,9 +46,9 @@ def test_the_data_scores_as_the_data(name):
   task = datasets.task_metrics(name, videos, lengths, config.data)
   assert {k: result[k] for k in task} == task
   # Every clip cut to two frames: no data clip is that short, so the histograms are disjoint.
-  cut = evaluate.evaluate_samples(videos, np.full_like(lengths, 2), reference)
+  cut = evaluators.evaluate_samples(videos, np.full_like(lengths, 2), reference)
   assert cut['data_length_tv'] == 1.0 and cut['mean_length'] == 2.0
-  logged = evaluate.scalars(result)
+  logged = evaluators.scalars(result)
   assert 'data_length_tv' in logged and 'num_videos' not in logged
   assert all(isinstance(v, float) for v in logged.values())
 
@@ -65,7 +65,7 @@ def workdir(tmp_path_factory):
   _, _, init_fn = train.build(config, info)
   _, shardings = train.state_layout(init_fn, mesh)
   state = train.init_sharded(init_fn, mesh, shardings, jax.random.key(0))
-  iterator = iter(data.make_train_dataset(source, config.data, config.flow, batch_size=2, seed=0,
+  iterator = iter(input_pipeline.make_train_dataset(source, config.data, config.flow, batch_size=2, seed=0,
                                           max_frames=info.max_frames))
   manager = checkpoint.make_manager(workdir)
   checkpoint.save(manager, 1, state, iterator, config)
@@ -75,7 +75,7 @@ def workdir(tmp_path_factory):
 
 
 def test_samples_from_a_workdir_are_scored(workdir):
-  result = evaluate.evaluate(workdir, num_videos=3, seed=1, batch_size=2,
+  result = evaluators.evaluate(workdir, num_videos=3, seed=1, batch_size=2,
                              sampler_overrides={'num_steps': 2})
   assert result['step'] == 1 and result['sampler']['num_steps'] == 2 and result['seed'] == 1
   assert result['num_videos'] == result['num_data'] == 3
@@ -90,9 +90,9 @@ def test_a_samples_file_is_scored_against_the_workdirs_data(workdir, tmp_path):
   lengths[0] = 7  # Off the data's support: not a perfect score.
   samples = str(tmp_path / 'samples.npz')
   np.savez(samples, videos=videos, lengths=lengths)
-  result = evaluate.evaluate(workdir, samples=samples, num_data=12)
+  result = evaluators.evaluate(workdir, samples=samples, num_data=12)
   assert result['sampler'] is None and result['samples'] == samples and result['step'] == 1
-  expected = evaluate.evaluate_samples(videos, lengths, evaluate.data_reference(data_config, 12))
+  expected = evaluators.evaluate_samples(videos, lengths, evaluators.data_reference(data_config, 12))
   assert {k: result[k] for k in expected} == expected
   assert result['num_data'] == 12 and result['data_length_tv'] > 0.2
 

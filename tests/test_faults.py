@@ -22,10 +22,10 @@ import numpy as np
 import pytest
 
 from configs import coloring
-from flowception_jax import checkpoint
 from flowception_jax import datasets
-from flowception_jax import sharding
-from flowception_jax import train
+from flowception_jax.training import checkpoint
+from flowception_jax.training import sharding
+from flowception_jax.training import train
 
 pytestmark = pytest.mark.xdist_group('faults')  # One worker: one reference run, one warm cache.
 

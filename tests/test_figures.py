@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 from matplotlib import colors
 
-from flowception_jax import figures
-from flowception_jax import flowception
-from flowception_jax import sampler as sampler_lib
+from flowception_jax.core import flowception
+from flowception_jax.core import sampler as sampler_lib
+from flowception_jax.evaluation import figures
 
 _FRAME_SHAPE = (2, 2, 1)
 

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flowception_jax import flowception
+from flowception_jax.core import flowception
 
 KAPPA_NAMES = ('linear', 'cubic', 'cosine')
 

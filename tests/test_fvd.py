@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from flowception_jax import fvd
+from flowception_jax.evaluation import fvd
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

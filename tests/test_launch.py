@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from configs import coloring
-from flowception_jax import checkpoint
 from flowception_jax import datasets
-from flowception_jax import sharding
-from flowception_jax import train
+from flowception_jax.training import checkpoint
+from flowception_jax.training import sharding
+from flowception_jax.training import train
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _LAUNCH = os.path.join(_ROOT, 'launch')
@@ -142,7 +142,7 @@ def test_tpu_vm_from_creation_to_deletion(fakes):
                                                      '--worker=all']
   assert ssh[:6] == tpu_vm + ['ssh', 'run1'] and '--worker=all' in ssh
   # The worker now holds this repository, and pip installed it.
-  assert (home / 'flowception_jax' / 'flowception_jax' / 'train.py').exists()
+  assert (home / 'flowception_jax' / 'flowception_jax' / 'training' / 'train.py').exists()
   assert not (home / 'flowception_jax' / '.git').exists()
   assert 'pip install -q -e' in (home / 'python3_calls').read_text()
 
@@ -294,7 +294,7 @@ def test_processes_with_different_configs_all_stop_with_a_message(tmp_path):
                         capture_output=True, text=True, check=True).stdout.strip()
   code = textwrap.dedent("""\
       import sys
-      from flowception_jax import distributed
+      from flowception_jax.training import distributed
       distributed.initialize(f'127.0.0.1:{sys.argv[1]}', 2, int(sys.argv[2]))
       distributed.check_same('config', {'seed': int(sys.argv[3])})
       """)

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from flowception_jax import datasets
-from flowception_jax import metrics as metrics_lib
 from flowception_jax.datasets import coloring
+from flowception_jax.datasets import metrics as metrics_lib
 
 _NUM = 240
 _N_MAX = max(coloring.LENGTHS)

@@ -8,8 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-from flowception_jax import model as model_lib
-from flowception_jax import sharding
+from flowception_jax.core import model as model_lib
+from flowception_jax.training import sharding
 
 B, F, H, W, C = 2, 5, 8, 8, 3
 

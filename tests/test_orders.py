@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flowception_jax import orders
-from flowception_jax import sampler as sampler_lib
+from flowception_jax.core import orders
+from flowception_jax.core import sampler as sampler_lib
 
 
 # Jitted once each: cheaper to compile than their operations one by one.

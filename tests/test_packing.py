@@ -1,6 +1,5 @@
 """Packed rows: several clips per row, each as if alone (pipeline, attention, losses, resumption)."""
 
-import functools
 import itertools
 
 import flax.linen as nn
@@ -10,10 +9,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from flowception_jax import data
-from flowception_jax import flowception
-from flowception_jax import model as model_lib
-from flowception_jax import train
+from flowception_jax.core import flowception
+from flowception_jax.core import model as model_lib
+from flowception_jax.training import input_pipeline
+from flowception_jax.training import train
 
 BUCKETS = (4, 8, 12)
 MAX_FRAMES = 12
@@ -48,7 +47,7 @@ def _flow_config(**fields):
 
 
 def _dataset(seed=0, batch_size=4, method='flowception', **fields):
-  return data.make_train_dataset(CountingSource(), _data_config(**fields), _flow_config(),
+  return input_pipeline.make_train_dataset(CountingSource(), _data_config(**fields), _flow_config(),
                                  batch_size=batch_size, seed=seed, max_frames=MAX_FRAMES,
                                  method=method)
 
@@ -63,7 +62,7 @@ def _clips(batch):
 @pytest.mark.parametrize('method', ['flowception', 'full_sequence', 'autoregressive'])
 def test_rows_hold_whole_clips_each_restarting_its_positions(method):
   batches = list(itertools.islice(iter(_dataset(method=method)), 6))
-  size = max(data.slot_counts(method, BUCKETS))
+  size = max(input_pipeline.slot_counts(method, BUCKETS))
   per_row = []
   for batch in batches:
     assert batch['frames'].shape == (4, size, H, W, C)
@@ -187,7 +186,7 @@ def test_masked_mean_per_clip_matches_brute_force():
 
 def test_data_shards_pack_rows_of_one_shape_from_their_own_clips():
   config = _data_config()
-  shards = [next(iter(data.make_train_dataset(CountingSource(), config, _flow_config(),
+  shards = [next(iter(input_pipeline.make_train_dataset(CountingSource(), config, _flow_config(),
                                               batch_size=2, seed=0, max_frames=MAX_FRAMES,
                                               shard=(index, 2))))
             for index in range(2)]

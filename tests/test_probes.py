@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from configs import shapes as shapes_config
-from flowception_jax import model as model_lib
-from flowception_jax import probes
-from flowception_jax import train
+from flowception_jax.core import model as model_lib
+from flowception_jax.research import probes
+from flowception_jax.training import train
 
 F = 3
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,7 +80,7 @@ def test_command_probes_a_trained_workdir(tmp_path):
   config.checkpoint_every = 2
   train.train_and_evaluate(config, str(tmp_path))
   out = subprocess.run(
-      [sys.executable, '-m', 'flowception_jax.probes', f'--workdir={tmp_path}', '--num_clips=2',
+      [sys.executable, '-m', 'flowception_jax.research.probes', f'--workdir={tmp_path}', '--num_clips=2',
        '--frames=3', '--times=0.5'], cwd=_ROOT, capture_output=True, text=True, check=True)
   report = json.loads(out.stdout)
   assert report['step'] == 2 and set(report['t=0.5']) == {

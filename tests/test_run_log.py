@@ -6,8 +6,9 @@ import os
 import numpy as np
 import pytest
 
+import flowception_jax
 from flowception_jax import datasets
-from flowception_jax import run_log
+from flowception_jax.training import run_log
 
 
 class _Clock:
@@ -49,9 +50,9 @@ def _record(pathname, msg='message', level=logging.INFO):
 
 def test_default_logs_show_the_package_and_metric_lines_only():
   own_lines = run_log._OwnLines()
-  package = os.path.dirname(run_log.__file__)
-  assert own_lines.filter(_record(os.path.join(package, 'train.py')))
-  assert own_lines.filter(_record(os.path.join(package, 'datasets', 'shapes.py')))
+  package = os.path.dirname(flowception_jax.__file__)
+  for module in ('main.py', 'training/train.py', 'core/tasks.py', 'datasets/shapes/source.py'):
+    assert own_lines.filter(_record(os.path.join(package, module))), module
   clu = os.path.join('site-packages', 'clu', 'metric_writers', 'logging_writer.py')
   assert own_lines.filter(_record(clu, '[%d]%s %s'))  # Scalars.
   assert not own_lines.filter(_record(clu, '[%d]%s Got images: %s.'))

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flowception_jax import flowception
-from flowception_jax import sampler as sampler_lib
+from flowception_jax.core import flowception
+from flowception_jax.core import sampler as sampler_lib
 
 FRAME = (1, 1, 1)
 

@@ -5,10 +5,10 @@ import pytest
 
 from configs import shapes as shapes_config
 from flowception_jax import datasets
-from flowception_jax import metrics as metrics_lib
-from flowception_jax.datasets import shapes
-from flowception_jax.datasets import shapes_metrics
-from flowception_jax.datasets import shapes_tracker as tracker
+from flowception_jax.datasets import metrics as metrics_lib
+from flowception_jax.datasets.shapes import metrics as shapes_metrics
+from flowception_jax.datasets.shapes import source as shapes
+from flowception_jax.datasets.shapes import tracker
 
 _NUM = 40
 _DATA = shapes_config.get_config().data  # The quickstart's clips: 16x16, 4-12 frames, 1-2 shapes.

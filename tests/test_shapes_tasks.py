@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from flowception_jax import datasets
-from flowception_jax import video_io
-from flowception_jax.datasets import shapes_tasks
+from flowception_jax.datasets.shapes import tasks as shapes_tasks
+from flowception_jax.storage import video_io
 
 
 def _clips(count, seed=1):

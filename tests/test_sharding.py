@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from configs import coloring
-from flowception_jax import data
 from flowception_jax import datasets
-from flowception_jax import sharding
-from flowception_jax import train
+from flowception_jax.training import input_pipeline
+from flowception_jax.training import sharding
+from flowception_jax.training import train
 
 _TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -75,7 +75,7 @@ def _step_setup(**overrides):
   config.update(overrides)
   source, info = datasets.make_source(config.data)
   config = train.resolve(config, info)
-  batch = next(iter(data.make_train_dataset(source, config.data, config.flow, batch_size=8,
+  batch = next(iter(input_pipeline.make_train_dataset(source, config.data, config.flow, batch_size=8,
                                             seed=1, max_frames=info.max_frames, shard=(0, 1))))
   return config, info, batch
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from configs import shapes as shapes_config
-from flowception_jax import inference
-from flowception_jax import study
+from flowception_jax.core import inference
+from flowception_jax.research import study
 
 
 def test_variants_parse_and_override_existing_fields_only():

@@ -12,11 +12,11 @@ from PIL import Image
 import pytest
 
 from configs import shapes as shapes_config
+from flowception_jax.core import inference
+from flowception_jax.core import tasks
 from flowception_jax import datasets
-from flowception_jax import inference
-from flowception_jax import task_eval
-from flowception_jax import tasks
-from flowception_jax import train
+from flowception_jax.research import task_eval
+from flowception_jax.training import train
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FRAME = (16, 16, 3)

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 
 from configs import coloring
-from flowception_jax import checkpoint
-from flowception_jax import data
 from flowception_jax import datasets
 from flowception_jax import sample
-from flowception_jax import sharding
-from flowception_jax import train
+from flowception_jax.training import checkpoint
+from flowception_jax.training import input_pipeline
+from flowception_jax.training import sharding
+from flowception_jax.training import train
 
 
 def _config(**overrides):
@@ -39,7 +39,7 @@ def test_train_step_compiles_once_per_bucket():
   mesh = sharding.make_mesh(config.mesh)
   model, tx, init_fn = train.build(config, info)
   _, shardings = train.state_layout(init_fn, mesh)
-  dataset = data.make_train_dataset(source, config.data, config.flow, batch_size=config.batch_size,
+  dataset = input_pipeline.make_train_dataset(source, config.data, config.flow, batch_size=config.batch_size,
                                     seed=0, max_frames=info.max_frames)
   step_fn = train.jit_train_step(model, tx, config, mesh, shardings)
   state = train.init_sharded(init_fn, mesh, shardings, jax.random.key(0))
@@ -73,7 +73,7 @@ def test_padded_slots_change_no_loss():
   keys = jax.random.split(jax.random.key(1), len(leaves))
   params = jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape)
                                      for x, k in zip(leaves, keys)])
-  dataset = data.make_train_dataset(source, config.data, config.flow, batch_size=4, seed=0,
+  dataset = input_pipeline.make_train_dataset(source, config.data, config.flow, batch_size=4, seed=0,
                                     max_frames=info.max_frames)
   batch = next(b for b in iter(dataset) if not b['frame_mask'].all())
   pad = ~batch['frame_mask']

@@ -10,7 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from flowception_jax import datasets
-from flowception_jax import train
+from flowception_jax.training import train
 from tests import config_files
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

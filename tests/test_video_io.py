@@ -6,7 +6,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from flowception_jax import video_io
+from flowception_jax.storage import video_io
 
 
 def test_grid_shape_upscales_tiny_frames():

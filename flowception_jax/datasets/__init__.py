@@ -25,14 +25,14 @@ from typing import Any
 
 import numpy as np
 
-from flowception_jax.datasets import camera
-from flowception_jax.datasets import coloring
-from flowception_jax.datasets import shapes
-from flowception_jax.datasets import shapes_metrics
-from flowception_jax.datasets import ucf101
-from flowception_jax.datasets import video_folder
 from flowception_jax.datasets.base import RandomClipSource
 from flowception_jax.datasets.base import SourceInfo
+from flowception_jax.datasets import camera
+from flowception_jax.datasets import coloring
+from flowception_jax.datasets.shapes import metrics as shapes_metrics
+from flowception_jax.datasets.shapes import source as shapes
+from flowception_jax.datasets import ucf101
+from flowception_jax.datasets import video_folder
 
 
 @dataclasses.dataclass(frozen=True)

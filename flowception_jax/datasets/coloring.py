@@ -10,8 +10,8 @@ import dataclasses
 
 import numpy as np
 
-from flowception_jax import metrics as metrics_lib
 from flowception_jax.datasets import base
+from flowception_jax.datasets import metrics as metrics_lib
 
 # The 8 boundary pixels of a 3x3 frame, clockwise from the top-left corner.
 RING = ((0, 0), (0, 1), (0, 2), (1, 2), (2, 2), (2, 1), (2, 0), (1, 0))

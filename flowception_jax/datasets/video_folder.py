@@ -21,7 +21,6 @@ import glob
 import io
 import json
 import os
-import tempfile
 from typing import Any
 
 from array_record.python import array_record_module
@@ -32,6 +31,7 @@ from PIL import Image
 
 from flowception_jax.datasets import base
 from flowception_jax.datasets import clips
+from flowception_jax.storage import files
 
 FORMAT = 'flowception_jax video folder'
 VERSION = 1
@@ -149,11 +149,7 @@ class FolderWriter:
         'fps': self.fps, 'classes': self.classes, 'shards': self.shards, 'names': self.names,
         'lengths': self.lengths, 'labels': self.labels, 'skipped': self.skipped,
     }
-    fd, tmp_path = tempfile.mkstemp(dir=self.directory, prefix='.metadata.', suffix='.tmp')
-    with os.fdopen(fd, 'w') as f:
-      json.dump(metadata, f)
-    os.chmod(tmp_path, 0o644)
-    os.replace(tmp_path, os.path.join(self.directory, METADATA))
+    files.write_bytes(os.path.join(self.directory, METADATA), json.dumps(metadata).encode())
 
   def __enter__(self) -> 'FolderWriter':
     return self

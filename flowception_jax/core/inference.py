@@ -8,7 +8,6 @@ trainer uses for its sample GIFs.
 
 import dataclasses
 import functools
-import os
 from typing import Any
 
 import flax.linen as nn
@@ -18,12 +17,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from flowception_jax import baselines
-from flowception_jax import checkpoint
+from flowception_jax.core import baselines
+from flowception_jax.core import model as model_lib
+from flowception_jax.core import sampler as sampler_lib
 from flowception_jax import datasets
-from flowception_jax import model as model_lib
-from flowception_jax import sampler as sampler_lib
-from flowception_jax import sharding
+from flowception_jax.storage import files
+from flowception_jax.training import checkpoint
+from flowception_jax.training import sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,11 +165,8 @@ def save_latents(path: str, latents: np.ndarray, lengths: np.ndarray) -> None:
   the training latents. The file is written under a temporary name and renamed, so it is never
   partial.
   """
-  directory, name = os.path.split(os.path.abspath(path))
-  tmp_path = os.path.join(directory, f'.{name}.tmp.npz')
-  np.savez(tmp_path, latents=np.asarray(latents, np.float32),
-           lengths=np.asarray(lengths, np.int32))
-  os.replace(tmp_path, path)
+  files.write_npz(path, latents=np.asarray(latents, np.float32),
+                  lengths=np.asarray(lengths, np.int32))
 
 
 def sample_labels(key: jax.Array, num_videos: int, num_classes: int) -> jax.Array | None:

@@ -8,9 +8,9 @@ The benchmark (`bench.py`) reports both.
 
 import numpy as np
 
-from flowception_jax import context as context_lib
-from flowception_jax import data
-from flowception_jax import flowception
+from flowception_jax.core import context as context_lib
+from flowception_jax.core import flowception
+from flowception_jax.training import input_pipeline
 
 TAU_DISTRIBUTIONS = ('uniform', 'logit_normal')
 
@@ -57,7 +57,7 @@ def recipe_study(config, source, info, num_examples: int) -> dict[str, dict[str,
   """Visible fraction and attention-cost ratio of every (kappa, global-time law), two ways.
 
   `analytic`: `expected_visible` averaged over the source's clip lengths; `pipeline`: drawn by the
-  pipeline's own transform (`data.ExtendedTimeTransform`, no context frames) on `num_examples`
+  pipeline's own transform (`input_pipeline.ExtendedTimeTransform`, no context frames) on `num_examples`
   clips of the source. Fractions are of frames (sum of visible over sum of clip frames); the
   attention ratio is sum V^2 over sum N^2 (quadratic cost, unpadded); `padded_*` compare the
   bucket sizes with those of the full clips.
@@ -65,7 +65,7 @@ def recipe_study(config, source, info, num_examples: int) -> dict[str, dict[str,
   clips = [source[i] for i in range(num_examples)]
   lengths = np.bincount([np.asarray(c['video']).shape[0] for c in clips],
                         minlength=info.max_frames + 1)
-  buckets = data.check_buckets(config.data.buckets, info.max_frames)
+  buckets = input_pipeline.check_buckets(config.data.buckets, info.max_frames)
   loc, scale = config.flow.tau_loc, config.flow.tau_scale
   rng = np.random.default_rng(config.seed)
   study = {}
@@ -76,9 +76,9 @@ def recipe_study(config, source, info, num_examples: int) -> dict[str, dict[str,
                                      scale) for n in np.flatnonzero(lengths)}
       frames = sum(lengths[n] * n for n in moments)
       squares = sum(lengths[n] * n * n for n in moments)
-      full = np.array([data.bucket_for(n, buckets) for n in moments])
+      full = np.array([input_pipeline.bucket_for(n, buckets) for n in moments])
       weights = np.array([lengths[n] for n in moments])
-      transform = data.ExtendedTimeTransform(
+      transform = input_pipeline.ExtendedTimeTransform(
           kappa=kappa_name, num_start_frames=config.flow.num_start_frames,
           tau_distribution=distribution, buckets=buckets, tau_loc=loc, tau_scale=scale,
           pixels=info.pixels, context=context_lib.ContextPatterns())

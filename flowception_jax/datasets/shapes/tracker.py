@@ -24,7 +24,7 @@ import functools
 import numpy as np
 from scipy import ndimage
 
-from flowception_jax.datasets import shapes
+from flowception_jax.datasets.shapes import source as shapes
 
 COLOUR_TOL = shapes.SHAPE_CONTRAST / (2 * shapes.SUPERSAMPLE**2)
 COVERAGE_EPS = 1.0 / (2 * shapes.SUPERSAMPLE**2)

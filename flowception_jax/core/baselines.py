@@ -23,10 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from flowception_jax import flowception
-from flowception_jax import model as model_lib
-from flowception_jax import orders
-from flowception_jax import sampler as sampler_lib
+from flowception_jax.core import flowception
+from flowception_jax.core import model as model_lib
+from flowception_jax.core import orders
+from flowception_jax.core import sampler as sampler_lib
 
 METHODS = ('flowception', 'full_sequence', 'autoregressive')
 

@@ -23,8 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flowception_jax import flowception
-from flowception_jax import orders
+from flowception_jax.core import flowception
+from flowception_jax.core import orders
 
 INSERTION_MODES = ('bernoulli', 'thinning', 'poisson')
 SOLVERS = ('euler', 'heun')

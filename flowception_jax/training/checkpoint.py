@@ -38,7 +38,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from flowception_jax import config as config_lib
+from flowception_jax.training import config as config_lib
 
 # Config fields that determine the shapes of the parameters or the meaning of the weights.
 _ARCHITECTURE_FIELDS = ('method', 'data.name', 'data.image_size', 'model.size', 'model.patch_size',

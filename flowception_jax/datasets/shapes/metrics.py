@@ -13,9 +13,9 @@ import dataclasses
 import numpy as np
 from scipy import ndimage
 
-from flowception_jax import metrics as metrics_lib
-from flowception_jax.datasets import shapes
-from flowception_jax.datasets import shapes_tracker as tracker
+from flowception_jax.datasets import metrics as metrics_lib
+from flowception_jax.datasets.shapes import source as shapes
+from flowception_jax.datasets.shapes import tracker
 
 TIME_TOL = 0.5
 # Perimeter of each kind over its half-extent.

@@ -1,7 +1,7 @@
 r"""Diagnostics of a trained DiT: do its patches see each other, does position matter, where does
 its attention go?
 
-  python -m flowception_jax.probes --workdir=/tmp/shapes --num_clips=8 --frames=6
+  python -m flowception_jax.research.probes --workdir=/tmp/shapes --num_clips=8 --frames=6
 
 A model that denoises each patch on its own (attention as a mean pool) shows it here before its
 samples do: noise in one patch barely moves the others (`patch_influence`), scrambling a frame's
@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flowception_jax.core import inference
+from flowception_jax.core import model as model_lib
 from flowception_jax import datasets
-from flowception_jax import inference
-from flowception_jax import model as model_lib
 
 
 def data_clips(data_config, num_clips: int, frames: int) -> np.ndarray:

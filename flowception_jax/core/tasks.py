@@ -16,6 +16,7 @@ unchanged, at the slots `TaskSamples.context_slots` names. Arrays in and out are
 
 import dataclasses
 import difflib
+import io
 import os
 import time
 
@@ -27,9 +28,10 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from flowception_jax import inference
-from flowception_jax import run_log
-from flowception_jax import video_io
+from flowception_jax.core import inference
+from flowception_jax.storage import files
+from flowception_jax.storage import video_io
+from flowception_jax.training import run_log
 
 TASKS = ('generate', 'i2v', 'interpolate', 'extend')
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp')
@@ -107,18 +109,18 @@ def load_context(path: str, task: str, frame_shape, capacity: int) -> np.ndarray
   suffix = os.path.splitext(path)[1].lower()
   if suffix not in IMAGE_SUFFIXES + ('.npz',):
     raise ValueError(f'cannot read context {path}: expected {expected_form(frame_shape)}')
-  if not os.path.exists(path):
+  if not files.exists(path):
     raise FileNotFoundError(f'no context file {path}; expected {expected_form(frame_shape)}')
   if suffix == '.npz':
-    with np.load(path) as saved:
-      if 'frames' not in saved:
-        raise ValueError(f'{path} holds {sorted(saved.files)}, no `frames`: expected '
-                         f'{expected_form(frame_shape)}')
-      frames = saved['frames']
+    saved = files.read_npz(path)
+    if 'frames' not in saved:
+      raise ValueError(f'{path} holds {sorted(saved)}, no `frames`: expected '
+                       f'{expected_form(frame_shape)}')
+    frames = saved['frames']
   else:
     h, w, c = frame_shape
     try:
-      with Image.open(path) as image:
+      with Image.open(io.BytesIO(files.read_bytes(path))) as image:
         pixels = np.asarray(image.convert('RGB' if c == 3 else 'L'), np.float32) / 255.0
     except OSError as e:
       raise ValueError(f'cannot read context image {path} ({e}): expected '

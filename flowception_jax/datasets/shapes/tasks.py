@@ -18,7 +18,7 @@ report their spread (`summarize`).
 
 import numpy as np
 
-from flowception_jax.datasets import shapes_tracker as tracker
+from flowception_jax.datasets.shapes import tracker
 
 
 def _track(video: np.ndarray) -> tracker.Tracks | None:

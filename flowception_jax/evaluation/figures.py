@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 import numpy as np
 
-from flowception_jax import metrics
+from flowception_jax.datasets import metrics
 
 GENERATED_COLOUR = '#1f77b4'
 DATA_COLOUR = '#c7c7c7'

@@ -39,10 +39,10 @@ import grain
 import jax
 import numpy as np
 
-from flowception_jax import context as context_lib
-from flowception_jax import data_shards
+from flowception_jax.core import context as context_lib
+from flowception_jax.core import flowception
 from flowception_jax import datasets
-from flowception_jax import flowception
+from flowception_jax.training import input_shards
 
 
 def bucket_for(num_frames: int, buckets: Sequence[int]) -> int:
@@ -350,7 +350,7 @@ def make_train_dataset(source, data_config, flow_config, *, batch_size: int, see
   if clips:
     stream = stream.random_map(source.read)
   stream = stream.random_map(transform)
-  records = data_shards.ShardBlocks(stream, batch_size, index, count) if count > 1 else stream
+  records = input_shards.ShardBlocks(stream, batch_size, index, count) if count > 1 else stream
   read_options = grain.ReadOptions(num_threads=data_config.num_threads,
                                    prefetch_buffer_size=data_config.prefetch)
   if data_config.get('packing', False):
@@ -360,6 +360,6 @@ def make_train_dataset(source, data_config, flow_config, *, batch_size: int, see
   if count == 1:
     return BucketBatchIterDataset(records, batch_size, read_options)
   sizes = slot_counts(method, buckets)
-  schedule = data_shards.BucketSchedule.estimate(
+  schedule = input_shards.BucketSchedule.estimate(
       stream, sizes, largest=sizes[buckets.index(bucket_for(max_frames, buckets))], seed=seed)
-  return data_shards.ScheduledBatchIterDataset(records, batch_size, schedule, read_options)
+  return input_shards.ScheduledBatchIterDataset(records, batch_size, schedule, read_options)

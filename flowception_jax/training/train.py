@@ -8,7 +8,6 @@ from typing import Any, Callable
 from absl import logging
 from clu import metric_writers
 from clu import periodic_actions
-from etils import epath
 import flax
 import flax.linen as nn
 import jax
@@ -17,20 +16,20 @@ import ml_collections
 import numpy as np
 import optax
 
-from flowception_jax import baselines
-from flowception_jax import checkpoint
-from flowception_jax import data
+from flowception_jax.core import baselines
+from flowception_jax.core import flowception
+from flowception_jax.core import inference
+from flowception_jax.core import model as model_lib
 from flowception_jax import datasets
-from flowception_jax import distributed
-from flowception_jax import evaluate
-from flowception_jax import figures
-from flowception_jax import flowception
-from flowception_jax import fvd
-from flowception_jax import inference
-from flowception_jax import model as model_lib
-from flowception_jax import run_log
-from flowception_jax import sharding
-from flowception_jax import video_io
+from flowception_jax.evaluation import evaluators
+from flowception_jax.evaluation import figures
+from flowception_jax.evaluation import fvd
+from flowception_jax.storage import video_io
+from flowception_jax.training import checkpoint
+from flowception_jax.training import distributed
+from flowception_jax.training import input_pipeline
+from flowception_jax.training import run_log
+from flowception_jax.training import sharding
 
 
 @flax.struct.dataclass
@@ -118,7 +117,7 @@ def compute_losses(params, batch: dict[str, jax.Array], key: jax.Array, *, model
                    packed: bool = False):
   """Velocity and rate losses of one batch; noise and label dropout drawn from `key`.
 
-  The autoregressive method attends causally (teacher forcing, see `data.AutoregressiveTransform`)
+  The autoregressive method attends causally (teacher forcing, see `input_pipeline.AutoregressiveTransform`)
   and its rate loss is the end-of-video loss (`baselines.end_loss`). `packed` batches hold several
   clips per row (`data.packing`), which attend only within themselves. `key` is one PRNG key, or
   one per example [B]: each example draws from its own key, so any split of a batch into
@@ -373,7 +372,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                dict(mesh.shape), mesh.size, jax.process_count(), *shard)
 
   # ---- Input pipeline --------------------------------------------------------------------------
-  dataset = data.make_train_dataset(source, config.data, config.flow, batch_size=local_batch_size,
+  dataset = input_pipeline.make_train_dataset(source, config.data, config.flow, batch_size=local_batch_size,
                                     seed=config.seed, max_frames=info.max_frames,
                                     method=config.method, shard=shard,
                                     context_config=config.context, pixels=info.pixels)
@@ -400,7 +399,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   step_fn = jit_train_step(model, tx, config, mesh, state_shardings)
   sampler = inference.make_sampler(model, config, info, config.num_sample_videos)
   i3d = fvd.load_i3d(config.eval.i3d_weights or None) if config.eval.fvd else None
-  reference = evaluate.data_reference(config.data, config.eval.num_data_videos, i3d=i3d,
+  reference = evaluators.data_reference(config.data, config.eval.num_data_videos, i3d=i3d,
                                       cache_dir=workdir)
 
   def write_samples(step: int) -> None:
@@ -424,7 +423,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       video_io.write_gif(gif, video_io.video_grid(videos, lengths))
       for name, image in images.items():
         video_io.write_png(os.path.join(workdir, f'{name}_{step:06d}.png'), image)
-    metrics = evaluate.scalars(evaluate.evaluate_samples(videos, lengths, reference, i3d=i3d))
+    metrics = evaluators.scalars(evaluators.evaluate_samples(videos, lengths, reference, i3d=i3d))
     writer.write_scalars(step, {f'sample/{k}': v for k, v in metrics.items()})
     writer.write_images(step, {f'sample/{k}': v[None] for k, v in images.items()})
     logging.info('samples of step %d: %s and figures beside it, mean length %.1f', step, gif,
@@ -486,7 +485,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         with jax.profiler.StepTraceAnnotation('train', step_num=step):
           batch = sharding.to_global_batch(next(data_iterator), mesh)
           if step == first_step + 1:
-            frames = data.max_slots(config.data, config.method)
+            frames = input_pipeline.max_slots(config.data, config.method)
             log_memory(compiled_memory(step_fn, state, batch, frames), device_bytes(state), frames)
           state, metrics = step_fn(state, batch)
           pending_metrics.append(metrics)

@@ -1,6 +1,6 @@
 r"""Benchmark: Flowception against full-sequence flow matching, side by side in one process.
 
-  python -m flowception_jax.bench --config=configs/bench.py --output=/tmp/bench.json
+  python -m flowception_jax.research.bench --config=configs/bench.py --output=/tmp/bench.json
 
 On the current device (CPU, GPU or TPU) it measures, in this order: the FLOP/s of a large float32
 matrix product (the peak that utilisation is quoted against); the steady-state train step of the
@@ -16,7 +16,6 @@ every figure to `--output` as JSON (keys documented in the README, section Bench
 import collections
 import dataclasses
 import glob
-import json
 import os
 import re
 import statistics
@@ -34,14 +33,15 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
-from flowception_jax import baselines
-from flowception_jax import data
+from flowception_jax.core import baselines
+from flowception_jax.core import inference
+from flowception_jax.core import model as model_lib
 from flowception_jax import datasets
-from flowception_jax import inference
-from flowception_jax import model as model_lib
-from flowception_jax import recipe_cost
-from flowception_jax import sharding
-from flowception_jax import train
+from flowception_jax.research import recipe_cost
+from flowception_jax.storage import files
+from flowception_jax.training import input_pipeline
+from flowception_jax.training import sharding
+from flowception_jax.training import train
 
 # ---- Analytic FLOP count -------------------------------------------------------------------------
 
@@ -181,7 +181,7 @@ def prepare_train(config, source, info, mesh, method: str, num_batches: int) -> 
   _, shardings = train.state_layout(init_fn, mesh)
   state = train.init_sharded(init_fn, mesh, shardings, jax.random.key(config.seed))
   step_fn = train.jit_train_step(model, tx, config, mesh, shardings)
-  dataset = data.make_train_dataset(
+  dataset = input_pipeline.make_train_dataset(
       source, config.data, config.flow, batch_size=config.batch_size, seed=config.seed,
       max_frames=info.max_frames, method=method, context_config=config.context,
       pixels=info.pixels)
@@ -259,7 +259,7 @@ def bench_sample(model, config, info, params, num_videos: int, repeats: int) -> 
 
 def bench_data(config, source, info, num_batches: int) -> float:
   """Examples per second of the Grain pipeline alone, after its first batch (threads started)."""
-  dataset = data.make_train_dataset(
+  dataset = input_pipeline.make_train_dataset(
       source, config.data, config.flow, batch_size=config.batch_size, seed=config.seed + 1,
       max_frames=info.max_frames, method=config.method, context_config=config.context,
       pixels=info.pixels)
@@ -364,15 +364,6 @@ def format_table(results: dict[str, Any]) -> str:
   return '\n'.join(lines)
 
 
-def write_json(path: str, results: dict[str, Any]) -> None:
-  """Writes `results` to `path` under a temporary name first, so the file is never partial."""
-  directory = os.path.dirname(os.path.abspath(path))
-  tmp_path = os.path.join(directory, f'.{os.path.basename(path)}.tmp')
-  with open(tmp_path, 'w') as f:
-    json.dump(results, f, indent=1)
-  os.replace(tmp_path, path)
-
-
 def _define_flags() -> None:
   """The command's flags, defined only when it runs, so that importing this module defines none."""
   config_flags.DEFINE_config_file('config', None, 'Benchmark config file.', lock_config=True)
@@ -389,7 +380,7 @@ def main(argv):
     raise app.UsageError(f'the folder of --output={output} does not exist; create it first')
   results = run(flags.FLAGS.config)
   print(format_table(results))
-  write_json(output, results)
+  files.write_json(output, results)
 
 
 if __name__ == '__main__':

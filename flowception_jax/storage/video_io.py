@@ -1,12 +1,9 @@
 """Video grids, GIF and PNG files for looking at samples, data and figures."""
 
-import io
-import os
-import tempfile
-
-from etils import epath
 import numpy as np
 from PIL import Image
+
+from flowception_jax.storage import files
 
 MIN_TILE = 48  # Default upscaling makes each tile at least this many pixels on its short side.
 _ENDED = 128  # Grey shown in a tile once its video has ended.
@@ -48,27 +45,6 @@ def video_grid(videos: np.ndarray, lengths: np.ndarray, columns: int | None = No
   return grid.reshape(n, rows * th, columns * tw, 3)[:, :-1, :-1]
 
 
-def _write_atomically(path: str, write) -> None:
-  """Calls `write(file)` on a temporary file in the directory of `path`, then renames it over
-  `path`, so an interrupted or failed write never leaves a partial file. Object stores (gs://...)
-  replace an object whole, so there `write` fills a buffer that is uploaded in one piece."""
-  if '://' in path:
-    encoded = io.BytesIO()
-    write(encoded)
-    epath.Path(path).write_bytes(encoded.getvalue())
-    return
-  directory, name = os.path.split(os.path.abspath(path))
-  fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f'.{name}.', suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      write(f)
-    os.chmod(tmp_path, 0o644)  # mkstemp makes the file private; outputs are for reading.
-    os.replace(tmp_path, path)
-  except BaseException:
-    os.remove(tmp_path)
-    raise
-
-
 def write_gif(path: str, frames: np.ndarray, fps: float = 8) -> None:
   """Writes uint8 [T, H, W, 3] frames as a looping GIF, atomically.
 
@@ -79,7 +55,7 @@ def write_gif(path: str, frames: np.ndarray, fps: float = 8) -> None:
   if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or not len(frames):
     raise ValueError(f'expected uint8 frames [T >= 1, H, W, 3], got {frames.dtype} {frames.shape}')
   images = [Image.fromarray(frame) for frame in frames]
-  _write_atomically(path, lambda f: images[0].save(
+  files.write_with(path, lambda f: images[0].save(
       f, format='GIF', save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0))
 
 
@@ -88,7 +64,7 @@ def write_png(path: str, image: np.ndarray) -> None:
   image = np.asarray(image)
   if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
     raise ValueError(f'expected a uint8 image [H, W, 3], got {image.dtype} {image.shape}')
-  _write_atomically(path, lambda f: Image.fromarray(image).save(f, format='PNG'))
+  files.write_with(path, lambda f: Image.fromarray(image).save(f, format='PNG'))
 
 
 _MARK = (230, 40, 40)  # Red border of marked frames in a filmstrip.

@@ -1,6 +1,6 @@
 r"""Per-chip training memory of a config on a mesh of any size, from abstract shapes alone.
 
-  python -m flowception_jax.memory_estimate --config=configs/shapes.py --chips=256 --hbm_gib=16 \
+  python -m flowception_jax.research.memory_estimate --config=configs/shapes.py --chips=256 --hbm_gib=16 \
       --config.model.size=XL --config.data.image_size=256 --config.model.patch_size=16 \
       --config.data.max_frames=16 --config.data.buckets='(4,8,12,16)' --config.batch_size=256 \
       --config.mesh.data=1 --config.mesh.fsdp=-1 --config.model.remat=full \
@@ -25,11 +25,11 @@ import flax.linen as nn
 import jax
 from ml_collections import config_flags
 
+from flowception_jax.core import inference
+from flowception_jax.core import model as model_lib
 from flowception_jax import datasets
-from flowception_jax import inference
-from flowception_jax import model as model_lib
-from flowception_jax import sharding
-from flowception_jax import train
+from flowception_jax.training import sharding
+from flowception_jax.training import train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=True)

@@ -1,6 +1,6 @@
 r"""Learning curves: named config variants, each trained for one budget and scored as it learns.
 
-  python -m flowception_jax.study --config=configs/shapes.py --output=/tmp/study \
+  python -m flowception_jax.research.study --config=configs/shapes.py --output=/tmp/study \
       --variant=base --variant='heun sampler.solver=heun' \
       --variant='lr1e-3 optim.learning_rate=1e-3' --minutes=10 --evals=8 --num_videos=128 \
       --seeds=0,1
@@ -41,11 +41,12 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
-from flowception_jax import baselines
+from flowception_jax.core import baselines
+from flowception_jax.core import inference
 from flowception_jax import datasets
-from flowception_jax import inference
-from flowception_jax import train
-from flowception_jax import video_io
+from flowception_jax.storage import files
+from flowception_jax.storage import video_io
+from flowception_jax.training import train
 
 # Metrics plotted by default, per data set (others: every metric their evaluation returns).
 HEADLINE_METRICS = {
@@ -93,7 +94,7 @@ def apply_overrides(config: ml_collections.ConfigDict,
         break
     if not isinstance(parent, ml_collections.ConfigDict) or leaf not in parent:
       raise ValueError(f'variant {variant.name!r}: the config has no field {field!r} (see '
-                       'flowception_jax/config.py)')
+                       'flowception_jax/training/config.py)')
     try:
       parent[leaf] = value
     except TypeError as error:
@@ -240,19 +241,9 @@ class _Curve:
 
 
 def _write_json(path: str, value) -> None:
-  """Writes `value` as JSON atomically (a temporary file renamed over `path`), from process 0."""
-  if jax.process_index():
-    return
-  directory, name = os.path.split(os.path.abspath(path))
-  fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f'.{name}.', suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'w') as f:
-      json.dump(value, f, indent=1)
-    os.chmod(tmp_path, 0o644)  # mkstemp makes the file private; a study is for reading.
-    os.replace(tmp_path, path)
-  except BaseException:
-    os.remove(tmp_path)
-    raise
+  """Writes `value` as JSON atomically, from process 0 only."""
+  if jax.process_index() == 0:
+    files.write_json(path, value)
 
 
 def run_study(config: ml_collections.ConfigDict, variants: list[Variant], seeds: list[int],

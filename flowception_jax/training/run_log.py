@@ -18,9 +18,9 @@ import traceback
 from absl import flags
 from absl import logging
 
-from flowception_jax import data
+from flowception_jax.training import input_pipeline
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # flowception_jax/
 _CLU_SCALARS = '[%d]%s %s'  # The template of clu's LoggingWriter.write_scalars lines.
 
 
@@ -194,7 +194,7 @@ def config_summary(config, info, num_params: int) -> list[str]:
              else 'samples at the end')
   return [
       f'data: {config.data.name}, clips of up to {info.max_frames} frames of {h}x{w}x{c}, '
-      f'{classes}, ' + (f'packed rows of {data.max_slots(config.data, config.method)} slots'
+      f'{classes}, ' + (f'packed rows of {input_pipeline.max_slots(config.data, config.method)} slots'
                          if config.data.get('packing', False)
                          else f'buckets {tuple(config.data.buckets)}'),
       f'model: DiT {config.model.size}, {num_params / 1e6:.2f}M parameters, patch '

@@ -1,6 +1,6 @@
 r"""Scores one trained model's tasks on held-out `shapes` clips, against the same model without context.
 
-  python -m flowception_jax.task_eval --workdir=/tmp/shapes --num_videos=128 --output=/tmp/tasks.json
+  python -m flowception_jax.research.task_eval --workdir=/tmp/shapes --num_videos=128 --output=/tmp/tasks.json
 
 Held-out clips come from the model's own data settings with another seed (`data.seed + 1`, clips
 training never drew) and one shape per clip, which `shapes_tracker` follows exactly. The given
@@ -19,13 +19,14 @@ from absl import app
 from absl import flags
 import ml_collections
 import numpy as np
-from PIL import Image
 
+from flowception_jax.core import inference
+from flowception_jax.core import tasks
 from flowception_jax import datasets
-from flowception_jax import inference
-from flowception_jax import tasks
-from flowception_jax.datasets import shapes_tasks
-from flowception_jax.datasets import shapes_tracker as tracker
+from flowception_jax.datasets.shapes import tasks as shapes_tasks
+from flowception_jax.datasets.shapes import tracker
+from flowception_jax.storage import files
+from flowception_jax.storage import video_io
 
 
 
@@ -91,11 +92,10 @@ def write_contexts(directory: str, data_config, prefix: int) -> None:
            for clip, length in zip(clips, lengths)]
   best = int(np.argmax([area[0] / area.max() for area in areas]))
   clip = clips[best, :lengths[best]]
-  os.makedirs(directory, exist_ok=True)
-  Image.fromarray(np.round(clip[0] * 255).astype(np.uint8)).save(
-      os.path.join(directory, 'first.png'))
-  np.savez(os.path.join(directory, 'prefix.npz'), frames=clip[:prefix])
-  np.savez(os.path.join(directory, 'keys.npz'), frames=clip[key_indices(lengths[best])])
+  video_io.write_png(os.path.join(directory, 'first.png'),
+                     np.round(clip[0] * 255).astype(np.uint8))
+  files.write_npz(os.path.join(directory, 'prefix.npz'), frames=clip[:prefix])
+  files.write_npz(os.path.join(directory, 'keys.npz'), frames=clip[key_indices(lengths[best])])
 
 
 def _define_flags() -> None:
@@ -120,9 +120,7 @@ def main(argv):
              'seed': args.seed, 'prefix': args.prefix,
              'tasks': evaluate(tasks.TaskSampler(trained, args.num_videos), args.seed,
                                args.prefix)}
-  os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-  with open(args.output, 'w') as f:
-    json.dump(summary, f, indent=1)
+  files.write_json(args.output, summary)
   print(json.dumps(summary, indent=1))
 
 

