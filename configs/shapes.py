@@ -6,7 +6,8 @@ Clip lengths follow from content (slow shapes make long clips), so the model mus
 The quickstart trains plain generation only, on packed batches with per-clip losses (the recipe the
 curves of `docs/learning.md` chose). Variants:
 - `configs/shapes.py:tasks` trains every task of one model (`config.context` patterns: image to
-  video, interpolation, extension), as the tasks notebook and the README's task commands use it;
+  video, interpolation, extension), as the tasks notebook and the task commands of
+  `docs/tasks.md` use it;
 - `configs/shapes.py:image` trains the same DiT on single frames (image flow matching: the
   full-sequence method on clips of one frame), the cross-check that the backbone learns to draw a
   shape at all;
@@ -22,7 +23,7 @@ def get_config(arg=None):
   c.total_steps = 2000
   c.batch_size = 16
   c.checkpoint_every = 500
-  c.sample_every = 1000
+  c.evals.samples.every = 1000
   c.data.name = 'shapes'
   c.data.image_size = 16
   c.data.min_frames = 4

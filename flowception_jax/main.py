@@ -1,4 +1,4 @@
-r"""Trains a Flowception model.
+r"""Trains a Flowception model, running the evaluators its config names (`config.evals`).
 
   python -m flowception_jax.main --config=configs/shapes.py --workdir=/tmp/shapes
 
@@ -38,11 +38,14 @@ def main(argv):
   # Imported here, after flag parsing, so that TensorFlow's C++ start-up notes (the trainer's
   # metric writers import it) can be kept out of the run's output.
   with run_log.native_output_silenced(enabled=not _VERBOSE.value):
-    from flowception_jax.training import train  # pylint: disable=g-import-not-at-top
+    # pylint: disable=g-import-not-at-top
+    from flowception_jax.evaluation import evaluators
+    from flowception_jax.training import train
   logging.info('JAX %s, %d processes, local devices %s', jax.__version__, jax.process_count(),
                jax.local_devices())
   with run_log.one_line_errors(enabled=not _VERBOSE.value):
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+                             make_evaluators=evaluators.from_config)
 
 
 if __name__ == '__main__':

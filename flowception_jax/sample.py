@@ -125,14 +125,13 @@ def write_outputs(output: str, samples: tasks.TaskSamples, config, info) -> dict
     arrays['labels'] = samples.labels
   files.write_npz(output, **arrays)
   stem = output[:-len('.npz')]
-  video_io.write_gif(stem + '.gif', video_io.video_grid(videos, lengths))
-  video_io.write_png(stem + '.png', tasks.filmstrip(samples))
-  data_lengths = evaluators.data_reference(config.data, config.eval.num_data_videos).lengths
+  data_lengths = evaluators.data_reference(config.data,
+                                           config.evals.samples.num_data_videos).lengths
   images = figures.sample_figures(
       samples.insert_step, lengths, data_lengths, num_steps=config.sampler.num_steps,
       num_iterations=samples.num_iterations, max_frames=info.max_frames)
-  for name, image in images.items():
-    video_io.write_png(f'{stem}_{name}.png', image)
+  evaluators.write_pictures(stem, videos, lengths, images)
+  video_io.write_png(stem + '.png', tasks.filmstrip(samples))
   if samples.context.shape[1]:
     summary['context_error'] = context_error(videos, samples.context_slots, samples.context)
   else:

@@ -78,21 +78,26 @@ def train_on(mesh, config, info, batches):
 
 
 def sample_on(mesh, config, info, params, seed):
-  model = inference.build_model(config, info)
-  sampler = inference.make_sampler(model, config, info, 8, mesh=mesh)
+  model = model_lib.build_for(config, info)
+  sampler = inference.VideoSampler(model, config, info, batch_size=8, mesh=mesh)
   _, shardings = train.state_layout(train.build(config, info)[2], mesh)
   params = jax.device_put(params, shardings.params)
-  first = inference.to_host(sampler(params, jax.random.key(seed)))
-  second = inference.to_host(sampler(params, jax.random.key(seed + 1)))
-  return first, second, sampler.__wrapped__._cache_size()  # pylint: disable=protected-access
+  first = sampler(params, jax.random.key(seed), 8)
+  second = sampler(params, jax.random.key(seed + 1), 8)
+  return first, second, sampler.fn._cache_size()  # pylint: disable=protected-access
 
 
 def main():
   config = _config()
   source, info = datasets.make_source(config.data)
-  config = train.resolve(config, info)
-  dataset = input_pipeline.make_train_dataset(source, config.data, config.flow, batch_size=8, seed=0,
-                                    max_frames=info.max_frames, shard=(0, 1))
+  config = train.resolve(config, source, info)
+  dataset = input_pipeline.make_train_dataset(source,
+                                              config.data,
+                                              config.flow,
+                                              batch_size=8,
+                                              seed=0,
+                                              max_frames=info.max_frames,
+                                              shard=(0, 1))
   batches = [b for _, b in zip(range(STEPS), iter(dataset))]
   report = {'steps': STEPS}
 

@@ -214,8 +214,8 @@ def test_full_sequence_sampler_draws_lengths_from_the_data_and_denoises_together
   capacity, b = 6, 2000
   shares = np.zeros(capacity + 1)
   shares[[2, 5]] = [0.25, 0.75]
-  sample_fn = baselines.make_sampler(
-      'full_sequence', apply_fn, config=_sampler_config(snr_shift=3.0), batch_size=b,
+  sample_fn = baselines.make_full_sequence_sampler(
+      apply_fn, config=_sampler_config(snr_shift=3.0), batch_size=b,
       capacity=capacity, frame_shape=FRAME, length_probabilities=shares)
   out = sample_fn(None, jax.random.key(0))
   lengths = np.asarray(out.lengths)
@@ -230,9 +230,9 @@ def test_full_sequence_sampler_draws_lengths_from_the_data_and_denoises_together
   assert not np.array_equal(np.asarray(again.lengths), lengths)
   assert len(calls) == 1 and sample_fn._cache_size() == 1
   with pytest.raises(ValueError, match='needs the flowception method'):
-    baselines.make_sampler('full_sequence', apply_fn, config=_sampler_config(order='random'),
-                           batch_size=b, capacity=capacity, frame_shape=FRAME,
-                           length_probabilities=shares)
+    baselines.make_full_sequence_sampler(apply_fn, config=_sampler_config(order='random'),
+                                         batch_size=b, capacity=capacity, frame_shape=FRAME,
+                                         length_probabilities=shares)
 
 
 def _autoregressive_model(end_logit, calls=None):
@@ -257,8 +257,7 @@ def test_autoregressive_sampler_makes_frames_in_order_and_stops_by_the_end_decis
   # Ends after the frame that sees four frames: under causal attention the fourth one. The shifted
   # time lands on the targets only if the model's times and the steps use the same shift.
   calls, capacity, shift = [], 7, 3.0
-  sample_fn = baselines.make_sampler(
-      'autoregressive',
+  sample_fn = baselines.make_autoregressive_sampler(
       _autoregressive_model(lambda seen: jnp.where(seen == 4, 30.0, -30.0), calls),
       config=_sampler_config(snr_shift=shift), batch_size=3, capacity=capacity, frame_shape=FRAME)
   out = sample_fn(None, jax.random.key(0))
@@ -274,8 +273,8 @@ def test_autoregressive_sampler_makes_frames_in_order_and_stops_by_the_end_decis
 
 def test_autoregressive_lengths_follow_the_end_probability():
   capacity, b = 6, 4000
-  sample_fn = baselines.make_sampler(
-      'autoregressive', _autoregressive_model(lambda seen: jnp.zeros(seen.shape)),
+  sample_fn = baselines.make_autoregressive_sampler(
+      _autoregressive_model(lambda seen: jnp.zeros(seen.shape)),
       config=_sampler_config(num_steps=1),
       batch_size=b, capacity=capacity, frame_shape=FRAME)
   lengths = np.asarray(sample_fn(None, jax.random.key(3)).lengths)
@@ -290,7 +289,7 @@ def _config(method, total_steps=2):
   config.method = method
   config.total_steps = total_steps
   config.checkpoint_every = 2
-  config.num_sample_videos = 2
+  config.evals.samples.num_videos = 2
   config.data.buckets = (30,)
   config.data.num_threads = 1
   config.sampler.num_steps = 3

@@ -20,11 +20,12 @@ def test_train_then_sample(tmp_path):
   workdir = str(tmp_path / 'run')
   train_args = ('flowception_jax.main', '--config=configs/coloring.py:tiny', f'--workdir={workdir}',
                 '--config.total_steps=4', '--config.checkpoint_every=2',
-                '--config.num_sample_videos=2')
+                '--config.evals.samples.num_videos=2')
   result = _run(*train_args)
   assert result.returncode == 0, result.stderr[-3000:]
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['2', '4']
-  for name in ('samples_000004.gif', 'length_histogram_000004.png', 'insertion_timeline_000004.png'):
+  for name in ('samples_000004.gif', 'samples_000004_length_histogram.png',
+               'samples_000004_insertion_timeline.png'):
     assert os.path.exists(os.path.join(workdir, name))
   # The run's own lines, without the libraries' chatter.
   for line in ('data: coloring', 'step 4/4 (100%)', 'checkpoint of step 2: writing',

@@ -66,7 +66,7 @@ def _dataset(seed=0, num_threads=0):
   flow_config = ml_collections.ConfigDict({'kappa': 'linear', 'num_start_frames': 2,
                                            'tau_distribution': 'uniform'})
   return input_pipeline.make_train_dataset(CountingClips(), data_config, flow_config, batch_size=3,
-                                 seed=seed, max_frames=6)
+                                           seed=seed, max_frames=6)
 
 
 def _clips_seen(batches):

@@ -55,8 +55,12 @@ def _configs(num_threads=0, kappa='linear', buckets=BUCKETS):
 
 def _dataset(seed=0, batch_size=3, **kwargs):
   data_config, flow_config = _configs(**kwargs)
-  return input_pipeline.make_train_dataset(TinySource(), data_config, flow_config, batch_size=batch_size,
-                                 seed=seed, max_frames=MAX_FRAMES)
+  return input_pipeline.make_train_dataset(TinySource(),
+                                           data_config,
+                                           flow_config,
+                                           batch_size=batch_size,
+                                           seed=seed,
+                                           max_frames=MAX_FRAMES)
 
 
 def _take(iterator, count):
@@ -169,8 +173,8 @@ def test_global_time_location_reaches_the_pipeline():
 
   def visible(tau_loc):
     transform = input_pipeline.ExtendedTimeTransform(kappa='linear', num_start_frames=1,
-                                           tau_distribution='logit_normal', buckets=(8,),
-                                           tau_loc=tau_loc, tau_scale=0.5)
+                                                     tau_distribution='logit_normal', buckets=(8,),
+                                                     tau_loc=tau_loc, tau_scale=0.5)
     rng = np.random.default_rng(0)
     return np.mean([transform.random_map(video, rng)['frame_mask'].sum() for _ in range(200)])
 

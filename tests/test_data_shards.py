@@ -21,8 +21,14 @@ def _configs(buckets=BUCKETS):
 def _iterator(shard, batch_size, buckets=BUCKETS):
   data_config, flow_config = _configs(buckets)
   source, info = datasets.make_source(data_config)
-  return iter(input_pipeline.make_train_dataset(source, data_config, flow_config, batch_size=batch_size,
-                                      seed=3, max_frames=info.max_frames, shard=shard))
+  return iter(
+      input_pipeline.make_train_dataset(source,
+                                        data_config,
+                                        flow_config,
+                                        batch_size=batch_size,
+                                        seed=3,
+                                        max_frames=info.max_frames,
+                                        shard=shard))
 
 
 def test_global_batch_does_not_depend_on_the_shard_count():
@@ -57,7 +63,7 @@ def test_shards_follow_one_bucket_sequence_and_their_queues_stay_short():
 
 def test_schedule_shares_cover_the_data_with_a_margin():
   schedule = input_shards.BucketSchedule(BUCKETS, [0.1, 0.4, 0.3, 0.2], largest=30, seed=0,
-                                        num_estimated=256)
+                                         num_estimated=256)
   steps = np.array([schedule.bucket(s) for s in range(2000)])
   at_least = {b: np.mean(steps >= b) for b in BUCKETS}
   data_tails = {8: 1.0, 16: 0.9, 24: 0.5, 30: 0.2}
@@ -65,7 +71,7 @@ def test_schedule_shares_cover_the_data_with_a_margin():
     assert data_tails[b] + 0.02 < at_least[b] < data_tails[b] + 0.25
   # Buckets above the longest clip's get no steps; one the estimate never saw still gets some.
   capped = input_shards.BucketSchedule(BUCKETS, [0.5, 0.5, 0.0, 0.0], largest=24, seed=0,
-                                      num_estimated=256)
+                                       num_estimated=256)
   steps = {capped.bucket(s) for s in range(500)}
   assert 30 not in steps and 24 in steps
 

@@ -60,13 +60,18 @@ def workdir(tmp_path_factory):
   config = coloring.get_config('tiny')
   config.data.num_threads = 1
   source, info = datasets.make_source(config.data)
-  config = train.resolve(config, info)
+  config = train.resolve(config, source, info)
   mesh = sharding.make_mesh(config.mesh)
   _, _, init_fn = train.build(config, info)
   _, shardings = train.state_layout(init_fn, mesh)
   state = train.init_sharded(init_fn, mesh, shardings, jax.random.key(0))
-  iterator = iter(input_pipeline.make_train_dataset(source, config.data, config.flow, batch_size=2, seed=0,
-                                          max_frames=info.max_frames))
+  iterator = iter(
+      input_pipeline.make_train_dataset(source,
+                                        config.data,
+                                        config.flow,
+                                        batch_size=2,
+                                        seed=0,
+                                        max_frames=info.max_frames))
   manager = checkpoint.make_manager(workdir)
   checkpoint.save(manager, 1, state, iterator, config)
   manager.wait_until_finished()
@@ -76,7 +81,7 @@ def workdir(tmp_path_factory):
 
 def test_samples_from_a_workdir_are_scored(workdir):
   result = evaluators.evaluate(workdir, num_videos=3, seed=1, batch_size=2,
-                             sampler_overrides={'num_steps': 2})
+                               sampler_overrides={'num_steps': 2})
   assert result['step'] == 1 and result['sampler']['num_steps'] == 2 and result['seed'] == 1
   assert result['num_videos'] == result['num_data'] == 3
   assert 1 <= result['min_length'] <= result['max_length'] <= 30
@@ -92,7 +97,8 @@ def test_a_samples_file_is_scored_against_the_workdirs_data(workdir, tmp_path):
   np.savez(samples, videos=videos, lengths=lengths)
   result = evaluators.evaluate(workdir, samples=samples, num_data=12)
   assert result['sampler'] is None and result['samples'] == samples and result['step'] == 1
-  expected = evaluators.evaluate_samples(videos, lengths, evaluators.data_reference(data_config, 12))
+  reference = evaluators.data_reference(data_config, 12)
+  expected = evaluators.evaluate_samples(videos, lengths, reference)
   assert {k: result[k] for k in expected} == expected
   assert result['num_data'] == 12 and result['data_length_tv'] > 0.2
 

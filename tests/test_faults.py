@@ -109,8 +109,8 @@ def _preempted(process, workdir):
 def _final_state(workdir):
   """The latest step, its train state (on the host) and its data-iterator state."""
   config = _config()
-  _, info = datasets.make_source(config.data)
-  _, _, init_fn = train.build(train.resolve(config, info), info)
+  source, info = datasets.make_source(config.data)
+  _, _, init_fn = train.build(train.resolve(config, source, info), info)
   abstract, _ = train.state_layout(init_fn, sharding.make_mesh(config.mesh))
   manager = checkpoint.make_manager(workdir, read_only=True)
   step = manager.latest_step()
@@ -168,7 +168,7 @@ def test_sigterm_then_sigkill_mid_save_resume_like_an_uninterrupted_run(referenc
 
 @pytest.mark.parametrize('moment, step, flags', [
     ('fetch', 9, ['--config.log_every=3']),  # A step that logs but has no regular checkpoint.
-    ('samples', 7, ['--config.sample_every=7']),
+    ('samples', 7, ['--config.evals.samples.every=7']),
     ('checkpoint', 10, []),
 ])
 def test_sigterm_while_the_loop_waits_saves_the_step_it_names(reference, env, tmp_path, moment,

@@ -74,7 +74,7 @@ def test_length_bars_sit_where_the_lengths_are():
   data = np.random.default_rng(0).integers(1, 13, 300)
   centres = []
   for length in (3, 9):
-    image = figures.length_histogram(np.full(16, length), data, max_frames=12)
+    image = figures.length_histogram_image(np.full(16, length), data, max_frames=12)
     assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] == 3
     # The tallest column of the generated colour is in the one bar (not the legend's swatch).
     centres.append(np.argmax(_colour_mask(image, figures.GENERATED_COLOUR).sum(axis=0)))

@@ -240,8 +240,8 @@ def test_local_processes_stop_together_on_the_first_failure(fakes, tmp_path):
 
 
 def _restore_params(workdir, config):
-  _, info = datasets.make_source(config.data)
-  _, _, init_fn = train.build(train.resolve(config, info), info)
+  source, info = datasets.make_source(config.data)
+  _, _, init_fn = train.build(train.resolve(config, source, info), info)
   abstract, _ = train.state_layout(init_fn, sharding.make_mesh(config.mesh))
   manager = checkpoint.make_manager(workdir, read_only=True)
   state = checkpoint.restore_state(manager, manager.latest_step(), abstract)
@@ -252,7 +252,7 @@ def _restore_params(workdir, config):
 def test_two_processes_train_like_one_process_of_all_devices(tmp_path):
   flags = ['--config=configs/coloring.py:tiny', '--config.total_steps=3',
            '--config.checkpoint_every=3', '--config.data.buckets=(30,)',
-           '--config.data.num_threads=1', '--config.num_sample_videos=4']
+           '--config.data.num_threads=1', '--config.evals.samples.num_videos=4']
   env = {k: v for k, v in os.environ.items() if not k.startswith('LOCAL_')}
   env.update(PYTHON=sys.executable, JAX_PLATFORMS='cpu',
              XLA_FLAGS='--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes')

@@ -48,8 +48,8 @@ def _flow_config(**fields):
 
 def _dataset(seed=0, batch_size=4, method='flowception', **fields):
   return input_pipeline.make_train_dataset(CountingSource(), _data_config(**fields), _flow_config(),
-                                 batch_size=batch_size, seed=seed, max_frames=MAX_FRAMES,
-                                 method=method)
+                                           batch_size=batch_size, seed=seed, max_frames=MAX_FRAMES,
+                                           method=method)
 
 
 def _clips(batch):
@@ -187,8 +187,8 @@ def test_masked_mean_per_clip_matches_brute_force():
 def test_data_shards_pack_rows_of_one_shape_from_their_own_clips():
   config = _data_config()
   shards = [next(iter(input_pipeline.make_train_dataset(CountingSource(), config, _flow_config(),
-                                              batch_size=2, seed=0, max_frames=MAX_FRAMES,
-                                              shard=(index, 2))))
+                                                        batch_size=2, seed=0, max_frames=MAX_FRAMES,
+                                                        shard=(index, 2))))
             for index in range(2)]
   assert shards[0]['frames'].shape == shards[1]['frames'].shape
   records = [set(np.rint((b['frames'][b['frame_mask']][:, 0, 0, 0] + 1) / 2 * 64).astype(int))

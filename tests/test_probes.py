@@ -79,9 +79,14 @@ def test_command_probes_a_trained_workdir(tmp_path):
   config.total_steps = 2
   config.checkpoint_every = 2
   train.train_and_evaluate(config, str(tmp_path))
-  out = subprocess.run(
-      [sys.executable, '-m', 'flowception_jax.research.probes', f'--workdir={tmp_path}', '--num_clips=2',
-       '--frames=3', '--times=0.5'], cwd=_ROOT, capture_output=True, text=True, check=True)
+  out = subprocess.run([
+      sys.executable, '-m', 'flowception_jax.research.probes', f'--workdir={tmp_path}',
+      '--num_clips=2', '--frames=3', '--times=0.5'
+  ],
+                       cwd=_ROOT,
+                       capture_output=True,
+                       text=True,
+                       check=True)
   report = json.loads(out.stdout)
   assert report['step'] == 2 and set(report['t=0.5']) == {
       'patch_influence', 'position_sensitivity', 'attention'}

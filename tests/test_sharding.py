@@ -74,9 +74,16 @@ def _step_setup(**overrides):
   config.optim.warmup_steps = 0
   config.update(overrides)
   source, info = datasets.make_source(config.data)
-  config = train.resolve(config, info)
-  batch = next(iter(input_pipeline.make_train_dataset(source, config.data, config.flow, batch_size=8,
-                                            seed=1, max_frames=info.max_frames, shard=(0, 1))))
+  config = train.resolve(config, source, info)
+  batch = next(
+      iter(
+          input_pipeline.make_train_dataset(source,
+                                            config.data,
+                                            config.flow,
+                                            batch_size=8,
+                                            seed=1,
+                                            max_frames=info.max_frames,
+                                            shard=(0, 1))))
   return config, info, batch
 
 

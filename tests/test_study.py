@@ -11,6 +11,7 @@ import pytest
 
 from configs import shapes as shapes_config
 from flowception_jax.core import inference
+from flowception_jax.core import model as model_lib
 from flowception_jax.research import study
 
 
@@ -125,5 +126,8 @@ def test_a_full_sequence_curve_samples_lengths_as_its_training_measures(tmp_path
   # Shapes clips are uniform on [min_frames, max_frames] = [4, 12].
   assert lengths.shape == (13,) and np.all(lengths[:4] == 0)
   np.testing.assert_allclose(lengths[4:], 1 / 9, atol=0.04)
-  model = inference.build_model(curve.config, curve.info)
-  inference.make_sampler(model, curve.config, curve.info, 2)  # Refused without the lengths.
+  model = model_lib.build_for(curve.config, curve.info)
+  inference.VideoSampler(model, curve.config, curve.info, batch_size=2)  # Built with the lengths.
+  del curve.config.length_distribution
+  with pytest.raises(ValueError, match='needs the length distribution'):
+    inference.VideoSampler(model, curve.config, curve.info, batch_size=2)

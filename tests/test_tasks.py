@@ -140,7 +140,7 @@ def workdir(tmp_path_factory):
   config.total_steps = 2
   config.checkpoint_every = 2
   config.data.buckets = (CAPACITY,)
-  config.num_sample_videos = 2
+  config.evals.samples.num_videos = 2
   train.train_and_evaluate(config, workdir)
   return workdir
 
@@ -160,7 +160,7 @@ def test_tasks_keep_their_context_frames_at_their_slots(workdir):
     for row in range(b):
       np.testing.assert_allclose(out.videos[row, out.context_slots[row]], context[row], atol=1e-5)
   assert sampler('generate', seed=4).context_slots.shape == (b, 0)
-  assert sampler.sampler._cache_size() == 1  # Every task and context reuses one compilation.
+  assert sampler.sampler.fn._cache_size() == 1  # Every task and context reuses one compilation.
   np.testing.assert_array_equal(slots['i2v'], 0)
   np.testing.assert_array_equal(slots['extend'], np.broadcast_to(np.arange(3), (b, 3)))
   keys = slots['interpolate']
@@ -179,7 +179,7 @@ def test_tasks_keep_their_context_frames_at_their_slots(workdir):
     np.testing.assert_allclose(out.videos[row, out.context_slots[row]], context[row], atol=1e-5)
   one_batch = tasks.TaskSampler(trained, 3)('generate', seed=5)
   np.testing.assert_array_equal(batched('generate', seed=5).videos[:3], one_batch.videos)
-  assert batched.sampler._cache_size() == 1
+  assert batched.sampler.fn._cache_size() == 1
 
   # The task scores run on the same sampler; the data's own interpolation is exact.
   scores = task_eval.evaluate(sampler, seed=0, prefix=3)
@@ -189,7 +189,7 @@ def test_tasks_keep_their_context_frames_at_their_slots(workdir):
   assert scores['interpolate_data']['motion_residual'] < 0.2
   assert scores['interpolate_data']['gap_error'] == 0.0
   assert scores['i2v']['position_error_count'] + scores['i2v']['length_error_count'] > 0
-  assert sampler.sampler._cache_size() == 1
+  assert sampler.sampler.fn._cache_size() == 1
 
 
 def test_sample_command_image_to_video_of_a_named_class(workdir, tmp_path):

@@ -4,12 +4,16 @@ Interrupted and resumed runs, as real processes, are in `test_faults.py`.
 """
 
 import functools
+import os
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from configs import coloring
 from flowception_jax import datasets
@@ -25,7 +29,7 @@ def _config(**overrides):
   config = coloring.get_config('tiny')
   config.data.buckets = (16, 30)
   config.data.num_threads = 1
-  config.sample_every = 0
+  config.evals.samples.every = 0
   for dotted, value in overrides.items():
     *parents, leaf = dotted.split('__')
     functools.reduce(getattr, parents, config)[leaf] = value
@@ -35,12 +39,16 @@ def _config(**overrides):
 def test_train_step_compiles_once_per_bucket():
   config = _config()
   source, info = datasets.make_source(config.data)
-  config = train.resolve(config, info)
+  config = train.resolve(config, source, info)
   mesh = sharding.make_mesh(config.mesh)
   model, tx, init_fn = train.build(config, info)
   _, shardings = train.state_layout(init_fn, mesh)
-  dataset = input_pipeline.make_train_dataset(source, config.data, config.flow, batch_size=config.batch_size,
-                                    seed=0, max_frames=info.max_frames)
+  dataset = input_pipeline.make_train_dataset(source,
+                                              config.data,
+                                              config.flow,
+                                              batch_size=config.batch_size,
+                                              seed=0,
+                                              max_frames=info.max_frames)
   step_fn = train.jit_train_step(model, tx, config, mesh, shardings)
   state = train.init_sharded(init_fn, mesh, shardings, jax.random.key(0))
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
@@ -65,7 +73,7 @@ def test_ema_forgets_the_initialisation_early_and_settles_at_the_decay():
 def test_padded_slots_change_no_loss():
   config = _config()
   source, info = datasets.make_source(config.data)
-  config = train.resolve(config, info)
+  config = train.resolve(config, source, info)
   model, _, init_fn = train.build(config, info)
   params = nn.unbox(init_fn(jax.random.key(0))).params
   # Perturb every parameter so the zero-initialised heads and gates carry signal.
@@ -73,8 +81,8 @@ def test_padded_slots_change_no_loss():
   keys = jax.random.split(jax.random.key(1), len(leaves))
   params = jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape)
                                      for x, k in zip(leaves, keys)])
-  dataset = input_pipeline.make_train_dataset(source, config.data, config.flow, batch_size=4, seed=0,
-                                    max_frames=info.max_frames)
+  dataset = input_pipeline.make_train_dataset(source, config.data, config.flow, batch_size=4,
+                                              seed=0, max_frames=info.max_frames)
   batch = next(b for b in iter(dataset) if not b['frame_mask'].all())
   pad = ~batch['frame_mask']
   rng = np.random.default_rng(0)
@@ -174,3 +182,41 @@ def test_velocity_weighting_reweights_only_the_velocity_loss():
   uniform, weighted = losses('uniform'), losses('logit_normal')
   assert float(uniform['rate_loss']) == float(weighted['rate_loss'])
   assert abs(float(uniform['velocity_loss']) - float(weighted['velocity_loss'])) > 1e-3
+
+
+def test_the_trainer_imports_no_evaluation_module():
+  code = ('import sys; import flowception_jax.training.train; '
+          'print(sorted(m for m in sys.modules if m.startswith("flowception_jax.evaluation")))')
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == '[]'
+
+
+class _CountingEvaluator:
+  """Records the steps it runs at and returns one scalar and one image."""
+
+  def __init__(self, every):
+    self.every, self.steps = every, []
+
+  def run(self, step, params):
+    assert jax.tree.structure(params) is not None
+    self.steps.append(step)
+    return {'step_seen': float(step), 'picture': np.zeros((4, 4, 3), np.uint8)}
+
+
+@pytest.mark.e2e
+def test_evaluators_run_at_their_steps_and_at_the_end(tmp_path):
+  made = {}
+
+  def make_evaluators(config, info, model, workdir):
+    assert workdir == str(tmp_path) and config.num_classes == info.num_classes
+    assert isinstance(model, nn.Module)
+    made.update(every_2=_CountingEvaluator(2), at_end=_CountingEvaluator(0))
+    return made
+
+  train.train_and_evaluate(_config(total_steps=5, checkpoint_every=5), str(tmp_path),
+                           make_evaluators=make_evaluators)
+  assert made['every_2'].steps == [2, 4, 5] and made['at_end'].steps == [5]
+  summaries = [p for p in os.listdir(tmp_path) if p.startswith('events.out.tfevents')]
+  logged = {v.tag for p in summaries for e in tf.compat.v1.train.summary_iterator(
+      os.path.join(tmp_path, p)) for v in e.summary.value}
+  assert {'every_2/step_seen', 'at_end/step_seen', 'every_2/picture'} <= logged

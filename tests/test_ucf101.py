@@ -10,6 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from flowception_jax import datasets
+from flowception_jax.evaluation import evaluators
 from flowception_jax.training import train
 from tests import config_files
 
@@ -70,10 +71,11 @@ def test_ucf_tiny_trains_on_mock_prepared_data(tmp_path):
   config = config_files.load('ucf', 'tiny')
   config.data.data_dir = str(tmp_path / 'tfds')
   config.data.buckets = (config.data.max_frames,)  # One bucket: one compilation.
-  config.total_steps, config.checkpoint_every, config.num_sample_videos = 2, 2, 2
+  config.total_steps, config.checkpoint_every, config.evals.samples.num_videos = 2, 2, 2
   workdir = tmp_path / 'run'
   with tfds.testing.mock_data(num_examples=8):
-    state = train.train_and_evaluate(config, str(workdir))
+    state = train.train_and_evaluate(config, str(workdir),
+                                     make_evaluators=evaluators.from_config)
   assert int(state.step) == 2
   assert (workdir / 'checkpoints' / '2').exists() and (workdir / 'samples_000002.gif').exists()
 

@@ -153,7 +153,7 @@ def test_unreadable_records_stop_with_the_fix_or_are_skipped_and_counted(tmp_pat
                                         tau_distribution='uniform'))
   loader = ml_collections.ConfigDict(dict(buckets=(4,), num_threads=0, prefetch=2))
   iterator = iter(input_pipeline.make_train_dataset(source, loader, flow, batch_size=4, seed=0,
-                                          max_frames=4))
+                                                    max_frames=4))
   values = set()
   for _ in range(5):
     batch = next(iterator)
@@ -180,7 +180,7 @@ def test_latent_records_pass_through_unscaled(tmp_path):
                                         tau_distribution='uniform'))
   loader = ml_collections.ConfigDict(dict(buckets=(5,), num_threads=0, prefetch=2))
   batch = next(iter(input_pipeline.make_train_dataset(source, loader, flow, batch_size=2, seed=0,
-                                            max_frames=5, pixels=info.pixels)))
+                                                      max_frames=5, pixels=info.pixels)))
   every = np.concatenate([s.astype(np.float32) for s in stored])
   frames = batch['frames'][batch['frame_mask']]
   assert all(any(np.array_equal(f, e) for e in every) for f in frames)  # Not rescaled.
@@ -196,9 +196,9 @@ def test_training_on_a_latent_folder_writes_latents_not_gifs(tmp_path):
   config.data.data_dir = directory
   config.data.buckets = (config.data.max_frames,)  # One bucket: one compilation.
   config.model.patch_size = 2
-  config.total_steps, config.num_sample_videos = 2, 2
+  config.total_steps, config.evals.samples.num_videos = 2, 2
   workdir = str(tmp_path / 'run')
-  train.train_and_evaluate(config, workdir)
+  train.train_and_evaluate(config, workdir, make_evaluators=evaluators.from_config)
   with np.load(os.path.join(workdir, 'samples_000002.npz')) as samples:
     latents, lengths = samples['latents'], samples['lengths']
   assert latents.shape == (2, 6, 4, 4, 3) and lengths.shape == (2,)
@@ -211,9 +211,9 @@ def test_videos_tiny_trains_on_a_prepared_folder(prepared, tmp_path):
   config = config_files.load('videos', 'tiny')
   config.data.data_dir = output
   config.data.buckets = (config.data.max_frames,)  # One bucket: one compilation.
-  config.total_steps, config.checkpoint_every, config.num_sample_videos = 2, 2, 2
+  config.total_steps, config.checkpoint_every, config.evals.samples.num_videos = 2, 2, 2
   workdir = str(tmp_path / 'run')
-  state = train.train_and_evaluate(config, workdir)
+  state = train.train_and_evaluate(config, workdir, make_evaluators=evaluators.from_config)
   assert int(state.step) == 2
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state.params)))
   assert os.path.exists(os.path.join(workdir, 'samples_000002.gif'))

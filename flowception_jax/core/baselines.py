@@ -2,15 +2,15 @@
 
 `config.method` chooses the generative process:
   flowception:    insertions interleaved with per-frame denoising (`sampler.py`).
-  full_sequence:  every frame visible, one shared time. Training denoises whole clips
-                  (`data.FullSequenceTransform`); sampling draws each video's length from the data's
-                  length distribution, measured on the training source and saved with the config
-                  (`length_distribution`), then denoises all its frames together.
+  full_sequence:  every frame visible, one shared time. Training denoises whole
+                  clips (`input_pipeline.FullSequenceTransform`); sampling draws each video's length
+                  from the data's length distribution, measured on the training source and saved
+                  with the config (`length_distribution`), then denoises all its frames together.
   autoregressive: frame by frame under causal attention. Training is teacher forcing
-                  (`data.AutoregressiveTransform`: every frame of a clip is denoised from its clean
-                  past in one pass); sampling makes one frame at a time from the clean frames before
-                  it and stops by a learned end-of-video decision, whose logit is the rate head's
-                  output on the last clean frame (`end_loss`).
+                  (`input_pipeline.AutoregressiveTransform`: every frame of a clip is denoised from
+                  its clean past in one pass); sampling makes one frame at a time from the clean
+                  frames before it and stops by a learned end-of-video decision, whose logit is the
+                  rate head's output on the last clean frame (`end_loss`).
 Both samplers run on device in one `jax.lax` loop under `jax.jit`, with fixed shapes, and return the
 `sampler.SampleOutput` of the Flowception sampler.
 """
@@ -77,23 +77,6 @@ def end_loss(logit: jax.Array, frames_after: jax.Array, mask: jax.Array,
   return flowception.masked_mean(nll, mask, segment_ids)
 
 
-def _evaluate(apply_fn, params, inputs: tuple, labels, config: sampler_lib.SamplerConfig,
-              num_classes: int, **kwargs) -> tuple[jax.Array, jax.Array]:
-  """Velocity and rate-head output of `inputs`, with the guidance of `sampler._evaluate`."""
-  guided = (num_classes > 0 and labels is not None
-            and (config.guidance_scale != 1.0 or config.rate_guidance != 1.0))
-  if not guided:
-    return apply_fn(params, *inputs, labels, **kwargs)
-  b = labels.shape[0]
-  doubled = [jnp.concatenate([x, x]) for x in inputs]
-  both_labels = jnp.concatenate([labels, jnp.full_like(labels, num_classes)])
-  kwargs = {k: jnp.concatenate([v, v]) for k, v in kwargs.items()}
-  velocity, head = apply_fn(params, *doubled, both_labels, **kwargs)
-  w, w_s = config.guidance_scale, config.rate_guidance
-  return (velocity[b:] + w * (velocity[:b] - velocity[b:]),
-          w_s * head[:b] + (1.0 - w_s) * head[b:])
-
-
 def _euler(frames: jax.Array, velocity: jax.Array, moving: jax.Array, t_now, t_next,
            shift: float) -> jax.Array:
   """Moves the `moving` [B, N] frames from time t_now to t_next in the model's (shifted) time."""
@@ -150,7 +133,8 @@ def make_full_sequence_sampler(apply_fn: Callable[..., Any], *, config: sampler_
       t_now, t_next = k / config.num_steps, (k + 1) / config.num_steps
       times = jnp.full((b, n), t_now, jnp.float32)
       inputs = (frames, context, flowception.snr_shift(times, config.snr_shift), slots, alive)
-      velocity, _ = _evaluate(apply_fn, params, inputs, labels, config, num_classes)
+      velocity, _ = sampler_lib.guided_apply(apply_fn, params, inputs, labels, config,
+                                             num_classes)
       return _euler(frames, velocity, alive, t_now, t_next, config.snr_shift)
 
     frames = jax.random.normal(noise_key, (b, n) + frame_shape, jnp.float32)
@@ -195,8 +179,8 @@ def make_autoregressive_sampler(apply_fn: Callable[..., Any], *,
       times = jnp.where(slots < current, 1.0, jnp.where(slots == current, t_now, 0.0))
       inputs = (frames, context, flowception.snr_shift(times, config.snr_shift), slots,
                 slots <= current)
-      velocity, end_logit = _evaluate(apply_fn, params, inputs, labels, config, num_classes,
-                                      frame_attention=causal)
+      velocity, end_logit = sampler_lib.guided_apply(apply_fn, params, inputs, labels, config,
+                                                     num_classes, frame_attention=causal)
       key, end_key = jax.random.split(key)
       previous = end_logit[:, jnp.maximum(current - 1, 0)]
       ends = (k == 0) & (current > 0) & jax.random.bernoulli(end_key, jax.nn.sigmoid(previous))
@@ -220,27 +204,3 @@ def make_autoregressive_sampler(apply_fn: Callable[..., Any], *,
         context_slots=jnp.full(alive.shape, -1, jnp.int32))
 
   return jax.jit(sample)
-
-
-def make_sampler(method: str, apply_fn, *, config: sampler_lib.SamplerConfig, batch_size: int,
-                 capacity: int, frame_shape: tuple[int, ...], num_classes: int = 0,
-                 length_probabilities=None):
-  """The jitted sampler of `method`, all with the arguments of `sampler.make_sampler`.
-
-  `apply_fn(params, frames, context, frame_times, positions, frame_mask, labels,
-  frame_attention=None)`; `length_probabilities` is needed by the full-sequence method.
-  """
-  common = dict(config=config, batch_size=batch_size, capacity=capacity, frame_shape=frame_shape,
-                num_classes=num_classes)
-  if method == 'flowception':
-    return sampler_lib.make_sampler(apply_fn, **common)
-  if method == 'full_sequence':
-    if length_probabilities is None:
-      raise ValueError('the full_sequence sampler needs the length distribution that training '
-                       'measures (config.length_distribution); train with '
-                       '--config.method=full_sequence')
-    return make_full_sequence_sampler(apply_fn, length_probabilities=length_probabilities,
-                                      **common)
-  if method == 'autoregressive':
-    return make_autoregressive_sampler(apply_fn, **common)
-  raise ValueError(f'unknown method {method!r}; set --config.method to one of {", ".join(METHODS)}')

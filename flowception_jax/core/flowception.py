@@ -217,9 +217,9 @@ def masked_mean(values, mask, segment_ids=None):
   """Mean of `values` [B, F] over the frames in `mask` bool [B, F]; 0 when the mask is empty.
 
   With `segment_ids` int [B, F] (the clip of each slot, 1.. per row, 0 for padding; see
-  `data.py`) each clip's frames are averaged first, then the clips that have any: every clip
-  weighs the same, whatever its phase or how many frames it shows. Without, every frame weighs the
-  same. Reduced in float32.
+  `input_pipeline.py`) each clip's frames are averaged first, then the clips that have any: every
+  clip weighs the same, whatever its phase or how many frames it shows. Without, every frame weighs
+  the same. Reduced in float32.
   """
   values = values.astype(jnp.float32)
   mask = mask.astype(jnp.float32)

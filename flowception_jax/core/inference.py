@@ -1,15 +1,17 @@
 """A trained model, ready to sample: config, model and EMA weights loaded from a workdir.
 
 This is the path that sampling, evaluation and notebooks take; it reads checkpoints but does not need
-the trainer (no optimizer state is read). `make_sampler` builds the on-device sampler of the config's
-method (`sampler.py`, or a baseline's in `baselines.py`) for a model and its config, the same one the
-trainer uses for its sample GIFs.
+the trainer (no optimizer state is read). `VideoSampler` is the one way the package samples: the
+on-device sampler of the config's method (`sampler.py`, or a baseline's in `baselines.py`), run in
+batches with one random scheme.
 """
 
 import dataclasses
 import functools
+import time
 from typing import Any
 
+from absl import logging
 import flax.linen as nn
 import jax
 from jax.experimental import multihost_utils
@@ -23,6 +25,7 @@ from flowception_jax.core import sampler as sampler_lib
 from flowception_jax import datasets
 from flowception_jax.storage import files
 from flowception_jax.training import checkpoint
+from flowception_jax.training import run_log
 from flowception_jax.training import sharding
 
 
@@ -36,18 +39,6 @@ class TrainedModel:
   step: int  # The training step of the checkpoint.
 
 
-def build_model(config: ml_collections.ConfigDict, info: datasets.SourceInfo) -> model_lib.DiT:
-  """The DiT of `config.model` for the frames and classes of `info`."""
-  return model_lib.build_model(config.model, channels=info.frame_shape[-1],
-                               num_classes=info.num_classes)
-
-
-def init_params(model: model_lib.DiT, info: datasets.SourceInfo, frames: int, key: jax.Array):
-  """Fresh boxed (logically partitioned) parameters of `model`, traced on `frames` slots."""
-  inputs = model_lib.init_inputs(info.frame_shape, frames, info.num_classes)
-  return model.init(key, *inputs)['params']
-
-
 def sampler_config(config: ml_collections.ConfigDict) -> sampler_lib.SamplerConfig:
   """The sampler settings of a resolved config (`config.sampler` and the process of `config.flow`)."""
   return sampler_lib.SamplerConfig(
@@ -58,34 +49,100 @@ def sampler_config(config: ml_collections.ConfigDict) -> sampler_lib.SamplerConf
       solver=config.sampler.get('solver', 'euler'))
 
 
-def make_sampler(model: model_lib.DiT, config: ml_collections.ConfigDict,
-                 info: datasets.SourceInfo, num_videos: int,
-                 mesh: jax.sharding.Mesh | None = None):
-  """A jitted sampler (see `sampler.make_sampler`) of `num_videos` videos of up to `max_frames`.
-
-  The sampler of `config.method`: Flowception's, or a baseline's (`baselines.make_sampler`).
-  With a `mesh`, every call runs on it with the model's logical axis rules: the videos are split
-  over its batch axes (and the model as in training). Without one, calls run in whatever mesh
-  context the caller set (the trainer samples inside its own).
-  """
+def _batch_sampler(model: model_lib.DiT, config: ml_collections.ConfigDict,
+                   info: datasets.SourceInfo, batch_size: int):
+  """The jitted sampler of `config.method` for `batch_size` videos: `sampler.make_sampler`'s, or
+  a baseline's (`baselines.make_full_sequence_sampler`, `make_autoregressive_sampler`)."""
 
   def apply_fn(params, *inputs, **kwargs):
     return model.apply({'params': params}, *inputs, **kwargs)
 
   baselines.check_method(config)
-  sample = baselines.make_sampler(
-      config.method, apply_fn, config=sampler_config(config), batch_size=num_videos,
-      capacity=info.max_frames, frame_shape=tuple(info.frame_shape), num_classes=info.num_classes,
-      length_probabilities=config.get('length_distribution'))
-  if mesh is None:
-    return sample
+  common = dict(config=sampler_config(config), batch_size=batch_size, capacity=info.max_frames,
+                frame_shape=tuple(info.frame_shape), num_classes=info.num_classes)
+  if config.method == 'flowception':
+    return sampler_lib.make_sampler(apply_fn, **common)
+  if config.method == 'autoregressive':
+    return baselines.make_autoregressive_sampler(apply_fn, **common)
+  if config.get('length_distribution') is None:
+    raise ValueError('the full_sequence sampler needs the length distribution that training '
+                     'measures (config.length_distribution, set by training.train.resolve); '
+                     'train with --config.method=full_sequence')
+  return baselines.make_full_sequence_sampler(
+      apply_fn, length_probabilities=config.length_distribution, **common)
 
-  @functools.wraps(sample)
-  def sample_on_mesh(*args, **kwargs):
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-      return sample(*args, **kwargs)
 
-  return sample_on_mesh
+class VideoSampler:
+  """Samples videos from a model's weights: the one path every caller takes (the trainer's
+  evaluators, `evaluate`, the study, the tasks and the `sample` command).
+
+  Built once from a resolved config, its model and its data's `SourceInfo`: `num_videos` videos are
+  made `batch_size` at a time by one compiled function (`fn`), each batch after the first logging a
+  progress line. The randomness of a call is one key: `label_key, noise_key = split(key)`; class
+  labels, where not given, are drawn for every video from `label_key`, and batch `i` draws from
+  `fold_in(noise_key, i)`. The same key, weights and inputs give the same videos, on any number of
+  processes. Outputs are NumPy arrays, whole on every process (`to_host`).
+  """
+
+  def __init__(self, model: model_lib.DiT, config: ml_collections.ConfigDict,
+               info: datasets.SourceInfo, *, batch_size: int,
+               mesh: jax.sharding.Mesh | None = None):
+    """With a `mesh`, every call runs on it with the model's logical axis rules (the videos split
+    over its batch axes); without one, in whatever mesh context the caller set (the trainer's)."""
+    self.config, self.info, self.batch_size, self.mesh = config, info, batch_size, mesh
+    self.fn = _batch_sampler(model, config, info, batch_size)
+
+  def _call(self, params, key, labels, inputs):
+    if self.mesh is None:
+      return to_host(self.fn(params, key, labels=labels, **inputs))
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+      return to_host(self.fn(params, key, labels=labels, **inputs))
+
+  def random_labels(self, key: jax.Array, num_videos: int) -> np.ndarray | None:
+    """The class labels int32 [num_videos] a call with `key` draws (None if unconditional)."""
+    if not self.info.num_classes:
+      return None
+    label_key = jax.random.split(key)[0]
+    return np.asarray(jax.random.randint(label_key, (num_videos,), 0, self.info.num_classes,
+                                         jnp.int32))
+
+  def __call__(self, params, key: jax.Array, num_videos: int, *, labels=None,
+               inputs: dict[str, np.ndarray] | None = None) -> sampler_lib.SampleOutput:
+    """`num_videos` videos from `params`.
+
+    Args:
+      params: the (EMA) parameters.
+      key: the call's randomness (see the class docstring).
+      num_videos: videos to make; the last batch is padded and cut.
+      labels: int [num_videos] class ids of a conditional model (None: random classes).
+      inputs: `sampler.make_sampler`'s task arguments, each [num_videos, N_max, ...]
+        (`tasks.sampler_inputs`); None for plain generation.
+
+    Returns:
+      The `SampleOutput` of all videos, as NumPy arrays; `num_iterations` the largest of the
+      batches.
+    """
+    size = self.batch_size
+    count = -(-num_videos // size)
+    if labels is None:
+      labels = self.random_labels(key, num_videos)
+    noise_key = jax.random.split(key)[1]
+    pad = lambda x: None if x is None else np.concatenate(
+        [np.asarray(x)] + [np.asarray(x)[-1:]] * (count * size - num_videos))
+    labels, inputs = pad(labels), {k: pad(v) for k, v in (inputs or {}).items()}
+    outs, start = [], time.perf_counter()
+    for i in range(count):
+      part = slice(i * size, (i + 1) * size)
+      outs.append(self._call(params, jax.random.fold_in(noise_key, i),
+                             None if labels is None else labels[part],
+                             {k: v[part] for k, v in inputs.items()}))
+      if count > 1:
+        elapsed = time.perf_counter() - start
+        logging.info('sampled %d/%d videos in %s, ETA %s', min((i + 1) * size, num_videos),
+                     num_videos, run_log.format_duration(elapsed),
+                     run_log.format_duration(elapsed / (i + 1) * (count - i - 1)))
+    return jax.tree.map(
+        lambda *xs: np.concatenate(xs)[:num_videos] if np.ndim(xs[0]) else max(xs), *outs)
 
 
 def _checkpoint_step(manager, workdir: str, step: int | None) -> int:
@@ -120,11 +177,11 @@ def load(workdir: str, *, step: int | None = None,
   step = _checkpoint_step(manager, workdir, step)
   config = checkpoint.restore_config(manager, step)
   _, info = datasets.make_source(config.data)
-  model = build_model(config, info)
+  model = model_lib.build_for(config, info)
   mesh = mesh or sharding.make_mesh(ml_collections.ConfigDict({'data': -1, 'fsdp': 1}))
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-    boxed = jax.eval_shape(functools.partial(init_params, model, info, min(config.data.buckets)),
-                           jax.random.key(0))
+    init = functools.partial(model_lib.init_params, model, info, min(config.data.buckets))
+    boxed = jax.eval_shape(init, jax.random.key(0))
     shardings = sharding.logical_shardings(boxed, mesh)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           nn.unbox(boxed), shardings)
@@ -167,10 +224,3 @@ def save_latents(path: str, latents: np.ndarray, lengths: np.ndarray) -> None:
   """
   files.write_npz(path, latents=np.asarray(latents, np.float32),
                   lengths=np.asarray(lengths, np.int32))
-
-
-def sample_labels(key: jax.Array, num_videos: int, num_classes: int) -> jax.Array | None:
-  """Random class labels int32 [num_videos] for conditional models, None for unconditional ones."""
-  if not num_classes:
-    return None
-  return jax.random.randint(key, (num_videos,), 0, num_classes, jnp.int32)

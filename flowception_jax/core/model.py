@@ -410,3 +410,13 @@ def init_inputs(frame_shape: tuple[int, int, int], frames: int, num_classes: int
           jnp.zeros(shape + tuple(frame_shape), jnp.float32), jnp.zeros(shape, jnp.float32),
           jnp.broadcast_to(jnp.arange(frames, dtype=jnp.int32), shape), jnp.ones(shape, bool),
           labels)
+
+
+def build_for(config, info) -> DiT:
+  """The DiT of `config.model` for the frames and classes of `info` (a `datasets.SourceInfo`)."""
+  return build_model(config.model, channels=info.frame_shape[-1], num_classes=info.num_classes)
+
+
+def init_params(model: DiT, info, frames: int, key: jax.Array):
+  """Fresh boxed (logically partitioned) parameters of `model`, traced on `frames` slots."""
+  return model.init(key, *init_inputs(info.frame_shape, frames, info.num_classes))['params']

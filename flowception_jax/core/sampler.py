@@ -188,24 +188,38 @@ def _initial_state(key, config: SamplerConfig, frame_shape, init_frames, init_al
                       t_global=jnp.float32(0.0), iteration=jnp.int32(0), key=key)
 
 
+def guided_apply(apply_fn: ApplyFn, params, inputs: tuple, labels, config: SamplerConfig,
+                 num_classes: int, **kwargs) -> tuple[jax.Array, jax.Array]:
+  """The model's two outputs on `inputs`, with classifier-free guidance where the config asks.
+
+  `apply_fn(params, *inputs, labels, **kwargs)` returns the velocity [B, N, H, W, C] and a second
+  head [B, N] (Flowception's insertion log-rates, the autoregressive end logits). With labels of a
+  conditional model and a guidance scale other than 1, the batch is run twice, with the labels and
+  with the null class `num_classes`: the velocity is `v_u + w (v_c - v_u)` (`guidance_scale`) and
+  the second head `w_s h_c + (1 - w_s) h_u` (`rate_guidance`).
+  """
+  guided = (num_classes > 0 and labels is not None
+            and (config.guidance_scale != 1.0 or config.rate_guidance != 1.0))
+  if not guided:
+    return apply_fn(params, *inputs, labels, **kwargs)
+  b = labels.shape[0]
+  doubled = [jnp.concatenate([x, x]) for x in inputs]
+  both_labels = jnp.concatenate([labels, jnp.full_like(labels, num_classes)])
+  kwargs = {k: jnp.concatenate([v, v]) for k, v in kwargs.items()}
+  velocity, head = apply_fn(params, *doubled, both_labels, **kwargs)
+  w, w_s = config.guidance_scale, config.rate_guidance
+  return (velocity[b:] + w * (velocity[:b] - velocity[b:]),
+          w_s * head[:b] + (1.0 - w_s) * head[b:])
+
+
 def _evaluate(apply_fn: ApplyFn, params, state: SamplerState, labels, config: SamplerConfig,
               num_classes: int) -> tuple[jax.Array, jax.Array]:
-  """Velocity [B, N, H, W, C] and log-rate [B, N], guided if the config asks for it."""
+  """Velocity [B, N, H, W, C] and log-rate [B, N] of the state's frames (`guided_apply`)."""
   b, n = state.alive.shape
   context = jnp.where(state.context[..., None, None, None], state.frames, 0.0)
   inputs = (state.frames, context, flowception.snr_shift(state.times, config.snr_shift),
             jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n)), state.alive)
-  guided = (num_classes > 0 and labels is not None
-            and (config.guidance_scale != 1.0 or config.rate_guidance != 1.0))
-  if not guided:
-    return apply_fn(params, *inputs, labels)
-  doubled = [jnp.concatenate([x, x]) for x in inputs]
-  both_labels = jnp.concatenate([labels, jnp.full_like(labels, num_classes)])
-  velocity, log_rate = apply_fn(params, *doubled, both_labels)
-  v_c, v_u = velocity[:b], velocity[b:]
-  r_c, r_u = log_rate[:b], log_rate[b:]
-  w, w_s = config.guidance_scale, config.rate_guidance
-  return v_u + w * (v_c - v_u), w_s * r_c + (1.0 - w_s) * r_u
+  return guided_apply(apply_fn, params, inputs, labels, config, num_classes)
 
 
 def _integrate(state: SamplerState, times: jax.Array, moving: jax.Array, velocity: jax.Array,

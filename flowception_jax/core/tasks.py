@@ -18,12 +18,8 @@ import dataclasses
 import difflib
 import io
 import os
-import time
-
-from absl import logging
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from PIL import Image
@@ -31,7 +27,6 @@ from PIL import Image
 from flowception_jax.core import inference
 from flowception_jax.storage import files
 from flowception_jax.storage import video_io
-from flowception_jax.training import run_log
 
 TASKS = ('generate', 'i2v', 'interpolate', 'extend')
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp')
@@ -195,22 +190,22 @@ class TaskSampler:
 
   Plain generation goes through the same compiled function as the context tasks (with no frame
   given), so a notebook can switch tasks, contexts, seeds and classes without recompiling. Videos
-  are made `batch_size` at a time, each batch logging a progress line.
+  are made `batch_size` at a time (`inference.VideoSampler`), each batch logging a progress line.
   """
 
   def __init__(self, trained: inference.TrainedModel, num_videos: int,
                sampler_overrides: dict | None = None, mesh: jax.sharding.Mesh | None = None,
                batch_size: int | None = None):
     """`sampler_overrides`: `config.sampler` fields to change, e.g. `{'guidance_scale': 3.0}`;
-    `mesh`: the devices the videos are split over (see `inference.make_sampler`); `batch_size`:
+    `mesh`: the devices the videos are split over (see `inference.VideoSampler`); `batch_size`:
     videos per sampler call (None: all at once)."""
     self.trained = trained
     self.num_videos = num_videos
-    self.batch_size = min(batch_size or num_videos, num_videos)
     self.config = ml_collections.ConfigDict(trained.config.to_dict())
     self.config.sampler.update(sampler_overrides or {})
-    self.sampler = inference.make_sampler(trained.model, self.config, trained.info,
-                                          self.batch_size, mesh=mesh)
+    self.sampler = inference.VideoSampler(trained.model, self.config, trained.info,
+                                          batch_size=min(batch_size or num_videos, num_videos),
+                                          mesh=mesh)
 
   def __call__(self, task: str = 'generate', context=None, *, seed: int = 0,
                label: int | str | None = None) -> TaskSamples:
@@ -232,11 +227,11 @@ class TaskSampler:
     if frames is not None and method != 'flowception':
       raise ValueError(f'--task={task} needs a Flowception model; this one is the {method} '
                        'baseline, which samples only --task=generate')
-    label_key, sample_key = jax.random.split(jax.random.key(seed))
+    key = jax.random.key(seed)
     if label is None:
-      labels = inference.sample_labels(label_key, b, info.num_classes)
+      labels = self.sampler.random_labels(key, b)
     else:
-      labels = jnp.full((b,), class_label(label, info.num_classes, info.class_names), jnp.int32)
+      labels = np.full((b,), class_label(label, info.num_classes, info.class_names), np.int32)
     if method != 'flowception':  # Baselines generate from their own start.
       inputs = {}
     elif frames is None:  # Nothing given: every video starts from `num_start_frames` noise frames.
@@ -246,7 +241,7 @@ class TaskSampler:
     else:
       inputs = sampler_inputs(task, frames, b, info.max_frames, self.config.flow.num_start_frames,
                               np.random.default_rng(seed))
-    out = self._in_batches(sample_key, labels, inputs)
+    out = self.sampler(self.trained.params, key, b, labels=labels, inputs=inputs)
     lengths = np.asarray(out.lengths, np.int32)
     k = 0 if frames is None else frames.shape[-4]
     given = (np.zeros((b, 0) + tuple(info.frame_shape), np.float32) if frames is None
@@ -258,29 +253,6 @@ class TaskSampler:
                        labels=None if labels is None else np.asarray(labels, np.int32),
                        insert_step=np.asarray(out.insert_step, np.int32),
                        num_iterations=int(out.num_iterations))
-
-
-  def _in_batches(self, key: jax.Array, labels, inputs: dict):
-    """The sampler's output for all `num_videos` videos (host arrays), made `batch_size` at a
-    time: batch `i` draws from `fold_in(key, i)`, the last one padded and cut."""
-    b, size = self.num_videos, self.batch_size
-    count = -(-b // size)
-    pad = lambda x: None if x is None else np.concatenate(
-        [np.asarray(x)] + [np.asarray(x)[-1:]] * (count * size - b))
-    labels, inputs = pad(labels), {k: pad(v) for k, v in inputs.items()}
-    outs, start = [], time.perf_counter()
-    for i in range(count):
-      part = slice(i * size, (i + 1) * size)
-      outs.append(inference.to_host(self.sampler(
-          self.trained.params, jax.random.fold_in(key, i),
-          labels=None if labels is None else labels[part],
-          **{k: v[part] for k, v in inputs.items()})))
-      if count > 1:
-        elapsed = time.perf_counter() - start
-        logging.info('sampled %d/%d videos in %s, ETA %s', min((i + 1) * size, b), b,
-                     run_log.format_duration(elapsed),
-                     run_log.format_duration(elapsed / (i + 1) * (count - i - 1)))
-    return jax.tree.map(lambda *xs: np.concatenate(xs)[:b] if np.ndim(xs[0]) else max(xs), *outs)
 
 
 def filmstrip(samples: TaskSamples, max_rows: int = 16) -> np.ndarray:

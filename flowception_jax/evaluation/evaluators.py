@@ -1,32 +1,32 @@
-r"""Scores a trained model's samples against its data: lengths, exact task metrics and FVD.
+"""Scores samples against their data: lengths, exact task metrics and FVD; the evaluators of the
+training loop.
 
-  python -m flowception_jax.evaluate --workdir=/tmp/shapes --num_videos=256 --seed=0 \
-      --output=/tmp/shapes/eval.json --fvd
-
-Samples `--num_videos` videos from the workdir's EMA weights (or reads `--samples=F.npz`, a file
-that `flowception_jax.sample` wrote) and compares them with the first `--num_data` records of the
-data set the workdir was trained on: the length histogram and its total variation to the data's,
-the data set's exact metrics (`datasets.task_metrics`), and with `--fvd` the Frechet Video Distance
-(see `fvd.py`). The data's I3D statistics are cached in the workdir, so a second evaluation only
-computes the samples' features. The training loop logs the same metrics for its sample batches
-(`evaluate_samples`). Every JSON key is listed in the README.
+Samples are compared with the first records of the data set a model was trained on: the length
+histogram and its total variation to the data's, the data set's exact metrics
+(`datasets.task_metrics`), and the Frechet Video Distance (`fvd.py`) when asked, its I3D statistics
+of the data cached in the workdir. `evaluate` does it for a workdir (the `evaluate` command);
+`SampleEvaluator` does it for the samples the training loop makes (`config.evals`, `from_config`).
+Every JSON key is listed in `docs/evaluation.md`.
 """
 
 import dataclasses
 import hashlib
 import json
 import os
+from typing import Any
 
+from absl import logging
 import jax
 import ml_collections
 import numpy as np
-import tqdm
 
 from flowception_jax.core import inference
 from flowception_jax import datasets
 from flowception_jax.datasets import metrics
+from flowception_jax.evaluation import figures
 from flowception_jax.evaluation import fvd
 from flowception_jax.storage import files
+from flowception_jax.storage import video_io
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,20 +125,74 @@ def scalars(result: dict) -> dict[str, float]:
           and 'num_' not in key}
 
 
-def sample_videos(trained: inference.TrainedModel, num_videos: int, seed: int, *,
-                  batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-  """`num_videos` samples in batches of `batch_size` (one compilation), batch `b` seeded by
-  `fold_in(key(seed), b)`. Returns (videos float32 [N, N_max, H, W, C] in [0, 1], lengths [N])."""
-  batch_size = min(batch_size, num_videos)
-  sampler = inference.make_sampler(trained.model, trained.config, trained.info, batch_size)
-  videos, lengths = [], []
-  for batch in tqdm.trange(-(-num_videos // batch_size), desc='sampling', unit='batch'):
-    label_key, sample_key = jax.random.split(jax.random.fold_in(jax.random.key(seed), batch))
-    labels = inference.sample_labels(label_key, batch_size, trained.info.num_classes)
-    out = sampler(trained.params, sample_key, labels=labels)
-    lengths.append(np.asarray(out.lengths, np.int32))
-    videos.append(inference.to_pixels(out.frames, lengths[-1]))
-  return np.concatenate(videos)[:num_videos], np.concatenate(lengths)[:num_videos]
+def write_pictures(stem: str, videos: np.ndarray, lengths: np.ndarray,
+                   images: dict[str, np.ndarray]) -> None:
+  """Writes samples as `<stem>.gif` (a grid of the videos, `video_io.video_grid`) and their
+  figures (`figures.sample_figures`) as `<stem>_<name>.png`."""
+  video_io.write_gif(stem + '.gif', video_io.video_grid(videos, lengths))
+  for name, image in images.items():
+    video_io.write_png(f'{stem}_{name}.png', image)
+
+
+class SampleEvaluator:
+  """Samples of the EMA weights during training: a GIF grid and the process's figures in the
+  workdir (`samples_<step>.gif`, `samples_<step>_<figure>.png`), and the data set's metrics (with
+  FVD if asked) as scalars.
+
+  `config.evals.samples` sets it: `every` (steps between runs; 0: only at the end), `num_videos`,
+  `num_data_videos` (data records the samples face), `fvd` and `i3d_weights`. A model of latents
+  writes its samples as `samples_<step>.npz` for the autoencoder that encoded its data, and logs
+  their mean length only. Every process samples (the videos are split over the mesh); process 0
+  writes the files.
+  """
+
+  def __init__(self, settings: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
+               info, model, workdir: str):
+    self.every = settings.every
+    self.num_videos = settings.num_videos
+    self.config, self.info, self.workdir = config, info, workdir
+    self.sampler = inference.VideoSampler(model, config, info, batch_size=settings.num_videos)
+    self.i3d = fvd.load_i3d(settings.i3d_weights or None) if settings.fvd else None
+    self.reference = data_reference(config.data, settings.num_data_videos, i3d=self.i3d,
+                                    cache_dir=workdir)
+
+  def run(self, step: int, params) -> dict[str, Any]:
+    """Samples from `params` at `step`; returns scalars (floats) and images (uint8 [H, W, 3])."""
+    key = jax.random.fold_in(jax.random.key(self.config.seed + 1), step)
+    out = self.sampler(params, key, self.num_videos)
+    lengths = np.asarray(out.lengths)
+    path = os.path.join(self.workdir, f'samples_{step:06d}')
+    if not self.info.pixels:  # Latents: saved for an external decoder; no GIF, no pixel metrics.
+      if jax.process_index() == 0:
+        inference.save_latents(path + '.npz', inference.to_latents(out.frames, lengths), lengths)
+      return {'mean_length': float(lengths.mean())}
+    videos = inference.to_pixels(out.frames, lengths)
+    images = figures.sample_figures(
+        np.asarray(out.insert_step), lengths, self.reference.lengths,
+        num_steps=self.config.sampler.num_steps, num_iterations=int(out.num_iterations),
+        max_frames=self.info.max_frames)
+    if jax.process_index() == 0:
+      write_pictures(path, videos, lengths, images)
+    logging.info('samples of step %d: %s.gif and figures beside it, mean length %.1f', step, path,
+                 lengths.mean())
+    return scalars(evaluate_samples(videos, lengths, self.reference, i3d=self.i3d)) | images
+
+
+EVALUATORS = {'samples': SampleEvaluator}
+
+
+def from_config(config: ml_collections.ConfigDict, info, model, workdir: str) -> dict[str, Any]:
+  """The evaluators `config.evals` names, by name (`EVALUATORS`), for the training loop.
+
+  Each has `every` (steps between runs; 0: only at the end) and `run(step, params)`, which returns
+  scalars and images to log under its name.
+  """
+  unknown = set(config.evals) - set(EVALUATORS)
+  if unknown:
+    raise ValueError(f'unknown evaluators {sorted(unknown)} in config.evals; the known ones are '
+                     f'{sorted(EVALUATORS)}')
+  return {name: EVALUATORS[name](settings, config, info, model, workdir)
+          for name, settings in config.evals.items()}
 
 
 def evaluate(workdir: str, *, num_videos: int = 256, seed: int = 0, samples: str | None = None,
@@ -176,7 +230,11 @@ def evaluate(workdir: str, *, num_videos: int = 256, seed: int = 0, samples: str
     trained = inference.load(workdir, step=step)
     config, step = trained.config, trained.step
     config.sampler.update(sampler_overrides or {})
-    videos, lengths = sample_videos(trained, num_videos, seed, batch_size=batch_size)
+    sampler = inference.VideoSampler(trained.model, config, trained.info,
+                                     batch_size=min(batch_size, num_videos))
+    out = sampler(trained.params, jax.random.key(seed), num_videos)
+    lengths = np.asarray(out.lengths, np.int32)
+    videos = inference.to_pixels(out.frames, lengths)
     sampler_settings = config.sampler.to_dict()
   i3d = fvd.load_i3d(i3d_weights) if with_fvd else None
   reference = data_reference(config.data, num_data or len(lengths), i3d=i3d, cache_dir=workdir,

@@ -26,13 +26,13 @@ def _to_image(figure: Figure) -> np.ndarray:
   return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
-def length_histogram(lengths: np.ndarray, data_lengths: np.ndarray,
-                     max_frames: int | None = None) -> np.ndarray:
+def length_histogram_image(lengths: np.ndarray, data_lengths: np.ndarray,
+                           max_frames: int | None = None) -> np.ndarray:
   """Bars of the share of generated videos per length over the data's, with their TV distance.
 
   Args:
     lengths: int [B] generated lengths.
-    data_lengths: int [M] lengths of data clips (`evaluate.data_reference`).
+    data_lengths: int [M] lengths of data clips (`evaluators.data_reference`).
     max_frames: the last length on the axis (default: the longest of both).
   """
   generated = metrics.length_histogram(lengths)
@@ -130,6 +130,6 @@ def sample_figures(insert_step: np.ndarray, lengths: np.ndarray, data_lengths: n
                    num_steps: int, num_iterations: int, max_frames: int) -> dict[str, np.ndarray]:
   """The figures of one batch of samples, by name: `length_histogram`, `insertion_timeline`."""
   return {
-      'length_histogram': length_histogram(lengths, data_lengths, max_frames),
+      'length_histogram': length_histogram_image(lengths, data_lengths, max_frames),
       'insertion_timeline': insertion_timeline(insert_step, lengths, num_steps, num_iterations),
   }

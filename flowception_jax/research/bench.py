@@ -10,7 +10,7 @@ extended-time recipe for every insertion scheduler and global-time law, by numer
 and from drawn examples. Times are wall-clock seconds between blocking fetches, after compilation
 (reported apart), the median over `bench.repeats` passes. On a shared machine absolute times are
 inflated; the ratios, taken side by side in one run, are what to read. Prints a table and writes
-every figure to `--output` as JSON (keys documented in the README, section Benchmark).
+every figure to `--output` as JSON (keys documented in `docs/benchmark.md`).
 """
 
 import collections
@@ -33,7 +33,6 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
-from flowception_jax.core import baselines
 from flowception_jax.core import inference
 from flowception_jax.core import model as model_lib
 from flowception_jax import datasets
@@ -176,7 +175,7 @@ def prepare_train(config, source, info, mesh, method: str, num_batches: int) -> 
   Each distinct bucket is compiled ahead of time (`compile_s`, summed), every executable runs
   once to warm up, and a step of the largest bucket is profiled.
   """
-  config = train.resolve(_with(config, method=method), info)
+  config = train.resolve(_with(config, method=method), source, info)
   model, tx, init_fn = train.build(config, info)
   _, shardings = train.state_layout(init_fn, mesh)
   state = train.init_sharded(init_fn, mesh, shardings, jax.random.key(config.seed))
@@ -238,8 +237,8 @@ def train_figures(bench_state: TrainBench, passes: list[list[float]], info) -> d
 
 def bench_sample(model, config, info, params, num_videos: int, repeats: int) -> dict[str, Any]:
   """Compiles and times `config.method`'s sampler on `num_videos` videos; median of `repeats`."""
-  sample = inference.make_sampler(model, config, info, num_videos)
-  labels = inference.sample_labels(jax.random.key(1), num_videos, info.num_classes)
+  sampler = inference.VideoSampler(model, config, info, batch_size=num_videos)
+  sample, labels = sampler.fn, sampler.random_labels(jax.random.key(1), num_videos)
   compile_s, compiled = timed(lambda: sample.lower(params, jax.random.key(0), labels).compile())
   jax.block_until_ready(compiled(params, jax.random.key(0), labels))
   runs = [timed(lambda: compiled(params, jax.random.key(2 + i), labels)) for i in range(repeats)]
@@ -324,14 +323,12 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
                                   benches['flowception'].profile.items() if k != 'matmul'][:6],
   }
 
-  lengths = baselines.length_distribution(source, info.max_frames, bench.study_examples)
-  full_config = _with(benches['full_sequence'].config, length_distribution=lengths)
   params = benches['flowception'].state.ema_params
   logging.info('timing the samplers')
   model = benches['flowception'].model
   samples = {name: bench_sample(model, c, info, params, bench.sample_videos, bench.repeats)
              for name, c in (('flowception', benches['flowception'].config),
-                             ('full_sequence', full_config))}
+                             ('full_sequence', benches['full_sequence'].config))}
   for name, s in samples.items():
     results.update({f'sample.{name}_s': s['s'], f'sample.{name}_nfe': s['nfe'],
                     f'sample.{name}_mean_length': s['mean_length'],

@@ -1,7 +1,7 @@
 r"""Per-chip training memory of a config on a mesh of any size, from abstract shapes alone.
 
-  python -m flowception_jax.research.memory_estimate --config=configs/shapes.py --chips=256 --hbm_gib=16 \
-      --config.model.size=XL --config.data.image_size=256 --config.model.patch_size=16 \
+  python -m flowception_jax.research.memory_estimate --config=configs/shapes.py --chips=256 \
+      --hbm_gib=16 --config.model.size=XL --config.data.image_size=256 --config.model.patch_size=16 \
       --config.data.max_frames=16 --config.data.buckets='(4,8,12,16)' --config.batch_size=256 \
       --config.mesh.data=1 --config.mesh.fsdp=-1 --config.model.remat=full \
       --config.model.dtype=bfloat16
@@ -25,7 +25,6 @@ import flax.linen as nn
 import jax
 from ml_collections import config_flags
 
-from flowception_jax.core import inference
 from flowception_jax.core import model as model_lib
 from flowception_jax import datasets
 from flowception_jax.training import sharding
@@ -100,8 +99,8 @@ def activation_bytes(model: model_lib.DiT, examples: float, frames: int, tokens_
 
 def estimate(config, chips: int) -> MemoryEstimate:
   """The per-chip memory of training `config` on a mesh of `chips` devices."""
-  _, info = datasets.make_source(config.data)
-  config = train.resolve(config, info)
+  source, info = datasets.make_source(config.data)
+  config = train.resolve(config, source, info)
   _, _, init_fn = train.build(config, info)
   data, fsdp, tensor = sharding.mesh_shape(config.mesh, chips)
   mesh_sizes = dict(zip(sharding.MESH_AXES, (data, fsdp, tensor)))
@@ -112,7 +111,7 @@ def estimate(config, chips: int) -> MemoryEstimate:
   optimizer = _shard_bytes(abstract.opt_state, boxed.opt_state, mesh_sizes)
   gathered_block = _shard_bytes(abstract.params['block_0'], boxed.params['block_0'],
                                 dict(mesh_sizes, fsdp=1))
-  model = inference.build_model(config, info)
+  model = model_lib.build_for(config, info)
   p = config.model.patch_size
   tokens = (info.frame_shape[0] // p) * (info.frame_shape[1] // p) + 1
   examples = config.batch_size / (data * fsdp) / config.grad_accum_steps

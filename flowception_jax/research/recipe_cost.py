@@ -57,10 +57,10 @@ def recipe_study(config, source, info, num_examples: int) -> dict[str, dict[str,
   """Visible fraction and attention-cost ratio of every (kappa, global-time law), two ways.
 
   `analytic`: `expected_visible` averaged over the source's clip lengths; `pipeline`: drawn by the
-  pipeline's own transform (`input_pipeline.ExtendedTimeTransform`, no context frames) on `num_examples`
-  clips of the source. Fractions are of frames (sum of visible over sum of clip frames); the
-  attention ratio is sum V^2 over sum N^2 (quadratic cost, unpadded); `padded_*` compare the
-  bucket sizes with those of the full clips.
+  pipeline's own transform (`input_pipeline.ExtendedTimeTransform`, no context frames) on
+  `num_examples` clips of the source. Fractions are of frames (sum of visible over sum of clip
+  frames); the attention ratio is sum V^2 over sum N^2 (quadratic cost, unpadded); `padded_*`
+  compare the bucket sizes with those of the full clips.
   """
   clips = [source[i] for i in range(num_examples)]
   lengths = np.bincount([np.asarray(c['video']).shape[0] for c in clips],

@@ -41,8 +41,8 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
-from flowception_jax.core import baselines
 from flowception_jax.core import inference
+from flowception_jax.core import model as model_lib
 from flowception_jax import datasets
 from flowception_jax.storage import files
 from flowception_jax.storage import video_io
@@ -126,7 +126,6 @@ def _study_config(config: ml_collections.ConfigDict, total_steps: int, seed: int
   config.seed = seed
   config.checkpoint_every = total_steps
   config.keep_checkpoints = 1
-  config.sample_every = 0
   return config
 
 
@@ -190,9 +189,7 @@ class _Curve:
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, steps: tuple[int, ...],
                num_videos: int, eval_seed: int, clock: _Clock, on_point):
     source, self.info = datasets.make_source(config.data)
-    self.config = train.resolve(config, self.info)
-    if self.config.method == 'full_sequence':  # Its sampler draws lengths as training measures.
-      self.config.length_distribution = baselines.length_distribution(source, self.info.max_frames)
+    self.config = train.resolve(config, source, self.info)
     self.workdir = workdir
     self.steps = steps
     self.num_videos = num_videos
@@ -208,11 +205,10 @@ class _Curve:
     """The data set's metrics of `num_videos` videos sampled from `params`, from the same noise
     at every evaluation; their GIF goes to the workdir."""
     if self.sampler is None:
-      model = inference.build_model(self.config, self.info)
-      self.sampler = inference.make_sampler(model, self.config, self.info, self.num_videos)
-    label_key, sample_key = jax.random.split(jax.random.key(self.eval_seed))
-    labels = inference.sample_labels(label_key, self.num_videos, self.info.num_classes)
-    out = self.sampler(params, sample_key, labels=labels)
+      model = model_lib.build_for(self.config, self.info)
+      self.sampler = inference.VideoSampler(model, self.config, self.info,
+                                            batch_size=self.num_videos)
+    out = self.sampler(params, jax.random.key(self.eval_seed), self.num_videos)
     lengths = np.asarray(out.lengths)
     videos = inference.to_pixels(out.frames, lengths)
     if jax.process_index() == 0:

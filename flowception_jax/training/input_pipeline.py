@@ -335,7 +335,7 @@ def make_train_dataset(source, data_config, flow_config, *, batch_size: int, see
   process, `sharding.data_shard` gives it for a mesh) reads block `index` of every `count` blocks
   of `batch_size` examples (`batch_size` is the shard's share of a global batch). Packed rows
   (`data.packing`) have one shape everywhere; otherwise one shard batches greedily by bucket, and
-  several follow one bucket sequence so that all agree (`data_shards`).
+  several follow one bucket sequence so that all agree (`input_shards`).
   `method` chooses the examples (`make_transform`); `context_config` (`config.context`) sets the
   context patterns of Flowception examples, None trains without context; `pixels` is
   `SourceInfo.pixels`. A `datasets.RandomClipSource` is read through `random_map`, so each draw of

@@ -7,16 +7,16 @@ batches are formed in stream order, the global batch of a step does not depend o
 processes load it.
 
 Every process must also run the same program at every step, i.e. pad its batch to the same frame
-bucket. Greedy bucketing (emit whichever bucket fills first, `data.BucketBatchIterDataset`) would
-let shards disagree, and settling that each step would cost a host round trip that also stalls
-asynchronous dispatch. Instead all shards follow one `BucketSchedule`: the bucket of step `s` is a
-pure function of the seed and `s`, drawn with the bucket frequencies of the data (estimated from the
-same leading examples of the global stream on every shard, so every shard computes the same
-estimate) plus a margin towards larger buckets. A step of bucket `b` takes the waiting examples
-that fit in `b`, largest first, and pads them to `b`; examples of larger buckets wait for a step
-that fits them. The margin makes every queue drain faster than it fills, so the waiting examples
-stay few. The price is some padding (about the margin) in multi-shard runs only.
-"""
+bucket. Greedy bucketing (emit whichever bucket fills first,
+`input_pipeline.BucketBatchIterDataset`) would let shards disagree, and settling that each step
+would cost a host round trip that also stalls asynchronous dispatch. Instead all shards follow one
+`BucketSchedule`: the bucket of step `s` is a pure function of the seed and `s`, drawn with the
+bucket frequencies of the data (estimated from the same leading examples of the global stream on
+every shard, so every shard computes the same estimate) plus a margin towards larger buckets. A step
+of bucket `b` takes the waiting examples that fit in `b`, largest first, and pads them to `b`;
+examples of larger buckets wait for a step that fits them. The margin makes every queue drain faster
+than it fills, so the waiting examples stay few. The price is some padding (about the margin) in
+multi-shard runs only. """
 
 import math
 import sys

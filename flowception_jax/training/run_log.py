@@ -190,13 +190,13 @@ def config_summary(config, info, num_params: int) -> list[str]:
   """Three lines that say what a run trains: data, model, schedule."""
   h, w, c = info.frame_shape
   classes = f'{info.num_classes} classes' if info.num_classes else 'unconditional'
-  samples = (f'samples every {config.sample_every} steps' if config.sample_every
-             else 'samples at the end')
+  samples = (f'samples every {config.evals.samples.every} steps'
+             if config.get('evals', {}).get('samples', {}).get('every') else 'samples at the end')
   return [
       f'data: {config.data.name}, clips of up to {info.max_frames} frames of {h}x{w}x{c}, '
-      f'{classes}, ' + (f'packed rows of {input_pipeline.max_slots(config.data, config.method)} slots'
-                         if config.data.get('packing', False)
-                         else f'buckets {tuple(config.data.buckets)}'),
+      f'{classes}, ' +
+      (f'packed rows of {input_pipeline.max_slots(config.data, config.method)} slots'
+       if config.data.get('packing', False) else f'buckets {tuple(config.data.buckets)}'),
       f'model: DiT {config.model.size}, {num_params / 1e6:.2f}M parameters, patch '
       f'{config.model.patch_size}, {config.model.dtype} activations, kappa {config.flow.kappa}',
       f'training: {config.total_steps} steps of batch {config.batch_size}, peak learning rate '

@@ -149,7 +149,7 @@ def to_global_batch(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) ->
 
   No host round trip: every process is given batches of the same frame bucket at every step, because
   with several data shards the input pipeline follows a bucket sequence that all processes derive
-  from the seed alone (`data_shards.BucketSchedule`).
+  from the seed alone (`input_shards.BucketSchedule`).
   """
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))

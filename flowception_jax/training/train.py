@@ -1,7 +1,11 @@
-"""The Flowception trainer: one linear loop from mesh and data to checkpoints and sample GIFs."""
+"""The Flowception trainer: one linear loop from mesh and data to checkpoints and evaluations.
+
+What the loop evaluates is not its business: the caller passes `make_evaluators` (the `main`
+command passes `evaluation.evaluators.from_config`, which builds what `config.evals` names), and
+the loop runs each evaluator on the EMA weights at its steps and logs what it returns.
+"""
 
 import functools
-import os
 import signal
 from typing import Any, Callable
 
@@ -18,13 +22,8 @@ import optax
 
 from flowception_jax.core import baselines
 from flowception_jax.core import flowception
-from flowception_jax.core import inference
 from flowception_jax.core import model as model_lib
 from flowception_jax import datasets
-from flowception_jax.evaluation import evaluators
-from flowception_jax.evaluation import figures
-from flowception_jax.evaluation import fvd
-from flowception_jax.storage import video_io
 from flowception_jax.training import checkpoint
 from flowception_jax.training import distributed
 from flowception_jax.training import input_pipeline
@@ -63,7 +62,7 @@ def model_inputs(batch: dict[str, jax.Array], x_t: jax.Array, times: jax.Array, 
 def init_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Array,
                info: datasets.SourceInfo, frames: int) -> TrainState:
   """A fresh train state with boxed (logically partitioned) parameters."""
-  params = inference.init_params(model, info, frames, key)
+  params = model_lib.init_params(model, info, frames, key)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
                     opt_state=tx.init(params))
 
@@ -117,11 +116,11 @@ def compute_losses(params, batch: dict[str, jax.Array], key: jax.Array, *, model
                    packed: bool = False):
   """Velocity and rate losses of one batch; noise and label dropout drawn from `key`.
 
-  The autoregressive method attends causally (teacher forcing, see `input_pipeline.AutoregressiveTransform`)
-  and its rate loss is the end-of-video loss (`baselines.end_loss`). `packed` batches hold several
-  clips per row (`data.packing`), which attend only within themselves. `key` is one PRNG key, or
-  one per example [B]: each example draws from its own key, so any split of a batch into
-  microbatches draws what the whole batch would.
+  The autoregressive method attends causally (teacher forcing, see
+  `input_pipeline.AutoregressiveTransform`) and its rate loss is the end-of-video loss
+  (`baselines.end_loss`). `packed` batches hold several clips per row (`data.packing`), which attend
+  only within themselves. `key` is one PRNG key, or one per example [B]: each example draws from its
+  own key, so any split of a batch into microbatches draws what the whole batch would.
   """
   x1 = batch['frames']
   keys = key if key.ndim else jax.random.split(key, x1.shape[0])
@@ -241,18 +240,21 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
 
 def build(config, info: datasets.SourceInfo):
   """The model, the optimizer and `init_fn(key) -> TrainState` (boxed) of a resolved config."""
-  model = inference.build_model(config, info)
+  model = model_lib.build_for(config, info)
   tx = make_optimizer(config.optim, config.total_steps)
   init_fn = functools.partial(init_state, model, tx, info=info, frames=min(config.data.buckets))
   return model, tx, init_fn
 
 
-def resolve(config: ml_collections.ConfigDict, info: datasets.SourceInfo):
-  """The config with the source's facts (class count, pixels or latents) filled in; checked."""
+def resolve(config: ml_collections.ConfigDict, source, info: datasets.SourceInfo):
+  """The config with the source's facts filled in (class count, pixels or latents, and for the
+  full-sequence method the data's length distribution, which its sampler draws from); checked."""
   baselines.check_method(config)
   config = ml_collections.ConfigDict(config.to_dict())
   config.num_classes = info.num_classes
   config.pixels = info.pixels
+  if config.method == 'full_sequence':
+    config.length_distribution = baselines.length_distribution(source, info.max_frames)
   h, w, _ = info.frame_shape
   if h % config.model.patch_size or w % config.model.patch_size:
     raise ValueError(f'frame size {h}x{w} is not divisible by model.patch_size '
@@ -347,19 +349,21 @@ class _Preemption:
     signal.signal(signal.SIGTERM, self._previous)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       make_evaluators: Callable[..., dict[str, Any]] | None = None,
                        step_hook: Callable[[int, TrainState], bool] | None = None) -> TrainState:
   """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
 
-  `step_hook(step, state)`, if given, runs after every step's logging and checkpointing (and
-  before the sample GIF), inside the mesh context; returning True ends the run there, without a
-  further save (learning-curve studies time and evaluate runs through it).
+  `make_evaluators(config, info, model, workdir)`, if given, returns evaluators by name, each with
+  `every` (steps between runs; 0: only at the last step) and `run(step, params)` returning scalars
+  and uint8 [H, W, 3] images, logged under its name. `step_hook(step, state)`, if given, runs after
+  every step's logging and checkpointing (and before the evaluators), inside the mesh context;
+  returning True ends the run there, without a further save (learning-curve studies time and
+  evaluate runs through it).
   """
   # ---- Data source and config -------------------------------------------------------------------
   source, info = datasets.make_source(config.data)
-  config = resolve(config, info)
-  if config.method == 'full_sequence':  # Its sampler draws lengths from the data's distribution.
-    config.length_distribution = baselines.length_distribution(source, info.max_frames)
+  config = resolve(config, source, info)
   distributed.check_same('config or workdir', {'config': config.to_dict(), 'workdir': workdir})
   checkpoint.check_writable(workdir)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
@@ -372,10 +376,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                dict(mesh.shape), mesh.size, jax.process_count(), *shard)
 
   # ---- Input pipeline --------------------------------------------------------------------------
-  dataset = input_pipeline.make_train_dataset(source, config.data, config.flow, batch_size=local_batch_size,
-                                    seed=config.seed, max_frames=info.max_frames,
-                                    method=config.method, shard=shard,
-                                    context_config=config.context, pixels=info.pixels)
+  dataset = input_pipeline.make_train_dataset(source,
+                                              config.data,
+                                              config.flow,
+                                              batch_size=local_batch_size,
+                                              seed=config.seed,
+                                              max_frames=info.max_frames,
+                                              method=config.method,
+                                              shard=shard,
+                                              context_config=config.context,
+                                              pixels=info.pixels)
   data_iterator = iter(dataset)
 
   # ---- Model, optimizer and sharded initialisation ----------------------------------------------
@@ -395,39 +405,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   for line in run_log.config_summary(config, info, num_params):
     logging.info('%s', line)
 
-  # ---- Update step and sampler -------------------------------------------------------------------
+  # ---- Update step and evaluators ----------------------------------------------------------------
   step_fn = jit_train_step(model, tx, config, mesh, state_shardings)
-  sampler = inference.make_sampler(model, config, info, config.num_sample_videos)
-  i3d = fvd.load_i3d(config.eval.i3d_weights or None) if config.eval.fvd else None
-  reference = evaluators.data_reference(config.data, config.eval.num_data_videos, i3d=i3d,
-                                      cache_dir=workdir)
+  evaluators = make_evaluators(config, info, model, workdir) if make_evaluators else {}
 
-  def write_samples(step: int) -> None:
-    key = jax.random.fold_in(jax.random.key(config.seed + 1), step)
-    labels = inference.sample_labels(key, config.num_sample_videos, info.num_classes)
-    out = sampler(state.ema_params, key, labels=labels)
-    out = inference.to_host(out)
-    lengths = np.asarray(out.lengths)
-    if not info.pixels:  # Latents: saved for an external decoder; no GIF, no pixel metrics.
-      if jax.process_index() == 0:
-        inference.save_latents(os.path.join(workdir, f'samples_{step:06d}.npz'),
-                               inference.to_latents(out.frames, lengths), lengths)
-      writer.write_scalars(step, {'sample/mean_length': float(lengths.mean())})
-      return
-    videos = inference.to_pixels(out.frames, lengths)
-    images = figures.sample_figures(
-        np.asarray(out.insert_step), lengths, reference.lengths, num_steps=config.sampler.num_steps,
-        num_iterations=int(out.num_iterations), max_frames=info.max_frames)
-    gif = os.path.join(workdir, f'samples_{step:06d}.gif')
-    if jax.process_index() == 0:
-      video_io.write_gif(gif, video_io.video_grid(videos, lengths))
-      for name, image in images.items():
-        video_io.write_png(os.path.join(workdir, f'{name}_{step:06d}.png'), image)
-    metrics = evaluators.scalars(evaluators.evaluate_samples(videos, lengths, reference, i3d=i3d))
-    writer.write_scalars(step, {f'sample/{k}': v for k, v in metrics.items()})
-    writer.write_images(step, {f'sample/{k}': v[None] for k, v in images.items()})
-    logging.info('samples of step %d: %s and figures beside it, mean length %.1f', step, gif,
-                 lengths.mean())
+  def evaluate(step: int) -> None:
+    """Runs the evaluators due at `step` (each at its `every`, and all at the last step)."""
+    for name, evaluator in evaluators.items():
+      if step != config.total_steps and not (evaluator.every and step % evaluator.every == 0):
+        continue
+      with progress.paused():
+        results = evaluator.run(step, state.ema_params)
+      images = {f'{name}/{k}': v[None] for k, v in results.items() if np.ndim(v) == 3}
+      writer.write_scalars(step, {f'{name}/{k}': v for k, v in results.items() if np.ndim(v) == 0})
+      if images:
+        writer.write_images(step, images)
 
   # ---- Loop --------------------------------------------------------------------------------------
   first_step = int(state.step)
@@ -493,8 +485,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           hook(step)
         last = step == config.total_steps
         save = last or step % config.checkpoint_every == 0
-        sample = last or (config.sample_every and step % config.sample_every == 0)
-        synced = save or sample or step % config.log_every == 0
+        evaluating = bool(evaluators) and (last or any(e.every and step % e.every == 0
+                                                       for e in evaluators.values()))
+        synced = save or evaluating or step % config.log_every == 0
         if synced:
           check_and_log(step)  # Blocks until `step` is computed, so pauses below time no steps.
         if save:
@@ -503,9 +496,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           break
         if step_hook is not None and (step_hook(step, state) or stop(step, synced)):
           break
-        if sample:
-          with progress.paused():
-            write_samples(step)
+        if evaluating:
+          evaluate(step)
           if stop(step, synced):
             break
   finally:

@@ -1,6 +1,6 @@
 """Exact metrics of the shapes set: does a sampled clip look like one the generator could make?
 
-`check` runs every check on one video through the tracker (`shapes_tracker.py`), `metrics` scores a
+`check` runs every check on one video through the tracker (`tracker.py`), `metrics` scores a
 batch of samples. Tolerances come from the generator's constants (see the tracker), plus:
 - `TIME_TOL`: half a frame; a clip's first and last frames are the nearest frames to when its
   primary shape's box enters and leaves.

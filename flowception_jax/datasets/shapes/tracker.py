@@ -7,7 +7,7 @@ colour (the frame's modal colour), each shape's visible coverage (the pixel's ba
 the video's palette), mask, centroid and colour, and a fit of the generator's shape (kind, radius,
 box centre) that sees through the frame border and through occlusion. `fit_line` fits a shape's
 constant-velocity path and `placement_error` says how well a placement explains a frame, so that
-metrics (`shapes_metrics.py`) and task metrics can ask what moved where.
+metrics (`metrics.py`) and task metrics can ask what moved where.
 
 Tolerances come from the generator's constants:
 - `COLOUR_TOL`: a sub-pixel sample changes a pixel's colour by at least `SHAPE_CONTRAST /
