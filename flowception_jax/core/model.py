@@ -22,6 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flowception_jax.core import attention as attention_lib
+
 # Named sizes: (hidden size, depth, heads). 'tiny' is for tests; S..XL follow DiT.
 MODEL_SIZES = {
     'tiny': (32, 2, 2),
@@ -142,30 +144,18 @@ def window_attention(positions: jax.Array, window: int) -> jax.Array:
   return jnp.abs(positions[:, None, :] - positions[:, :, None]) <= window
 
 
-def token_attention_mask(frame_mask: jax.Array, frame_attention: jax.Array | None,
-                         tokens: int) -> jax.Array:
-  """The token-level mask of `jax.nn.dot_product_attention` for frames of `tokens` tokens each.
-
-  frame_mask: bool [B, F] real frames (the only keys); frame_attention: bool [B, F, F] (query frame,
-  key frame) or None for all frames. Returns bool [B, 1, 1, F * tokens] (keys only) without a frame
-  mask, else [B, 1, F * tokens, F * tokens].
-  """
-  keys = jnp.repeat(frame_mask, tokens, axis=1)
-  if frame_attention is None:
-    return keys[:, None, None, :]
-  allowed = jnp.repeat(jnp.repeat(frame_attention, tokens, axis=1), tokens, axis=2)
-  return (allowed & keys[:, None, :])[:, None]
-
-
 class Attention(nn.Module):
-  """Multi-head self-attention with QK normalisation, rotary embeddings and an attention mask."""
+  """Multi-head self-attention with QK normalisation, rotary embeddings and a frame-level mask,
+  computed by the kernel `implementation` names (`attention_lib.IMPLEMENTATIONS`)."""
   num_heads: int
   dtype: Any
   param_dtype: Any
+  implementation: str = 'dense'
+  block: int = 512  # Key block of the blockwise kernel, in tokens.
 
   @nn.compact
-  def __call__(self, x: jax.Array, angles: jax.Array, mask: jax.Array) -> jax.Array:
-    """x [B, S, D], angles [B, S, D_head / 2], mask bool [B, 1, 1 or S, S] -> [B, S, D]."""
+  def __call__(self, x: jax.Array, angles: jax.Array, mask: attention_lib.FrameMask) -> jax.Array:
+    """x [B, S, D], angles [B, S, D_head / 2] -> [B, S, D]."""
     b, s, d = x.shape
     h, head_dim = self.num_heads, d // self.num_heads
     # Kernels are declared in their head layout (not through DenseGeneral, which initialises a
@@ -182,7 +172,7 @@ class Attention(nn.Module):
     k = nn.RMSNorm(dtype=self.dtype, param_dtype=self.param_dtype, name='k_norm')(k)
     q, k = apply_rotary(q, angles), apply_rotary(k, angles)
     q, k, v = _constrain_heads(q), _constrain_heads(k), _constrain_heads(v)
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    out = attention_lib.attend(q, k, v, mask, implementation=self.implementation, block=self.block)
     out = _constrain_heads(out)
     out_kernel = self.param('out_kernel', nn.with_logical_partitioning(
         _fan_avg_uniform(in_axis=(0, 1), out_axis=2), ('heads', 'kv', 'embed')),
@@ -205,10 +195,12 @@ class Block(nn.Module):
   dtype: Any
   param_dtype: Any
   grid: tuple[int, int] | None = None
+  attention: str = 'dense'  # The attention kernel (`attention_lib.IMPLEMENTATIONS`).
+  attention_block: int = 512
 
   @nn.compact
   def __call__(self, x: jax.Array, cond: jax.Array, angles: jax.Array,
-               mask: jax.Array) -> jax.Array:
+               mask: attention_lib.FrameMask) -> jax.Array:
     """x [B, F, T, D] tokens of F frames, cond [B, F, D] -> [B, F, T, D]."""
     b, f, t, d = x.shape
     mod = _dense(6 * d, ('embed', 'mlp'), 'adaln', self.dtype, self.param_dtype,
@@ -217,8 +209,8 @@ class Block(nn.Module):
     norm = lambda name: nn.LayerNorm(use_bias=False, use_scale=False, dtype=self.dtype, name=name)
 
     h = _modulate(norm('norm1')(x), shift1, scale1).reshape(b, f * t, d)
-    h = Attention(self.num_heads, self.dtype, self.param_dtype, name='attn')(
-        _constrain(h), angles, mask)
+    h = Attention(self.num_heads, self.dtype, self.param_dtype, self.attention,
+                  self.attention_block, name='attn')(_constrain(h), angles, mask)
     x = x + gate1[:, :, None, :] * h.reshape(b, f, t, d)
 
     h = _modulate(norm('norm2')(x), shift2, scale2)
@@ -259,6 +251,8 @@ class DiT(nn.Module):
   remat: str = 'none'  # A key of `REMAT_POLICIES`.
   prediction: str = 'velocity'  # What the network outputs, a key of `PREDICTIONS`.
   local_mixing: bool = False  # The MLPs also mix neighbouring patches (`Block`).
+  attention: str = 'dense'  # The attention kernel, a key of `attention_lib.IMPLEMENTATIONS`.
+  attention_block: int = 512  # Key block of the blockwise kernel, in tokens.
 
   @nn.compact
   def __call__(self, frames: jax.Array, context: jax.Array, frame_times: jax.Array,
@@ -331,14 +325,15 @@ class DiT(nn.Module):
     if self.attn_window:
       band = window_attention(positions, self.attn_window)
       frame_attention = band if frame_attention is None else frame_attention & band
-    mask = token_attention_mask(frame_mask, frame_attention, tokens)
+    mask = attention_lib.FrameMask(frame_mask, frame_attention, tokens)
 
     block = Block
     if self.remat != 'none':
       block = nn.remat(Block, policy=REMAT_POLICIES[self.remat])
     for i in range(self.depth):
       x = block(self.num_heads, self.mlp_ratio, self.dtype, self.param_dtype,
-                grid=(gh, gw) if self.local_mixing else None, name=f'block_{i}')(
+                grid=(gh, gw) if self.local_mixing else None, attention=self.attention,
+                attention_block=self.attention_block, name=f'block_{i}')(
                     x, cond, angles, mask)
 
     # ---- Heads: velocity from patch tokens, log-rate from the rate token -------------------------
@@ -390,6 +385,13 @@ def build_model(model_config, *, channels: int, num_classes: int) -> DiT:
   if remat not in REMAT_POLICIES:
     raise ValueError(f'unknown remat policy {remat!r}; set --config.model.remat to one of '
                      f'{sorted(REMAT_POLICIES)}')
+  implementation = model_config.get('attention', 'dense')
+  if implementation not in attention_lib.IMPLEMENTATIONS:
+    raise ValueError(f'unknown attention {implementation!r}; set --config.model.attention to one '
+                     f'of {", ".join(attention_lib.IMPLEMENTATIONS)}')
+  if implementation == 'cudnn' and jax.default_backend() != 'gpu':
+    raise ValueError(f'--config.model.attention=cudnn needs a GPU, and this run has '
+                     f'{jax.default_backend()}; use dense or blockwise')
   prediction = model_config.get('prediction', 'velocity')
   if prediction not in PREDICTIONS:
     raise ValueError(f'unknown prediction target {prediction!r}; set --config.model.prediction '
@@ -399,7 +401,8 @@ def build_model(model_config, *, channels: int, num_classes: int) -> DiT:
              num_heads=heads, mlp_ratio=model_config.mlp_ratio, num_classes=num_classes,
              attn_window=attn_window, dtype=_DTYPES[model_config.dtype],
              param_dtype=_DTYPES[param_dtype], remat=remat, prediction=prediction,
-             local_mixing=model_config.get('local_mixing', False))
+             local_mixing=model_config.get('local_mixing', False), attention=implementation,
+             attention_block=model_config.get('attention_block', 512))
 
 
 def init_inputs(frame_shape: tuple[int, int, int], frames: int, num_classes: int) -> tuple:

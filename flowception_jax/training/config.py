@@ -86,6 +86,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.attn_window = 0  # Frames see frames at most this many slots away (0: all), any method.
   c.model.prediction = 'velocity'  # Network output: 'velocity', or 'data' (the clean frame).
   c.model.local_mixing = False  # MLPs also mix each patch with its 3x3 grid neighbours.
+  # Attention kernel: 'dense' (XLA; memory grows with the square of the tokens), 'blockwise'
+  # (flash-style in plain JAX, any backend; memory grows linearly) or 'cudnn' (fused, GPU only).
+  c.model.attention = 'dense'
+  c.model.attention_block = 512  # Key block of the blockwise kernel, in tokens.
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 3e-4  # Peak AdamW learning rate.

@@ -1,0 +1,106 @@
+"""Attention kernels: the blockwise one equals the dense one, in values and gradients, and its
+memory grows linearly with the sequence."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from flowception_jax.core import attention
+from flowception_jax.core import model as model_lib
+
+
+def _inputs(seed, b=2, frames=5, tokens=3, heads=2, dim=8):
+  keys = jax.random.split(jax.random.key(seed), 4)
+  q, k, v = (jax.random.normal(key, (b, frames * tokens, heads, dim)) for key in keys[:3])
+  frame_mask = jnp.arange(frames)[None, :] < jnp.array([[3], [frames]])[:b]  # Padded frames.
+  frame_attention = jax.random.bernoulli(keys[3], 0.6, (b, frames, frames)) | jnp.eye(frames,
+                                                                                     dtype=bool)
+  return q, k, v, frame_mask, frame_attention
+
+
+def _value_and_grads(implementation, q, k, v, mask, block):
+  def loss(q, k, v):
+    out = attention.attend(q, k, v, mask, implementation=implementation, block=block)
+    return jnp.sum(jnp.sin(out) * jnp.arange(out.size).reshape(out.shape) / out.size), out
+  (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+  return out, grads
+
+
+@pytest.mark.parametrize('block', [1, 4, 15, 64])  # Blocks that do and do not divide the tokens.
+@pytest.mark.parametrize('with_frame_attention', [False, True])
+def test_blockwise_attention_equals_dense_in_values_and_gradients(block, with_frame_attention):
+  q, k, v, frame_mask, frame_attention = _inputs(block)
+  mask = attention.FrameMask(frame_mask, frame_attention if with_frame_attention else None, 3)
+  dense, dense_grads = _value_and_grads('dense', q, k, v, mask, block)
+  blockwise, blockwise_grads = _value_and_grads('blockwise', q, k, v, mask, block)
+  np.testing.assert_allclose(blockwise, dense, atol=1e-5)
+  for got, want in zip(blockwise_grads, dense_grads):
+    np.testing.assert_allclose(got, want, atol=1e-5)
+  # The mask matters: a key frame taken away changes what its queries see.
+  changed = attention.FrameMask(frame_mask.at[1, 0].set(False), mask.frame_attention, 3)
+  assert not np.allclose(attention.attend(q, k, v, changed, implementation='blockwise', block=block),
+                         blockwise, atol=1e-3)
+
+
+def _model(implementation, block=7):
+  config = ml_collections.ConfigDict(dict(size='tiny', patch_size=4, mlp_ratio=2.0,
+                                          dtype='float32', attention=implementation,
+                                          attention_block=block))
+  return model_lib.build_model(config, channels=3, num_classes=0)
+
+
+def test_dit_with_blockwise_attention_equals_dense_with_padding_and_causal_masks():
+  b, f = 2, 4
+  dense, blockwise = _model('dense'), _model('blockwise')
+  keys = jax.random.split(jax.random.key(0), 3)
+  frames = jax.random.normal(keys[0], (b, f, 8, 8, 3))
+  times = jax.random.uniform(keys[1], (b, f))
+  positions = jnp.broadcast_to(jnp.arange(f), (b, f))
+  frame_mask = jnp.array([[True, True, True, False], [True] * f])
+  causal = model_lib.causal_attention(positions)
+  params = nn.unbox(dense.init(keys[2], *model_lib.init_inputs((8, 8, 3), f, 0)))
+  # adaLN-Zero starts every block as the identity: move the weights off it.
+  leaves, tree = jax.tree.flatten(params)
+  params = jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(jax.random.key(i), x.shape)
+                                     for i, x in enumerate(leaves)])
+
+  def loss(params, net, frame_attention):
+    velocity, log_rate = net.apply(params, frames, jnp.zeros_like(frames), times, positions,
+                                   frame_mask, frame_attention=frame_attention)
+    real = frame_mask[:, :, None, None, None]
+    return jnp.sum(jnp.where(real, velocity, 0.0) ** 2) + jnp.sum(jnp.where(frame_mask, log_rate,
+                                                                            0.0))
+
+  for frame_attention in (None, causal):
+    want, want_grads = jax.value_and_grad(loss)(params, dense, frame_attention)
+    got, got_grads = jax.value_and_grad(loss)(params, blockwise, frame_attention)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+      np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+def _gradient_temp_bytes(implementation, tokens):
+  q = jax.ShapeDtypeStruct((1, tokens, 1, 16), jnp.float32)
+  mask = attention.FrameMask(jnp.ones((1, tokens // 16), bool), None, 16)
+  grad = jax.grad(lambda q, k, v: attention.attend(q, k, v, mask, implementation=implementation,
+                                                   block=128).sum(), argnums=(0, 1, 2))
+  return jax.jit(grad).lower(q, q, q).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_blockwise_memory_grows_linearly_where_dense_grows_quadratically():
+  dense = [_gradient_temp_bytes('dense', s) for s in (1024, 2048)]
+  blockwise = [_gradient_temp_bytes('blockwise', s) for s in (1024, 2048)]
+  assert dense[1] > 3.5 * dense[0]  # [S, S] logits and probabilities.
+  assert blockwise[1] < 2.5 * blockwise[0]
+  assert blockwise[1] < dense[1] / 4
+
+
+def test_unknown_or_unavailable_kernels_are_refused_with_the_fix():
+  with pytest.raises(ValueError, match='--config.model.attention to one of dense, blockwise'):
+    _model('flash')
+  if jax.default_backend() != 'gpu':
+    with pytest.raises(ValueError, match='needs a GPU'):
+      _model('cudnn')
