@@ -10,6 +10,7 @@ import pytest
 
 from flowception_jax.core import attention
 from flowception_jax.core import model as model_lib
+from flowception_jax.research import memory_estimate
 
 
 def _inputs(seed, b=2, frames=5, tokens=3, heads=2, dim=8):
@@ -104,3 +105,13 @@ def test_unknown_or_unavailable_kernels_are_refused_with_the_fix():
   if jax.default_backend() != 'gpu':
     with pytest.raises(ValueError, match='needs a GPU'):
       _model('cudnn')
+
+
+def test_the_memory_estimate_counts_the_kernel():
+  estimate = lambda implementation, frames: memory_estimate.activation_bytes(
+      _model(implementation, block=512), examples=1, frames=frames, tokens_per_frame=256, tensor=1)
+  # 145 frames of 256 tokens: the pixel-space long clip.
+  dense, blockwise = estimate('dense', 145), estimate('blockwise', 145)
+  assert blockwise < dense / 20
+  assert estimate('dense', 290) > 3.5 * dense  # Quadratic.
+  assert estimate('blockwise', 290) < 2.1 * blockwise  # Linear.

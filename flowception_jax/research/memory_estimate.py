@@ -23,6 +23,7 @@ from absl import app
 from absl import flags
 import flax.linen as nn
 import jax
+import ml_collections
 from ml_collections import config_flags
 
 from flowception_jax.core import model as model_lib
@@ -30,10 +31,6 @@ from flowception_jax import datasets
 from flowception_jax.training import sharding
 from flowception_jax.training import train
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
-                                          lock_config=True)
-_CHIPS = flags.DEFINE_integer('chips', 256, 'Devices of the mesh (e.g. 256 for v5litepod-256).')
-_HBM_GIB = flags.DEFINE_float('hbm_gib', 16.0, 'Memory per chip in GiB (v5e: 16).')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,29 +75,44 @@ def activation_bytes(model: model_lib.DiT, examples: float, frames: int, tokens_
   Per block and example, with S tokens, width D, MLP width M, H heads (D, M and H split by the
   tensor axis where the model splits them) and activations of `model.dtype`: the block keeps about
   12 S D values outside the heads and MLP, 6 S D / t inside attention, 2 S M / t in the MLP, and
-  2 H / t S^2 float32 attention logits and probabilities. 'full' remat keeps only each block's input
-  (S D) and recomputes one block at a time; 'dots' keeps the matrix products (about 6 S D + S M / t
-  + H / t S^2); 'dots_no_batch' keeps those of the weights only (about 6 S D + S M / t).
+  2 H / t S K float32 attention logits and probabilities, K = S keys for the dense kernels and the
+  key block for the blockwise one (whose backward pass keeps no logits). 'full' remat keeps only
+  each block's input (S D) and recomputes one block at a time; 'dots' keeps the matrix products
+  (about 6 S D + S M / t, and H / t S^2 logits for the dense kernels); 'dots_no_batch' keeps those
+  of the weights only (about 6 S D + S M / t).
   """
   s, d = frames * tokens_per_frame, model.hidden_size
   m, h = model.mlp_ratio * d, model.num_heads
   act = jax.numpy.dtype(model.dtype).itemsize
-  attention_scores = 2 * (h / tensor) * s * s * 4
+  blockwise = model.attention == 'blockwise'
+  keys = min(s, model.attention_block) if blockwise else s
+  attention_scores = 2 * (h / tensor) * s * keys * 4
   block = (12 * s * d + 6 * s * d / tensor + 2 * s * m / tensor) * act + attention_scores
   kept = {
       'none': block,
       'full': s * d * act,
-      'dots': (6 * s * d + s * m / tensor) * act + (h / tensor) * s * s * act,
+      'dots': (6 * s * d + s * m / tensor) * act + (0 if blockwise else (h / tensor) * s * s * act),
       'dots_no_batch': (6 * s * d + s * m / tensor) * act,
   }[model.remat]
   working = 0 if model.remat == 'none' else block  # One block recomputed during the backward pass.
   return int(examples * (model.depth * kept + working))
 
 
-def estimate(config, chips: int) -> MemoryEstimate:
-  """The per-chip memory of training `config` on a mesh of `chips` devices."""
-  source, info = datasets.make_source(config.data)
-  config = train.resolve(config, source, info)
+def planned_info(data_config) -> datasets.SourceInfo:
+  """What a config asks of its data, read from the config alone: frames of `image_size` pixels
+  (`channels`, default 3), clips of up to `max_frames`, `num_classes` classes (default 0)."""
+  size = data_config.image_size
+  return datasets.SourceInfo(frame_shape=(size, size, data_config.get('channels', 3)),
+                             max_frames=data_config.max_frames,
+                             num_classes=data_config.get('num_classes', 0))
+
+
+def estimate(config, chips: int, info: datasets.SourceInfo | None = None) -> MemoryEstimate:
+  """The per-chip memory of training `config` on a mesh of `chips` devices, for data of `info`
+  (default: `planned_info`, so no data needs to exist)."""
+  info = info or planned_info(config.data)
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.num_classes, config.pixels = info.num_classes, info.pixels
   _, _, init_fn = train.build(config, info)
   data, fsdp, tensor = sharding.mesh_shape(config.mesh, chips)
   mesh_sizes = dict(zip(sharding.MESH_AXES, (data, fsdp, tensor)))
@@ -123,19 +135,29 @@ def estimate(config, chips: int) -> MemoryEstimate:
       examples_per_chip=examples)
 
 
+def _define_flags() -> None:
+  """The command's flags, defined only when it runs, so that importing this module defines none."""
+  config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
+  flags.DEFINE_integer('chips', 256, 'Devices of the mesh (e.g. 256 for v5litepod-256).')
+  flags.DEFINE_float('hbm_gib', 16.0, 'Memory per chip in GiB (v5e: 16).')
+  flags.mark_flags_as_required(['config'])
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  result = estimate(_CONFIG.value, _CHIPS.value)
+  config, chips, hbm_gib = flags.FLAGS.config, flags.FLAGS.chips, flags.FLAGS.hbm_gib
+  result = estimate(config, chips)
   gib = lambda b: f'{b / 2**30:8.3f} GiB'
-  print(f'model {_CONFIG.value.model.size}: {result.num_params / 1e6:.1f}M parameters; mesh '
-        f'{result.mesh} on {_CHIPS.value} chips; {result.examples_per_chip:g} examples per chip '
-        f'and microbatch; largest bucket {max(_CONFIG.value.data.buckets)} frames')
+  print(f'model {config.model.size}: {result.num_params / 1e6:.1f}M parameters; mesh '
+        f'{result.mesh} on {chips} chips; {result.examples_per_chip:g} examples per chip '
+        f'and microbatch; largest bucket {max(config.data.buckets)} frames; attention '
+        f'{config.model.get("attention", "dense")}')
   for field in ('params', 'ema_params', 'optimizer', 'gradients', 'gathered_block', 'activations'):
     print(f'  {field:<15} {gib(getattr(result, field))}')
-  print(f'  {"total":<15} {gib(result.total)} of {_HBM_GIB.value:g} GiB per chip')
+  print(f'  {"total":<15} {gib(result.total)} of {hbm_gib:g} GiB per chip')
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['config'])
+  _define_flags()
   app.run(main)

@@ -178,9 +178,11 @@ def check_variant(arg: str | None, config_file: str,
 def long_clip_config(arg: str | None, config_file: str) -> ml_collections.ConfigDict:
   """The paper's long-clip setting on a folder prepared with `--size=256 --fps=16`.
 
-  Clips of 16 to 145 frames at 16 FPS, 256 px with 16-pixel patches (256 tokens per frame);
-  variants '128' and '64' keep the tokens per frame (patches of 8 and 4, frames resized on read),
-  'tiny' is a seconds-long smoke run.
+  Clips of 16 to 145 frames at 16 FPS, 256 px with 16-pixel patches (256 tokens per frame), in
+  pixel space; variants '128' and '64' keep the tokens per frame (patches of 8 and 4, frames resized
+  on read), 'tiny' is a seconds-long smoke run. A 145-frame clip is 37,120 tokens: blockwise
+  attention, full remat and FSDP over every chip keep it at 1.8 GiB per chip on 256 chips by
+  `research/memory_estimate.py` (dense attention: 42.6 GiB).
   """
   check_variant(arg, config_file, ('128', '64', 'tiny'))
   c = base_config()
@@ -196,6 +198,10 @@ def long_clip_config(arg: str | None, config_file: str) -> ml_collections.Config
   c.model.size = 'XL'
   c.model.patch_size = c.data.image_size // 16
   c.model.dtype = 'bfloat16'
+  c.model.attention = 'blockwise'
+  c.model.remat = 'full'
+  c.mesh.data = 1
+  c.mesh.fsdp = -1
   c.optim.learning_rate = 1e-4
   c.optim.warmup_steps = 5000
   c.optim.ema_decay = 0.9999
