@@ -13,8 +13,10 @@ import pytest
 
 from configs import coloring
 from flowception_jax.core import baselines
+from flowception_jax.core import inference
 from flowception_jax.core import model as model_lib
 from flowception_jax.core import sampler as sampler_lib
+from flowception_jax.core import tasks
 from flowception_jax import sample
 from flowception_jax.training import input_pipeline
 from flowception_jax.training import train
@@ -283,9 +285,97 @@ def test_autoregressive_lengths_follow_the_end_probability():
   np.testing.assert_allclose(shares, expected, atol=0.03)
 
 
+def _prefix_inputs(b, capacity, prefix):
+  """Sampler arguments giving video i the frames 0..prefix[i]-1, frame s of value 10 + s."""
+  given = np.arange(capacity)[None, :] < np.asarray(prefix)[:, None]
+  frames = np.broadcast_to((10.0 + np.arange(capacity))[None, :, None, None, None],
+                           (b, capacity) + FRAME)
+  return {'init_frames': np.where(given[..., None, None, None], frames, 0.0).astype(np.float32),
+          'context_mask': given, 'init_alive': given, 'passive_mask': np.zeros_like(given)}
+
+
+def test_full_sequence_sampler_keeps_a_given_prefix_and_draws_lengths_that_hold_it():
+  def apply_fn(params, frames, context, times, positions, mask, labels):
+    del params, positions, mask, labels
+    # Given frames come clean in the context channel at time 1; the others move to the mean of
+    # the given ones (0 where none is given).
+    given = times == 1.0
+    count = jnp.maximum(given.sum(axis=1), 1)[:, None, None, None, None]
+    target = jnp.sum(jnp.where(given[..., None, None, None], context, 0.0), axis=1,
+                     keepdims=True) / count
+    t = times[..., None, None, None]
+    return jnp.where(t < 1, (target - frames) / jnp.maximum(1 - t, 1e-6), 0.0), jnp.zeros(
+        times.shape)
+
+  capacity, b = 6, 600
+  shares = np.zeros(capacity + 1)
+  shares[[2, 5]] = [0.5, 0.5]
+  sample_fn = baselines.make_full_sequence_sampler(
+      apply_fn, config=_sampler_config(), batch_size=b, capacity=capacity, frame_shape=FRAME,
+      length_probabilities=shares)
+  prefix = np.arange(b) % 4  # 0 to 3 given frames.
+  out = sample_fn(None, jax.random.key(0), **_prefix_inputs(b, capacity, prefix))
+  lengths, frames = np.asarray(out.lengths), np.asarray(out.frames)[..., 0, 0, 0]
+  assert set(lengths[prefix <= 2]) == {2, 5} and set(lengths[prefix == 3]) == {5}
+  for row in range(b):
+    k = prefix[row]
+    np.testing.assert_array_equal(frames[row, :k], 10.0 + np.arange(k))
+    np.testing.assert_allclose(frames[row, k:lengths[row]], np.mean(10.0 + np.arange(k)) if k
+                               else 0.0, atol=1e-4)
+    np.testing.assert_array_equal(out.context_slots[row], np.where(np.arange(capacity) < k,
+                                                                   np.arange(capacity), -1))
+  # Given more frames than any data length: the video is its prefix.
+  out = sample_fn(None, jax.random.key(1), **_prefix_inputs(b, capacity, np.full(b, 6)))
+  np.testing.assert_array_equal(out.lengths, 6)
+
+
+def test_autoregressive_sampler_continues_a_given_prefix():
+  capacity = 7
+  sample_fn = baselines.make_autoregressive_sampler(
+      _autoregressive_model(lambda seen: jnp.where(seen == 5, 30.0, -30.0)),
+      config=_sampler_config(), batch_size=3, capacity=capacity, frame_shape=FRAME)
+  out = sample_fn(None, jax.random.key(0), **_prefix_inputs(3, capacity, [0, 2, 6]))
+  frames = np.asarray(out.frames)[..., 0, 0, 0]
+  # Ends after the frame that sees five frames, frame 4, unless that frame was given: a video ends
+  # only after a frame it made.
+  np.testing.assert_array_equal(out.lengths, [5, 5, 7])
+  np.testing.assert_allclose(frames[0, :5], [0.5, 1.5, 2.5, 3.5, 4.5], atol=1e-4)
+  np.testing.assert_allclose(frames[1, :5], [10, 11, 12, 13, 14], atol=1e-4)  # 11 + 1, ...
+  np.testing.assert_allclose(frames[2], 10.0 + np.arange(7), atol=1e-4)
+  np.testing.assert_array_equal(out.insert_step[1, :5], [0, 0, 0, 4, 8])
+
+
+def test_baselines_refuse_context_patterns_they_cannot_take():
+  for method in ('full_sequence', 'autoregressive'):
+    config = _config(method)
+    config.context.update(p_none=0.5, p_keyframes=0.3, p_random=0.2)
+    with pytest.raises(ValueError, match='--config.context.p_keyframes=0 '
+                                         '--config.context.p_random=0'):
+      baselines.check_method(config)
+
+
+def test_full_sequence_examples_keep_given_frames_clean_and_out_of_the_loss():
+  flow = ml_collections.ConfigDict({'tau_distribution': 'uniform'})
+  context = ml_collections.ConfigDict(dict(p_none=0.0, p_first=0.5, p_prefix=0.5, p_keyframes=0.0,
+                                           p_random=0.0, max_keyframes=4))
+  transform = input_pipeline.make_transform('full_sequence', flow, (8,), context)
+  rng = np.random.default_rng(0)
+  for index in range(1, 7):
+    example = transform.random_map(_Clips()[index], rng)
+    given, real = example['context_mask'], example['frame_mask']
+    k = int(given.sum())
+    assert 1 <= k < real.sum() and given[:k].all()  # A prefix, and never the whole clip.
+    np.testing.assert_array_equal(example['frame_times'][given], 1.0)
+    np.testing.assert_array_equal(example['flow_mask'], real & ~given)
+    assert len(set(example['frame_times'][real & ~given])) == 1
+
+
 def _config(method, total_steps=2):
-  """Tiny coloring runs with one bucket, so each compiles one train step."""
+  """Tiny coloring runs with one bucket, so each compiles one train step; the baselines train
+  with the prefix patterns they take."""
   config = coloring.get_config('tiny')
+  if method != 'flowception':
+    config.context.update(p_none=0.6, p_first=0.2, p_prefix=0.2, p_keyframes=0.0, p_random=0.0)
   config.method = method
   config.total_steps = total_steps
   config.checkpoint_every = 2
@@ -309,6 +399,15 @@ def test_each_method_trains_samples_and_keeps_its_checkpoints(tmp_path, method):
   assert np.all((lengths >= 1) & (lengths <= 30))
   for video, length in zip(videos, lengths):
     assert not np.any(video[length:])
+  # Given frames as a prefix: image to video and extension keep them; interpolation is refused.
+  sampler = tasks.TaskSampler(inference.load(workdir), 2)
+  prefix = np.random.default_rng(0).uniform(size=(2, 3, 3, 3)).astype(np.float32)
+  extended = sampler('extend', prefix, seed=1)
+  np.testing.assert_allclose(extended.videos[:, :2], np.broadcast_to(prefix, (2, 2, 3, 3, 3)),
+                             atol=1e-6)
+  assert np.all(extended.lengths >= 2) and np.all(extended.context_slots == [0, 1])
+  with pytest.raises(ValueError, match='only as a prefix: --task=i2v or --task=extend'):
+    sampler('interpolate', prefix, seed=1)
   output = str(tmp_path / 'samples.npz')
   with flagsaver.flagsaver(workdir=workdir, output=output, order='random', verbose=True), \
       pytest.raises(ValueError, match='needs the flowception method'):

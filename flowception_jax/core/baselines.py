@@ -12,7 +12,11 @@
                   frames before it and stops by a learned end-of-video decision, whose logit is the
                   rate head's output on the last clean frame (`end_loss`).
 Both samplers run on device in one `jax.lax` loop under `jax.jit`, with fixed shapes, and return the
-`sampler.SampleOutput` of the Flowception sampler.
+`sampler.SampleOutput` of the Flowception sampler. Both take given frames as a prefix (image to
+video: frame 0; extension: frames 0..K-1), through the arguments of `sampler.make_sampler`
+(`init_frames` with a `context_mask` on the prefix's slots): full-sequence keeps them clean in the
+context channel, as it trains with `config.context`'s first-frame and prefix patterns, and draws
+lengths of at least K; autoregressive starts after them, as teacher forcing trains it.
 """
 
 from typing import Any, Callable
@@ -45,6 +49,14 @@ def check_method(config) -> None:
   if config.method != 'flowception' and order != 'learned':
     raise ValueError(f'insertion order {order!r} needs the flowception method, not '
                      f'{config.method!r}; drop --config.sampler.order (or --order)')
+  unsupported = {name: config.context[f'p_{name}'] for name in ('keyframes', 'random')
+                 if config.method != 'flowception' and config.context[f'p_{name}'] > 0}
+  if unsupported:
+    raise ValueError(
+        f'the {config.method} method takes given frames only as a prefix (a first frame or '
+        f'frames 0..K-1), not the context patterns {sorted(unsupported)}; set '
+        + ' '.join(f'--config.context.p_{name}=0' for name in unsupported)
+        + ' (and raise --config.context.p_none, p_first or p_prefix to keep the sum 1)')
 
 
 def length_distribution(source, max_frames: int, num_records: int = LENGTH_RECORDS) -> list[float]:
@@ -85,16 +97,31 @@ def _euler(frames: jax.Array, velocity: jax.Array, moving: jax.Array, t_now, t_n
   return frames + step
 
 
-def _check_call(labels, context_frames: dict[str, Any], num_classes: int, batch_size: int,
-                method: str) -> None:
-  """Checks the labels; refuses the context-frame arguments of `sampler.make_sampler`."""
-  if any(value is not None for value in context_frames.values()):
-    raise ValueError(f'context frames are not supported by the {method} method; sample them from '
-                     'a model trained with --config.method=flowception')
+def _check_call(labels, num_classes: int, batch_size: int, capacity: int, frame_shape,
+                init_frames, context_mask, **unused) -> tuple[jax.Array, jax.Array]:
+  """Checks the labels and the given frames; returns them as (frames float32 [B, N, ...] zero
+  where not given, given bool [B, N]), nothing given by default. `unused`: the other arguments of
+  `sampler.make_sampler` (where noise frames start, passive frames), which a prefix does not need.
+  """
+  del unused
   if labels is not None:
     if not num_classes:
       raise ValueError('labels given to the sampler of an unconditional model')
     chex.assert_shape(labels, (batch_size,))
+  if init_frames is None:
+    return (jnp.zeros((batch_size, capacity) + frame_shape, jnp.float32),
+            jnp.zeros((batch_size, capacity), bool))
+  if context_mask is None:
+    raise ValueError('init_frames needs a context_mask marking the given frames')
+  chex.assert_shape(init_frames, (batch_size, capacity) + frame_shape)
+  chex.assert_shape(context_mask, (batch_size, capacity))
+  given = context_mask.astype(bool)
+  return jnp.where(given[..., None, None, None], init_frames.astype(jnp.float32), 0.0), given
+
+
+def _prefix_length(given: jax.Array) -> jax.Array:
+  """int32 [B]: the given frames of each video, which must be its slots 0..K-1."""
+  return jnp.sum(given, axis=1, dtype=jnp.int32)
 
 
 def _check_learned_order(config: sampler_lib.SamplerConfig, method: str) -> None:
@@ -107,11 +134,13 @@ def make_full_sequence_sampler(apply_fn: Callable[..., Any], *, config: sampler_
                                length_probabilities, batch_size: int, capacity: int,
                                frame_shape: tuple[int, ...],
                                num_classes: int = 0) -> Callable[..., sampler_lib.SampleOutput]:
-  """The jitted full-sequence sampler: `sample(params, key, labels=None) -> SampleOutput`.
+  """The jitted full-sequence sampler: `sample(params, key, labels=None, init_frames=None,
+  context_mask=None, ...) -> SampleOutput`.
 
   Each video's length is drawn from `length_probabilities` (share of each length 0..capacity, as
-  `length_distribution` measures); its frames start as noise and move together through
-  `num_steps` Euler steps of one shared time. `apply_fn` as in `sampler.make_sampler`.
+  `length_distribution` measures), conditioned on holding its given prefix; its other frames start
+  as noise and move together through `num_steps` Euler steps of one shared time, the given ones
+  clean (time 1) in the context channel. `apply_fn` as in `sampler.make_sampler`.
   """
   _check_learned_order(config, 'full_sequence')
   probabilities = np.asarray(length_probabilities, np.float64)
@@ -122,28 +151,37 @@ def make_full_sequence_sampler(apply_fn: Callable[..., Any], *, config: sampler_
   b, n, frame_shape = batch_size, capacity, tuple(frame_shape)
   slots = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
 
-  def sample(params, key, labels=None, **context_frames) -> sampler_lib.SampleOutput:
-    _check_call(labels, context_frames, num_classes, b, 'full_sequence')
+  def sample(params, key, labels=None, init_frames=None, context_mask=None,
+             **unused) -> sampler_lib.SampleOutput:
+    context, given = _check_call(labels, num_classes, b, n, frame_shape, init_frames,
+                                 context_mask, **unused)
+    prefix = _prefix_length(given)
     length_key, noise_key = jax.random.split(key)
-    lengths = 1 + jax.random.categorical(length_key, log_probabilities, shape=(b,))
+    # Lengths 1..N that hold the prefix; where the data has none, the prefix alone.
+    holding = jnp.where(jnp.arange(1, n + 1)[None, :] >= prefix[:, None], log_probabilities,
+                        -jnp.inf)
+    lengths = jnp.where(jnp.isfinite(holding).any(axis=1),
+                        1 + jax.random.categorical(length_key, holding, axis=-1),
+                        jnp.maximum(prefix, 1))
     alive = slots < lengths[:, None]
-    context = jnp.zeros((b, n) + frame_shape, jnp.float32)
+    moving = alive & ~given
 
     def step(k, frames):
       t_now, t_next = k / config.num_steps, (k + 1) / config.num_steps
-      times = jnp.full((b, n), t_now, jnp.float32)
+      times = jnp.where(given, 1.0, t_now).astype(jnp.float32)
       inputs = (frames, context, flowception.snr_shift(times, config.snr_shift), slots, alive)
       velocity, _ = sampler_lib.guided_apply(apply_fn, params, inputs, labels, config,
                                              num_classes)
-      return _euler(frames, velocity, alive, t_now, t_next, config.snr_shift)
+      return _euler(frames, velocity, moving, t_now, t_next, config.snr_shift)
 
-    frames = jax.random.normal(noise_key, (b, n) + frame_shape, jnp.float32)
-    frames = jax.lax.fori_loop(0, config.num_steps, step, frames)
+    noise = jax.random.normal(noise_key, (b, n) + frame_shape, jnp.float32)
+    frames = jax.lax.fori_loop(0, config.num_steps, step,
+                               jnp.where(given[..., None, None, None], context, noise))
     return sampler_lib.SampleOutput(
         frames=jnp.where(alive[..., None, None, None], frames, 0.0),
         times=alive.astype(jnp.float32), lengths=lengths.astype(jnp.int32),
         insert_step=jnp.where(alive, 0, -1), num_iterations=jnp.int32(config.num_steps),
-        context_slots=jnp.full((b, n), -1, jnp.int32))
+        context_slots=jnp.where(given, slots, -1))
 
   return jax.jit(sample)
 
@@ -152,14 +190,15 @@ def make_autoregressive_sampler(apply_fn: Callable[..., Any], *,
                                 config: sampler_lib.SamplerConfig, batch_size: int, capacity: int,
                                 frame_shape: tuple[int, ...],
                                 num_classes: int = 0) -> Callable[..., sampler_lib.SampleOutput]:
-  """The jitted autoregressive sampler: `sample(params, key, labels=None) -> SampleOutput`.
+  """The jitted autoregressive sampler: `sample(params, key, labels=None, init_frames=None,
+  context_mask=None, ...) -> SampleOutput`.
 
   Frame i starts as noise and takes `num_steps` Euler steps while frames 0..i-1, clean, are its
   causal context (`apply_fn` gets `frame_attention=model.causal_attention(positions)`). The first
   evaluation of frame i also yields the end-of-video logit of frame i - 1 (which, causal, does not
-  see frame i): a video ends there with probability `sigmoid(logit)`, or at the capacity. The loop
-  runs until every video has ended, one evaluation per iteration; `insert_step` is the iteration
-  at which each frame began.
+  see frame i): a video ends there with probability `sigmoid(logit)`, or at the capacity. A video
+  given frames 0..K-1 starts at frame K. The loop runs until every video has ended, one evaluation
+  per iteration; `insert_step` is the iteration at which each frame began (0 for given frames).
   """
   _check_learned_order(config, 'autoregressive')
   b, n, frame_shape = batch_size, capacity, tuple(frame_shape)
@@ -167,40 +206,46 @@ def make_autoregressive_sampler(apply_fn: Callable[..., Any], *,
   slots = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
   causal = model_lib.causal_attention(slots)
 
-  def sample(params, key, labels=None, **context_frames) -> sampler_lib.SampleOutput:
-    _check_call(labels, context_frames, num_classes, b, 'autoregressive')
+  def sample(params, key, labels=None, init_frames=None, context_mask=None,
+             **unused) -> sampler_lib.SampleOutput:
+    context, given = _check_call(labels, num_classes, b, n, frame_shape, init_frames,
+                                 context_mask, **unused)
+    prefix = _prefix_length(given)
     noise_key, key = jax.random.split(key)
-    context = jnp.zeros((b, n) + frame_shape, jnp.float32)
 
     def step(state):
       iteration, frames, lengths, key = state
-      current, k = iteration // steps, iteration % steps  # Frame `current` at its step k.
+      # Each video makes frame `current` (after its prefix) at its step k.
+      current, k = prefix + iteration // steps, iteration % steps
       t_now, t_next = k / steps, (k + 1) / steps
-      times = jnp.where(slots < current, 1.0, jnp.where(slots == current, t_now, 0.0))
+      made = slots == current[:, None]
+      times = jnp.where(slots < current[:, None], 1.0, jnp.where(made, t_now, 0.0))
       inputs = (frames, context, flowception.snr_shift(times, config.snr_shift), slots,
-                slots <= current)
+                slots <= current[:, None])
       velocity, end_logit = sampler_lib.guided_apply(apply_fn, params, inputs, labels, config,
                                                      num_classes, frame_attention=causal)
       key, end_key = jax.random.split(key)
-      previous = end_logit[:, jnp.maximum(current - 1, 0)]
+      previous = jnp.take_along_axis(end_logit, jnp.maximum(current - 1, 0)[:, None], axis=1)[:, 0]
       ends = (k == 0) & (current > 0) & jax.random.bernoulli(end_key, jax.nn.sigmoid(previous))
-      lengths = jnp.where((lengths == n) & ends, current, lengths)  # n: still going.
-      frames = _euler(frames, velocity, slots == current, t_now, t_next, config.snr_shift)
+      lengths = jnp.where((lengths == n) & ends, jnp.minimum(current, n), lengths)  # n: going.
+      frames = _euler(frames, velocity, made, t_now, t_next, config.snr_shift)
       return iteration + 1, frames, lengths, key
 
     def running(state):
       iteration, _, lengths, _ = state
-      current = iteration // steps
-      return (current < n) & jnp.any(lengths > current)
+      current = prefix + iteration // steps
+      return jnp.any((current < n) & (lengths > current))
 
-    frames = jax.random.normal(noise_key, (b, n) + frame_shape, jnp.float32)
+    noise = jax.random.normal(noise_key, (b, n) + frame_shape, jnp.float32)
+    frames = jnp.where(given[..., None, None, None], context, noise)
     state = (jnp.int32(0), frames, jnp.full((b,), n, jnp.int32), key)
     iterations, frames, lengths, _ = jax.lax.while_loop(running, step, state)
+    lengths = jnp.maximum(lengths, prefix)
     alive = slots < lengths[:, None]
     return sampler_lib.SampleOutput(
         frames=jnp.where(alive[..., None, None, None], frames, 0.0),
         times=alive.astype(jnp.float32), lengths=lengths,
-        insert_step=jnp.where(alive, slots * steps, -1), num_iterations=iterations,
-        context_slots=jnp.full(alive.shape, -1, jnp.int32))
+        insert_step=jnp.where(alive, jnp.maximum(slots - prefix[:, None], 0) * steps, -1),
+        num_iterations=iterations, context_slots=jnp.where(given, slots, -1))
 
   return jax.jit(sample)

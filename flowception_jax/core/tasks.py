@@ -10,7 +10,8 @@ The given frames keep their order and the video starts from them plus `num_start
 frames, as in training (`flowception.sample_extended_time`); insertions make the rest. A prefix's
 inner gaps are known to be empty, so its frames before the last are passive here (in training they
 are active with insertion target 0), and the prefix stays at slots 0..K-1. Context frames come back
-unchanged, at the slots `TaskSamples.context_slots` names. Arrays in and out are NumPy, frames in
+unchanged, at the slots `TaskSamples.context_slots` names. The baselines sample the prefix tasks
+(`PREFIX_TASKS`) from the same inputs (`baselines.py`). Arrays in and out are NumPy, frames in
 [0, 1], so a notebook can call `load_context`, `sample` and `TaskSampler` directly.
 """
 
@@ -29,6 +30,7 @@ from flowception_jax.storage import files
 from flowception_jax.storage import video_io
 
 TASKS = ('generate', 'i2v', 'interpolate', 'extend')
+PREFIX_TASKS = ('i2v', 'extend')  # Given frames at slots 0..K-1: the baselines sample these too.
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp')
 _MIN_FRAMES = {'i2v': 1, 'interpolate': 2, 'extend': 1}
 
@@ -224,17 +226,15 @@ class TaskSampler:
     if frames is not None and not info.pixels:
       raise ValueError(f'--task={task} gives frames in pixels, but this model generates latents; '
                        'sample it with --task=generate')
-    if frames is not None and method != 'flowception':
-      raise ValueError(f'--task={task} needs a Flowception model; this one is the {method} '
-                       'baseline, which samples only --task=generate')
+    if frames is not None and method != 'flowception' and task not in PREFIX_TASKS:
+      raise ValueError(f'--task={task} needs a Flowception model; the {method} baseline takes '
+                       f'given frames only as a prefix: --task={" or --task=".join(PREFIX_TASKS)}')
     key = jax.random.key(seed)
     if label is None:
       labels = self.sampler.random_labels(key, b)
     else:
       labels = np.full((b,), class_label(label, info.num_classes, info.class_names), np.int32)
-    if method != 'flowception':  # Baselines generate from their own start.
-      inputs = {}
-    elif frames is None:  # Nothing given: every video starts from `num_start_frames` noise frames.
+    if frames is None:  # Nothing given: every video starts from `num_start_frames` noise frames.
       none = np.zeros((b, info.max_frames), bool)
       inputs = {'init_frames': np.zeros((b, info.max_frames) + tuple(info.frame_shape), np.float32),
                 'init_alive': none, 'context_mask': none, 'passive_mask': none}

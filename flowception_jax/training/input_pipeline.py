@@ -146,21 +146,25 @@ class FullSequenceTransform(_WholeClipTransform):
   """Turns a clip into a full-sequence example: every frame visible, in flow at one shared time.
 
   No frame may insert (`rate_mask` is empty): this baseline takes its lengths from the data's
-  distribution.
+  distribution. Given frames (`context`: the first-frame and prefix patterns) stay clean, at time
+  1, in the context channel, and outside the loss, as the sampler treats them.
   """
+  context: context_lib.ContextPatterns = context_lib.ContextPatterns()
 
   def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
     frames, n, real = self._clip(element)
     size = real.shape[0]
+    given = _pad(self.context.draw(rng, n)[0], size)
     return {
         'frames': frames,
-        'frame_times': np.where(real, self._times(rng), 0.0).astype(np.float32),
+        'frame_times': np.where(given, 1.0, np.where(real, self._times(rng), 0.0)
+                                ).astype(np.float32),
         'positions': np.arange(size, dtype=np.int32),
         'frame_mask': real,
-        'flow_mask': real.copy(),
+        'flow_mask': real & ~given,
         'rate_mask': np.zeros(size, bool),
         'insert_targets': np.zeros(size, np.int32),
-        'context_mask': np.zeros(size, bool),
+        'context_mask': given,
         'segment_ids': real.astype(np.int32),
         'label': np.int32(element['label']),
         'length': np.int32(n),
@@ -204,20 +208,22 @@ def make_transform(method: str, flow_config, buckets: tuple[int, ...], context_c
                    pixels: bool = True) -> grain.transforms.RandomMap:
   """The per-example transform of `method` ('flowception' or a baseline, see `baselines.METHODS`).
 
-  `context_config` (`config.context`, None for none) sets Flowception's context patterns; the
-  baselines train without context frames. `pixels` is `SourceInfo.pixels`.
+  `context_config` (`config.context`, None for none) sets the context patterns of Flowception and
+  of the full-sequence baseline (first frame and prefix only, `baselines.check_method`); the
+  autoregressive baseline's teacher forcing already trains every frame from its clean past. `pixels`
+  is `SourceInfo.pixels`.
   """
   times = dict(tau_distribution=flow_config.tau_distribution, buckets=buckets,
                tau_loc=flow_config.get('tau_loc', 0.0), tau_scale=flow_config.get('tau_scale', 1.0),
                pixels=pixels)
+  context = (context_lib.ContextPatterns() if context_config is None
+             else context_lib.from_config(context_config))
   if method == 'flowception':
-    context = (context_lib.ContextPatterns() if context_config is None
-               else context_lib.from_config(context_config))
     return ExtendedTimeTransform(kappa=flow_config.kappa,
                                  num_start_frames=flow_config.num_start_frames, context=context,
                                  **times)
   if method == 'full_sequence':
-    return FullSequenceTransform(**times)
+    return FullSequenceTransform(context=context, **times)
   if method == 'autoregressive':
     return AutoregressiveTransform(**times)
   raise ValueError(f'unknown method {method!r}; set --config.method to flowception, full_sequence '
