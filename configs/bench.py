@@ -5,8 +5,9 @@ r"""The benchmark: Flowception against full-sequence training and sampling, in o
 A model wider than `mini` (the `small` DiT: width 256, 6 blocks) on 32x32 `shapes` clips of 6 to
 16 frames in patches of 8 (16 tokens per frame, up to 272 tokens per clip), so that its matrix
 products are large enough to approach the device's peak. About 7 minutes on a shared 2-core CPU,
-two of them compiling the 8 train steps (4 buckets, 2 methods). `configs/bench.py:tiny` runs every
-measurement in seconds (for tests; its figures mean nothing).
+two of them compiling the 8 train steps (4 buckets, 2 methods). Both methods train on plain
+generation (no context frames), the same task. `configs/bench.py:tiny` runs every measurement in
+seconds (for tests; its figures mean nothing).
 """
 
 from flowception_jax.training import config as config_lib
@@ -21,6 +22,7 @@ def get_config(arg=None):
   c.data.min_frames = 6
   c.data.max_frames = 16
   c.data.buckets = (4, 8, 12, 16)
+  config_lib.no_context(c)
   c.model.size = 'small'
   c.model.patch_size = 8
   c.sampler.num_steps = 10

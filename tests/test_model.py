@@ -216,3 +216,20 @@ def test_attention_learns_to_route_by_position():
     params, opt_state = step(params, opt_state, jax.random.key(i))
   # Ignoring position (the best mean-pool answer) leaves about the target's variance, 1.
   assert float(loss(params, frames(jax.random.key(10_000)))) < 0.2
+
+
+def test_a_single_patch_frame_is_one_token_that_gives_velocity_and_rate():
+  net = _model(patch_size=8)  # 8x8 frames: one patch each.
+  inputs = _inputs()
+  params = _params(net, inputs)
+  assert 'rate_token' not in params['params'] and 'rate_token' in _params(_model(), inputs)['params']
+  lowered = jax.jit(lambda p, *x: net.apply(p, *x)).lower(params, *inputs)
+  assert f'{B}x{F}x' in lowered.as_text() and f'{B}x{F * 2}x' not in lowered.as_text()
+  velocity, log_rate = net.apply(params, *inputs)
+  assert velocity.shape == (B, F, H, W, C) and log_rate.shape == (B, F)
+  # The rate reads the frame's own token: its pixels move it.
+  frames = inputs[0].at[:, 1].add(1.0)
+  _, moved = net.apply(params, frames, *inputs[1:])
+  assert np.all(np.abs(np.asarray(moved - log_rate))[:, 1] > 1e-4)
+  assert [tuple(cell) for cell in model_lib.token_grid(1, 1)] == [(0, 0)]
+  assert [tuple(cell) for cell in model_lib.token_grid(2, 1)] == [(0, 0), (1, 0), (2, 1)]

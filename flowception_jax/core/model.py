@@ -1,12 +1,12 @@
 """The Flowception DiT: a transformer over space-time tokens with a time and a rate per frame.
 
 Each frame is patchified (its channels doubled by the clean context frame at the same slot) and gets
-one extra learnable rate token. All tokens of all frames attend to each other (padded frames are
+one extra learnable rate token, unless it is a single patch, whose token then carries both. All tokens of all frames attend to each other (padded frames are
 masked as keys) unless a frame-level mask restricts which frames see which: causal for the
 autoregressive baseline, a band of `attn_window` neighbouring frames for any method. adaLN-Zero
 modulation is computed per frame from that frame's own time and the class, and broadcast to its
 tokens. Rotary embeddings encode (slot, row, column). After the last block the patch tokens give the
-velocity and the rate token gives the frame's insertion log-rate.
+velocity and the rate token gives the frame's insertion log-rate (`token_grid`).
 
 Parameters carry logical axis names ('embed', 'mlp', 'heads', 'kv', 'patch', 'vocab') that
 `sharding.LOGICAL_RULES` maps onto the mesh; activations are constrained to ('batch', 'length',
@@ -21,6 +21,7 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from flowception_jax.core import attention as attention_lib
 
@@ -75,6 +76,15 @@ def timestep_features(t: jax.Array, dim: int = _TIME_FEATURES) -> jax.Array:
   freqs = jnp.exp(-math.log(10_000.0) * jnp.arange(half, dtype=jnp.float32) / half)
   args = 1000.0 * t[..., None].astype(jnp.float32) * freqs
   return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def token_grid(rows: int, cols: int) -> np.ndarray:
+  """(row, column) int [T, 2] of a frame's tokens, for a grid of rows x cols patches: the patches
+  in row-major order, then the rate token at (rows, cols), except for a frame of a single patch,
+  whose one token also gives the rate (a second token would double the sequence for nothing)."""
+  r, c = np.meshgrid(np.arange(rows), np.arange(cols), indexing='ij')
+  grid = np.stack([r.ravel(), c.ravel()], axis=-1)
+  return grid if rows * cols == 1 else np.concatenate([grid, [[rows, cols]]])
 
 
 def rope_split(head_dim: int) -> tuple[int, int, int]:
@@ -288,16 +298,18 @@ class DiT(nn.Module):
       raise ValueError(f'hidden size {d} is not divisible by {self.num_heads} heads')
     gh, gw = hgt // p, wid // p
 
-    # ---- Tokens: patches of [noisy | context] plus one rate token per frame ---------------------
+    # ---- Tokens: patches of [noisy | context] plus one rate token per frame (`token_grid`) -------
     x = jnp.concatenate([frames, context], axis=-1).astype(self.dtype)
     x = x.reshape(b, f, gh, p, gw, p, 2 * c).transpose(0, 1, 2, 4, 3, 5, 6)
     x = x.reshape(b, f, gh * gw, p * p * 2 * c)
     x = _dense(d, ('patch', 'embed'), 'patch_embed', self.dtype, self.param_dtype)(x)
-    rate_token = self.param('rate_token', nn.with_logical_partitioning(
-        nn.initializers.normal(0.02), ('embed',)), (d,), self.param_dtype)
-    x = jnp.concatenate(
-        [x, jnp.broadcast_to(rate_token.astype(self.dtype), (b, f, 1, d))], axis=2)
-    tokens = gh * gw + 1
+    spatial = token_grid(gh, gw)
+    tokens = len(spatial)
+    if tokens > gh * gw:
+      rate_token = self.param('rate_token', nn.with_logical_partitioning(
+          nn.initializers.normal(0.02), ('embed',)), (d,), self.param_dtype)
+      x = jnp.concatenate(
+          [x, jnp.broadcast_to(rate_token.astype(self.dtype), (b, f, 1, d))], axis=2)
 
     # ---- Per-frame conditioning: time (+ class) ---------------------------------------------------
     cond = _dense(d, ('mlp', 'embed'), 'time_in', self.dtype, self.param_dtype)(
@@ -315,9 +327,6 @@ class DiT(nn.Module):
     cond = _constrain(cond)  # [B, F, D]; see the heads below for why.
 
     # ---- Rotary coordinates (slot, row, column) and the attention mask ---------------------------
-    rows, cols = jnp.meshgrid(jnp.arange(gh), jnp.arange(gw), indexing='ij')
-    spatial = jnp.stack([rows.ravel(), cols.ravel()], axis=-1)
-    spatial = jnp.concatenate([spatial, jnp.array([[gh, gw]])], axis=0)  # The rate token's place.
     coords = jnp.concatenate([
         jnp.broadcast_to(positions[:, :, None, None], (b, f, tokens, 1)),
         jnp.broadcast_to(spatial, (b, f, tokens, 2))], axis=-1).reshape(b, f * tokens, 3)
@@ -332,7 +341,8 @@ class DiT(nn.Module):
       block = nn.remat(Block, policy=REMAT_POLICIES[self.remat])
     for i in range(self.depth):
       x = block(self.num_heads, self.mlp_ratio, self.dtype, self.param_dtype,
-                grid=(gh, gw) if self.local_mixing else None, attention=self.attention,
+                grid=(gh, gw) if self.local_mixing and tokens > gh * gw else None,
+                attention=self.attention,
                 attention_block=self.attention_block, name=f'block_{i}')(
                     x, cond, angles, mask)
 
@@ -346,7 +356,7 @@ class DiT(nn.Module):
                  zero=True)(nn.silu(cond))
     shift, scale = jnp.split(mod, 2, axis=-1)
     patches = nn.LayerNorm(use_bias=False, use_scale=False, dtype=self.dtype,
-                           name='final_norm')(x[:, :, :-1])
+                           name='final_norm')(x[:, :, :gh * gw])
     patches = _dense(p * p * c, ('embed', 'patch'), 'velocity_out', self.dtype, self.param_dtype,
                      zero=True)(_modulate(patches, shift, scale))
     velocity = patches.reshape(b, f, gh, gw, p, p, c).transpose(0, 1, 2, 4, 3, 5, 6)

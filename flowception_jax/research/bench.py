@@ -55,7 +55,7 @@ def forward_flops(model: model_lib.DiT, frames: int, frame_shape: tuple[int, int
   h, w, c = frame_shape
   p, d = model.patch_size, model.hidden_size
   patches = (h // p) * (w // p)
-  tokens = frames * (patches + 1)  # One rate token per frame.
+  tokens = frames * len(model_lib.token_grid(h // p, w // p))  # Patches and the rate token.
   mlp = int(d * model.mlp_ratio)
   embed = frames * (patches * (p * p * 2 * c) * d  # Patch embedding of [noisy | context].
                     + model_lib._TIME_FEATURES * d + d * d)  # Time MLP.

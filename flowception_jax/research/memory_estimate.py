@@ -125,7 +125,7 @@ def estimate(config, chips: int, info: datasets.SourceInfo | None = None) -> Mem
                                 dict(mesh_sizes, fsdp=1))
   model = model_lib.build_for(config, info)
   p = config.model.patch_size
-  tokens = (info.frame_shape[0] // p) * (info.frame_shape[1] // p) + 1
+  tokens = len(model_lib.token_grid(info.frame_shape[0] // p, info.frame_shape[1] // p))
   examples = config.batch_size / (data * fsdp) / config.grad_accum_steps
   return MemoryEstimate(
       mesh=mesh_sizes, num_params=sum(x.size for x in jax.tree.leaves(abstract.params)),

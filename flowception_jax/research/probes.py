@@ -110,11 +110,10 @@ def attention_stats(model: model_lib.DiT, params, clips: np.ndarray, t: float,
   b, f, h, w, _ = clips.shape
   p, heads = model.patch_size, model.num_heads
   gh, gw = h // p, w // p
-  tokens = gh * gw + 1
+  spatial = model_lib.token_grid(gh, gw)
+  tokens = len(spatial)
   x_t, _ = _noisy(clips, t, seed)
   _, state = _apply(model, params, x_t, t, capture_intermediates=True, mutable=['intermediates'])
-  rows, cols = np.meshgrid(np.arange(gh), np.arange(gw), indexing='ij')
-  spatial = np.concatenate([np.stack([rows.ravel(), cols.ravel()], -1), [[gh, gw]]])
   coords = np.concatenate([np.broadcast_to(np.arange(f)[:, None, None], (f, tokens, 1)),
                            np.broadcast_to(spatial, (f, tokens, 2))], -1).reshape(1, f * tokens, 3)
   angles = model_lib.rotary_angles(jnp.asarray(coords), model.hidden_size // heads,
@@ -122,7 +121,7 @@ def attention_stats(model: model_lib.DiT, params, clips: np.ndarray, t: float,
   frame = np.repeat(np.arange(f), tokens)
   same_frame = frame[:, None] == frame[None, :]
   is_patch = np.tile(np.arange(tokens) < gh * gw, f)
-  cell = np.tile(np.concatenate([spatial[:-1], [[-9, -9]]]), (f, 1))
+  cell = np.tile(np.where(np.arange(tokens)[:, None] < gh * gw, spatial, -9), (f, 1))
   near = (np.abs(cell[:, None] - cell[None, :]).max(-1) == 1) & same_frame
   near &= is_patch[:, None] & is_patch[None, :]
   stats = []
