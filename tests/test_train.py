@@ -18,6 +18,7 @@ from flowception_jax.training import checkpoint
 from flowception_jax.training import input_pipeline
 from flowception_jax.training import sharding
 from flowception_jax.training import train
+from tests import compilations
 
 
 def _config(**overrides):
@@ -43,13 +44,15 @@ def test_train_step_compiles_once_per_bucket():
                                     seed=0, max_frames=info.max_frames)
   step_fn = train.jit_train_step(model, tx, config, mesh, shardings)
   state = train.init_sharded(init_fn, mesh, shardings, jax.random.key(0))
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+  batches = [b for _, b in zip(range(12), iter(dataset))]
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES), \
+       compilations.counted() as compiles:
     seen = set()
-    for batch in [b for _, b in zip(range(12), iter(dataset))]:
+    for batch in batches:
       seen.add(batch['frames'].shape[1])
       state, metrics = step_fn(state, sharding.to_global_batch(batch, mesh))
   assert seen == {16, 30}
-  assert step_fn._cache_size() == len(seen)
+  assert compiles['train_step'] == len(seen)
   assert int(state.step) == 12 and np.isfinite(float(metrics['loss']))
   assert 0.0 < float(metrics['visible_share']) <= 1.0
 
