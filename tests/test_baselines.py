@@ -300,6 +300,7 @@ def _config(method, total_steps=2):
   return config
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize('method', ['full_sequence', 'autoregressive'])
 def test_each_method_trains_samples_and_keeps_its_checkpoints(tmp_path, method):
   workdir = str(tmp_path)

@@ -16,6 +16,7 @@ def _run(*args):
                         timeout=600, check=False)
 
 
+@pytest.mark.e2e
 def test_train_then_sample(tmp_path):
   workdir = str(tmp_path / 'run')
   train_args = ('flowception_jax.main', '--config=configs/coloring.py:tiny', f'--workdir={workdir}',

@@ -129,7 +129,7 @@ def test_remat_policies_give_the_same_gradients():
                  grads[policy], grads['none'])
 
 
-# The tests of the report share one worker, so that it is made once.
+# The tests of the report share one worker, so that it is made once (training in a subprocess).
 _EIGHT_DEVICES = pytest.mark.xdist_group('eight_devices')
 
 
@@ -144,6 +144,7 @@ def eight_devices():
   return json.loads(line[len('REPORT '):])
 
 
+@pytest.mark.e2e
 @_EIGHT_DEVICES
 def test_meshes_of_eight_devices_train_like_one_device(eight_devices):
   # float32: the meshes sum partial products in other orders, hence a tolerance, not equality.
@@ -156,6 +157,7 @@ def test_meshes_of_eight_devices_train_like_one_device(eight_devices):
     assert result['compiles'] == 1, mesh
 
 
+@pytest.mark.e2e
 @_EIGHT_DEVICES
 def test_fsdp_holds_at_most_a_sixth_of_the_replicated_state(eight_devices):
   replicated = eight_devices['replicated_compiled_state_bytes']
@@ -167,6 +169,7 @@ def test_fsdp_holds_at_most_a_sixth_of_the_replicated_state(eight_devices):
   assert eight_devices['replicated_state_bytes'] == eight_devices['(8, 1, 1)']['held_state_bytes']
 
 
+@pytest.mark.e2e
 @_EIGHT_DEVICES
 def test_sharded_sampler_makes_the_videos_of_one_device(eight_devices):
   sampler = eight_devices['sampler']

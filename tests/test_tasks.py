@@ -158,6 +158,7 @@ class _TraceCounted:
     self.apply = chex.assert_max_traces(apply, n=n)
 
 
+@pytest.mark.e2e
 def test_tasks_keep_their_context_frames_at_their_slots(workdir):
   loaded = inference.load(workdir)
   chex.clear_trace_counter()
@@ -206,6 +207,7 @@ def test_tasks_keep_their_context_frames_at_their_slots(workdir):
   assert scores['i2v']['position_error_count'] + scores['i2v']['length_error_count'] > 0
 
 
+@pytest.mark.e2e
 def test_sample_command_image_to_video_of_a_named_class(workdir, tmp_path):
   pixels = np.random.default_rng(4).integers(0, 256, size=(16, 16, 3), dtype=np.uint8)
   Image.fromarray(pixels).save(tmp_path / 'first.png')

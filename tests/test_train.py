@@ -98,6 +98,7 @@ def test_padded_slots_change_no_loss():
   assert abs(float(losses(real)[0]) - float(loss_a)) > 1e-3
 
 
+@pytest.mark.e2e
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
   original = sharding.to_global_batch
   calls = {'n': 0}
@@ -115,6 +116,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
   assert manager.all_steps() == [10]
 
 
+@pytest.mark.e2e
 def test_incompatible_workdir_and_bad_config_are_refused(tmp_path):
   train.train_and_evaluate(_config(total_steps=2, checkpoint_every=2), str(tmp_path))
   with pytest.raises(ValueError, match='incompatible config.*model.size'):
@@ -125,6 +127,7 @@ def test_incompatible_workdir_and_bad_config_are_refused(tmp_path):
     train.train_and_evaluate(_config(data__buckets=(8, 16)), str(tmp_path / 'other'))
 
 
+@pytest.mark.e2e
 def test_sample_restores_and_is_reproducible(tmp_path):
   workdir = str(tmp_path)
   config = _config(total_steps=2, checkpoint_every=2)

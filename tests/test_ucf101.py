@@ -66,6 +66,7 @@ def test_ucf_command_with_empty_data_dir_stops_at_once(tmp_path):
   assert not default_dir.exists() or not os.listdir(default_dir)
 
 
+@pytest.mark.e2e
 def test_ucf_tiny_trains_on_mock_prepared_data(tmp_path):
   config = config_files.load('ucf', 'tiny')
   config.data.data_dir = str(tmp_path / 'tfds')
