@@ -121,6 +121,7 @@ def test_expected_visible_count_agrees_with_drawn_examples(kappa):
   assert recipe_cost.expected_visible(k, 'uniform', 2, 2) == (2.0, 4.0)
 
 
+@pytest.mark.e2e  # A process of the benchmark command (stopping before it runs).
 def test_command_refuses_an_output_in_a_missing_folder(tmp_path):
   output = tmp_path / 'missing' / 'bench.json'
   result = subprocess.run(

@@ -33,6 +33,7 @@ def _config(**overrides):
   return config
 
 
+@pytest.mark.e2e  # 12 steps of the real trainer, two bucket compilations.
 def test_train_step_compiles_once_per_bucket():
   config = _config()
   source, info = datasets.make_source(config.data)
