@@ -1,11 +1,12 @@
-"""Measurements on 8 fake CPU devices, printed as JSON for `test_scale.py` to judge.
+"""Measurements on 8 fake CPU devices, printed as JSON for `test_sharding.py` to judge.
 
 Runs in its own process because the device count is fixed when JAX starts (the test suite has 2).
 One process measures everything so that JAX, the model and the data are set up once:
 - the losses and final parameters of 3 train steps on each mesh against one device;
 - per-device bytes of the train state, from the compiled step's memory analysis, and from
   `memory_estimate` (abstract shapes only);
-- the sampler's videos on a data x fsdp mesh against one device, and its compile count.
+- the sampler's videos on a data x fsdp mesh against one device, and its compile count (counted
+  as in `compilations.py`).
 """
 
 import json
@@ -30,6 +31,7 @@ from flowception_jax.research import memory_estimate
 from flowception_jax.training import input_pipeline
 from flowception_jax.training import sharding
 from flowception_jax.training import train
+from tests import compilations
 
 MESHES = ((8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4))
 STEPS = 3
@@ -62,7 +64,8 @@ def train_on(mesh, config, info, batches):
   state = train.init_sharded(init_fn, mesh, shardings, jax.random.key(0))
   step_fn = train.jit_train_step(model, tx, config, mesh, shardings)
   losses = []
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES), \
+       compilations.counted() as compiles:
     for i, batch in enumerate(batches):
       global_batch = sharding.to_global_batch(batch, mesh)
       if i == 0:
@@ -74,7 +77,7 @@ def train_on(mesh, config, info, batches):
       losses.append(float(metrics['loss']))
   return {'losses': losses, 'params': jax.device_get(state.params),
           'compiled_state_bytes': int(state_bytes), 'held_state_bytes': int(held_bytes),
-          'compiles': step_fn._cache_size()}  # pylint: disable=protected-access
+          'compiles': compiles['train_step']}
 
 
 def sample_on(mesh, config, info, params, seed):
@@ -82,9 +85,10 @@ def sample_on(mesh, config, info, params, seed):
   sampler = inference.VideoSampler(model, config, info, batch_size=8, mesh=mesh)
   _, shardings = train.state_layout(train.build(config, info)[2], mesh)
   params = jax.device_put(params, shardings.params)
-  first = sampler(params, jax.random.key(seed), 8)
-  second = sampler(params, jax.random.key(seed + 1), 8)
-  return first, second, sampler.fn._cache_size()  # pylint: disable=protected-access
+  with compilations.counted() as compiles:
+    first = sampler(params, jax.random.key(seed), 8)
+    second = sampler(params, jax.random.key(seed + 1), 8)
+  return first, second, compiles['sample']
 
 
 def main():

@@ -16,6 +16,7 @@ from flowception_jax.core import flowception
 from flowception_jax.core import model as model_lib
 from flowception_jax.research import bench
 from flowception_jax.research import recipe_cost
+from flowception_jax.storage import files
 from tests import config_files
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,11 +29,12 @@ KEYS = (
     'data.examples_per_s', 'data.train_examples_per_s')
 
 
+@pytest.mark.e2e
 def test_benchmark_writes_every_figure(tmp_path):
   config = config_files.load('bench', 'tiny')
   results = bench.run(config)
   path = tmp_path / 'bench.json'
-  bench.write_json(str(path), results)
+  files.write_json(str(path), results)  # As the command writes them.
   written = json.loads(path.read_text())
   for key in KEYS:
     assert math.isfinite(written[key]) and written[key] > 0, key
@@ -46,8 +48,28 @@ def test_benchmark_writes_every_figure(tmp_path):
       for figure in ('analytic_visible_fraction', 'analytic_attention_ratio',
                      'pipeline_visible_fraction', 'pipeline_attention_ratio'):
         assert 0.0 < written[f'recipe.{kappa}/{distribution}.{figure}'] <= 1.0
-  assert not list(tmp_path.glob('.*'))  # No temporary file left behind.
+  assert os.listdir(tmp_path) == ['bench.json']  # No temporary file left behind.
   assert 'train.mfu' in bench.format_table(written)
+
+
+def test_a_failed_write_of_the_figures_leaves_neither_them_nor_a_temporary_file(tmp_path,
+                                                                               monkeypatch):
+  path = str(tmp_path / 'bench.json')
+  # A figure left as a NumPy scalar: refused before anything is written.
+  with pytest.raises(TypeError, match='float32 is not JSON serializable'):
+    files.write_json(path, {'peak_flops': 1e12, 'train.mfu': np.float32(0.4)})
+  assert os.listdir(tmp_path) == []
+
+  def disk_full(source, target):
+    assert os.path.dirname(source) == os.path.dirname(target) == str(tmp_path)
+    assert json.loads(open(source).read())['train.mfu'] == 0.4  # Written, not yet in place.
+    raise OSError(28, 'No space left on device')
+
+  # A write that fails once its bytes are out: the temporary file goes too.
+  monkeypatch.setattr(files.os, 'replace', disk_full)
+  with pytest.raises(OSError, match='No space left on device'):
+    files.write_json(path, {'peak_flops': 1e12, 'train.mfu': 0.4})
+  assert os.listdir(tmp_path) == []
 
 
 def _dot_flops(jaxpr) -> int:
@@ -99,6 +121,7 @@ def test_expected_visible_count_agrees_with_drawn_examples(kappa):
   assert recipe_cost.expected_visible(k, 'uniform', 2, 2) == (2.0, 4.0)
 
 
+@pytest.mark.e2e  # A process of the benchmark command (stopping before it runs).
 def test_command_refuses_an_output_in_a_missing_folder(tmp_path):
   output = tmp_path / 'missing' / 'bench.json'
   result = subprocess.run(

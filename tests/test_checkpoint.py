@@ -16,6 +16,7 @@ from flowception_jax.training import checkpoint
 from flowception_jax.training import config as config_lib
 from flowception_jax.training import sharding
 from flowception_jax.training import train
+from tests import compilations
 
 
 # Orbax leaves its failed reads' coroutines to the garbage collector, which reports them.
@@ -85,11 +86,15 @@ def test_checksums_see_every_element_and_not_the_sharding():
 
 
 def test_checksums_compile_once_per_tree_structure():
-  checkpoint.checksums(_toy_state(0))
-  compiled = checkpoint._leaf_checksums._cache_size()
-  first, second = checkpoint.checksums(_toy_state(1)), checkpoint.checksums(_toy_state(2))
+  states = [_toy_state(seed) for seed in range(3)]
+  checkpoint.checksums(states[0])
+  with compilations.counted() as compiles:
+    first, second = checkpoint.checksums(states[1]), checkpoint.checksums(states[2])
   assert first != second
-  assert checkpoint._leaf_checksums._cache_size() == compiled
+  assert compiles['_leaf_checksums'] == 0
+  with compilations.counted() as compiles:  # Another structure: compiled (the count sees it).
+    checkpoint.checksums(dict(states[0], extra=jnp.zeros(5)))
+  assert compiles['_leaf_checksums'] == 1
 
 
 def test_a_flipped_byte_that_orbax_reads_is_caught_by_the_checksums(tmp_path):

@@ -16,6 +16,7 @@ def _run(*args):
                         timeout=600, check=False)
 
 
+@pytest.mark.e2e
 def test_train_then_sample(tmp_path):
   workdir = str(tmp_path / 'run')
   train_args = ('flowception_jax.main', '--config=configs/coloring.py:tiny', f'--workdir={workdir}',
@@ -60,6 +61,7 @@ def test_train_then_sample(tmp_path):
   assert 'resumed from step 4' in result.stderr and 'checkpoint_manager.py' in result.stderr
 
 
+@pytest.mark.e2e  # A process of the training command (stopping before it trains).
 @pytest.mark.parametrize('override, message, one_line', [
     # A typo is refused with a suggestion (by ml_collections, while parsing flags).
     ('--config.batch_sise=8', 'batch_size', False),
@@ -74,6 +76,7 @@ def test_bad_overrides_fail_with_a_message(tmp_path, override, message, one_line
   assert ('Traceback' not in result.stderr) == one_line
 
 
+@pytest.mark.e2e  # A process of the training command (stopping before it trains).
 def test_unknown_config_variant_is_refused(tmp_path):
   result = _run('flowception_jax.main', '--config=configs/coloring.py:huge', f'--workdir={tmp_path}')
   assert result.returncode != 0 and "unknown variant 'huge'" in result.stderr

@@ -27,7 +27,8 @@ from flowception_jax.training import checkpoint
 from flowception_jax.training import sharding
 from flowception_jax.training import train
 
-pytestmark = pytest.mark.xdist_group('faults')  # One worker: one reference run, one warm cache.
+# End to end: real training processes. One worker: one reference run, one warm cache.
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group('faults')]
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _EVERY = 5  # Steps between checkpoints.

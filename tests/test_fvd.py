@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from flowception_jax.evaluation import fvd
+from tests import compilations
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -158,12 +159,13 @@ def test_features_of_tiny_clips_with_random_weights(random_i3d):
   short = rng.uniform(size=(5, 6, 6, 3)).astype(np.float32)
   explicit = fvd.first_frames(short)[0]  # The same clip, its last frame repeated by hand.
   long = rng.uniform(size=(20, 6, 6, 3)).astype(np.float32)
-  features, num_padded = features_of([short, explicit, long])
+  with compilations.counted() as compiles:  # Two batches of one shape: one compilation.
+    features, num_padded = features_of([short, explicit, long])
+  assert compiles['_preprocess'] == compiles['_logits'] == 1
   assert features.shape == (3, fvd.NUM_FEATURES) and np.all(np.isfinite(features))
   assert num_padded == 1
   np.testing.assert_allclose(features[0], features[1], rtol=1e-5, atol=1e-5)
   assert np.abs(features[0] - features[2]).max() > 1e-2  # Random weights still tell clips apart.
-  compiled = (fvd._preprocess._cache_size(), fvd._logits._cache_size())
 
   def stats(feats):
     return fvd.FeatureStats.from_features(feats, num_padded=0, source='', weights_id='random',
@@ -173,11 +175,12 @@ def test_features_of_tiny_clips_with_random_weights(random_i3d):
   scale = np.trace(clean.cov) + clean.mean @ clean.mean
   assert fvd.fvd_summary(clean, clean)['fvd'] <= 1e-9 * scale
   distances = []
-  for sigma in (0.05, 0.3):  # New values, the same shapes: no new compilation.
-    noisy = [np.clip(v + sigma * rng.normal(size=v.shape), 0, 1).astype(np.float32)
-             for v in (short, explicit, long)]
-    distances.append(fvd.fvd_summary(clean, stats(features_of(noisy)[0]))['fvd'])
-  assert (fvd._preprocess._cache_size(), fvd._logits._cache_size()) == compiled
+  with compilations.counted() as compiles:  # New values, the same shapes: no new compilation.
+    for sigma in (0.05, 0.3):
+      noisy = [np.clip(v + sigma * rng.normal(size=v.shape), 0, 1).astype(np.float32)
+               for v in (short, explicit, long)]
+      distances.append(fvd.fvd_summary(clean, stats(features_of(noisy)[0]))['fvd'])
+  assert compiles['_preprocess'] == compiles['_logits'] == 0
   assert 0 < distances[0] < distances[1]
 
 

@@ -249,6 +249,7 @@ def _restore_params(workdir, config):
   return jax.device_get(state)
 
 
+@pytest.mark.e2e
 def test_two_processes_train_like_one_process_of_all_devices(tmp_path):
   flags = ['--config=configs/coloring.py:tiny', '--config.total_steps=3',
            '--config.checkpoint_every=3', '--config.data.buckets=(30,)',
@@ -288,6 +289,7 @@ def test_two_processes_train_like_one_process_of_all_devices(tmp_path):
   assert any(f.endswith('.xplane.pb') for f in traces)
 
 
+@pytest.mark.e2e
 def test_processes_with_different_configs_all_stop_with_a_message(tmp_path):
   port = subprocess.run([sys.executable, '-c', 'import socket; s = socket.socket(); '
                          's.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'],

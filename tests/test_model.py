@@ -193,6 +193,7 @@ def test_local_mixing_reaches_grid_neighbours_only():
   np.testing.assert_array_equal(np.asarray(v1)[:, 1:], np.asarray(v2)[:, 1:])  # Other frames.
 
 
+@pytest.mark.e2e  # A training run: 400 optimizer steps.
 def test_attention_learns_to_route_by_position():
   """The backbone can learn what the shapes set needs of it: each patch's output is its right
   neighbour's input (wrapping), which only position-aware attention can compute."""

@@ -41,6 +41,7 @@ def test_notebook_ships_without_outputs_and_with_one_parameter_cell(name):
   assert len(tagged) == 1
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize('name', sorted(NOTEBOOKS))
 def test_notebook_runs_headless(name, tmp_path, monkeypatch):
   parameters, num_images = NOTEBOOKS[name]

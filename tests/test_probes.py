@@ -74,6 +74,7 @@ def test_without_attention_patches_are_denoised_alone_and_blind_to_position():
   assert probes.position_sensitivity(net, full, _clips(), t=0.5)['output_change'] > 1e-3
 
 
+@pytest.mark.e2e
 def test_command_probes_a_trained_workdir(tmp_path):
   config = shapes_config.get_config('tiny')
   config.total_steps = 2

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import chex
 import flax.linen as nn
 import jax
 import ml_collections
@@ -100,12 +101,16 @@ def test_gradient_accumulation_equals_the_whole_batch():
     global_batch = sharding.to_global_batch(batch, mesh)
     for steps in (1, 4):
       config.grad_accum_steps = steps
-      grad_fn = jax.jit(functools.partial(train.accumulate_gradients, model=model, config=config))
+
+      def gradients(params, batch, key):
+        return train.accumulate_gradients(params, batch, key, model=model, config=config)
+
+      chex.clear_trace_counter()  # Each setting is traced once.
+      grad_fn = jax.jit(chex.assert_max_traces(gradients, n=1))
       results[steps] = jax.device_get(grad_fn(params, global_batch, jax.random.key(3)))
-      # New values of the same shapes reuse the compilation.
+      # New values of the same shapes reuse the trace.
       grad_fn(params, sharding.to_global_batch({k: v[::-1].copy() for k, v in batch.items()}, mesh),
               jax.random.key(4))
-      assert grad_fn._cache_size() == 1
   (loss, aux, grads), (loss_4, aux_4, grads_4) = results[1], results[4]
   np.testing.assert_allclose(loss_4, loss, rtol=1e-5)
   np.testing.assert_allclose(  # `loss_terms` names every term of `compute_losses`' loss.
@@ -131,6 +136,10 @@ def test_remat_policies_give_the_same_gradients():
                  grads[policy], grads['none'])
 
 
+# The tests of the report share one worker, so that it is made once (training in a subprocess).
+_EIGHT_DEVICES = pytest.mark.xdist_group('eight_devices')
+
+
 @pytest.fixture(scope='module')
 def eight_devices():
   """The report of `multidevice_checks.py`, run once in a process with 8 fake devices."""
@@ -142,6 +151,8 @@ def eight_devices():
   return json.loads(line[len('REPORT '):])
 
 
+@pytest.mark.e2e
+@_EIGHT_DEVICES
 def test_meshes_of_eight_devices_train_like_one_device(eight_devices):
   # float32: the meshes sum partial products in other orders, hence a tolerance, not equality.
   reference = eight_devices['reference_losses']
@@ -153,6 +164,8 @@ def test_meshes_of_eight_devices_train_like_one_device(eight_devices):
     assert result['compiles'] == 1, mesh
 
 
+@pytest.mark.e2e
+@_EIGHT_DEVICES
 def test_fsdp_holds_at_most_a_sixth_of_the_replicated_state(eight_devices):
   replicated = eight_devices['replicated_compiled_state_bytes']
   fsdp = eight_devices['(1, 8, 1)']['compiled_state_bytes']
@@ -163,6 +176,8 @@ def test_fsdp_holds_at_most_a_sixth_of_the_replicated_state(eight_devices):
   assert eight_devices['replicated_state_bytes'] == eight_devices['(8, 1, 1)']['held_state_bytes']
 
 
+@pytest.mark.e2e
+@_EIGHT_DEVICES
 def test_sharded_sampler_makes_the_videos_of_one_device(eight_devices):
   sampler = eight_devices['sampler']
   assert sampler['lengths_sharded'] == sampler['lengths_single']

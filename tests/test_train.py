@@ -22,6 +22,7 @@ from flowception_jax.training import checkpoint
 from flowception_jax.training import input_pipeline
 from flowception_jax.training import sharding
 from flowception_jax.training import train
+from tests import compilations
 
 
 def _config(**overrides):
@@ -36,6 +37,7 @@ def _config(**overrides):
   return config
 
 
+@pytest.mark.e2e  # 12 steps of the real trainer, two bucket compilations.
 def test_train_step_compiles_once_per_bucket():
   config = _config()
   source, info = datasets.make_source(config.data)
@@ -51,13 +53,15 @@ def test_train_step_compiles_once_per_bucket():
                                               max_frames=info.max_frames)
   step_fn = train.jit_train_step(model, tx, config, mesh, shardings)
   state = train.init_sharded(init_fn, mesh, shardings, jax.random.key(0))
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+  batches = [b for _, b in zip(range(12), iter(dataset))]
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES), \
+       compilations.counted() as compiles:
     seen = set()
-    for batch in [b for _, b in zip(range(12), iter(dataset))]:
+    for batch in batches:
       seen.add(batch['frames'].shape[1])
       state, metrics = step_fn(state, sharding.to_global_batch(batch, mesh))
   assert seen == {16, 30}
-  assert step_fn._cache_size() == len(seen)
+  assert compiles['train_step'] == len(seen)
   assert int(state.step) == 12 and np.isfinite(float(metrics['loss']))
   assert 0.0 < float(metrics['visible_share']) <= 1.0
 
@@ -103,6 +107,7 @@ def test_padded_slots_change_no_loss():
   assert abs(float(losses(real)[0]) - float(loss_a)) > 1e-3
 
 
+@pytest.mark.e2e
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
   original = sharding.to_global_batch
   calls = {'n': 0}
@@ -120,6 +125,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
   assert manager.all_steps() == [10]
 
 
+@pytest.mark.e2e
 def test_incompatible_workdir_and_bad_config_are_refused(tmp_path):
   train.train_and_evaluate(_config(total_steps=2, checkpoint_every=2), str(tmp_path))
   with pytest.raises(ValueError, match='incompatible config.*model.size'):
@@ -130,6 +136,7 @@ def test_incompatible_workdir_and_bad_config_are_refused(tmp_path):
     train.train_and_evaluate(_config(data__buckets=(8, 16)), str(tmp_path / 'other'))
 
 
+@pytest.mark.e2e
 def test_sample_restores_and_is_reproducible(tmp_path):
   workdir = str(tmp_path)
   config = _config(total_steps=2, checkpoint_every=2)

@@ -52,6 +52,7 @@ def test_missing_data_names_the_command_that_prepares_it_and_writes_nothing(tmp_
   assert not os.listdir(data_dir)
 
 
+@pytest.mark.e2e  # A process of the training command (stopping before it trains).
 def test_ucf_command_with_empty_data_dir_stops_at_once(tmp_path):
   default_dir = tmp_path / 'default_tfds'
   workdir = tmp_path / 'run'
@@ -67,6 +68,7 @@ def test_ucf_command_with_empty_data_dir_stops_at_once(tmp_path):
   assert not default_dir.exists() or not os.listdir(default_dir)
 
 
+@pytest.mark.e2e
 def test_ucf_tiny_trains_on_mock_prepared_data(tmp_path):
   config = config_files.load('ucf', 'tiny')
   config.data.data_dir = str(tmp_path / 'tfds')

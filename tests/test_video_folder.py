@@ -186,6 +186,7 @@ def test_latent_records_pass_through_unscaled(tmp_path):
   assert all(any(np.array_equal(f, e) for e in every) for f in frames)  # Not rescaled.
 
 
+@pytest.mark.e2e
 def test_training_on_a_latent_folder_writes_latents_not_gifs(tmp_path):
   directory = str(tmp_path / 'latents')
   rng = np.random.default_rng(1)
@@ -206,6 +207,7 @@ def test_training_on_a_latent_folder_writes_latents_not_gifs(tmp_path):
   assert not [f for f in os.listdir(workdir) if f.endswith('.gif')]
 
 
+@pytest.mark.e2e
 def test_videos_tiny_trains_on_a_prepared_folder(prepared, tmp_path):
   output, _ = prepared
   config = config_files.load('videos', 'tiny')
