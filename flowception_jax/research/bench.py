@@ -372,8 +372,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   output = flags.FLAGS.output
-  directory = os.path.dirname(os.path.abspath(output))
-  if not os.path.isdir(directory):
+  directory = os.path.dirname(files.absolute(output))
+  if not files.is_remote(output) and not os.path.isdir(directory):
     raise app.UsageError(f'the folder of --output={output} does not exist; create it first')
   results = run(flags.FLAGS.config)
   print(format_table(results))

@@ -35,6 +35,7 @@ from typing import Any
 from absl import app
 from absl import flags
 from absl import logging
+from etils import epath
 import jax
 from matplotlib import figure
 import ml_collections
@@ -252,14 +253,13 @@ def run_study(config: ml_collections.ConfigDict, variants: list[Variant], seeds:
   """
   if minutes is not None and steps is not None:
     raise ValueError('give a budget in --minutes or in --steps, not both')
-  if os.path.isdir(output) and os.listdir(output):
+  if epath.Path(output).is_dir() and any(epath.Path(output).iterdir()):
     raise FileExistsError(f'{output} is not empty; a study starts from scratch: pass a new '
                           '--output (or --replot to redraw its figures)')
   names = [v.name for v in variants]
   if len(set(names)) != len(names):
     raise ValueError(f'variant names must differ, got {names}')
   configs = [apply_overrides(config, v) for v in variants]  # Every typo fails before any run.
-  os.makedirs(output, exist_ok=True)
   study = {'config': config.to_dict(), 'budget': {'minutes': minutes, 'steps': steps},
            'evals': evals, 'num_videos': num_videos, 'eval_seed': eval_seed,
            'time': TIME_NOTE, 'cpu_count': os.cpu_count(), 'runs': []}
@@ -332,7 +332,7 @@ def plot_study(study: dict, output: str, metrics=None) -> list[str]:
     ax.grid(alpha=0.3)
     ax.legend()
     path = os.path.join(output, f'{metric}.png')
-    fig.savefig(path, dpi=120)
+    files.write_with(path, lambda f: fig.savefig(f, format='png', dpi=120))
     paths.append(path)
   return paths
 
@@ -365,8 +365,8 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   args = flags.FLAGS
   if args.replot:
-    with open(os.path.join(args.output, 'study.json')) as f:
-      print('\n'.join(plot_study(json.load(f), args.output, args.metrics)))
+    study = json.loads(files.read_bytes(os.path.join(args.output, 'study.json')))
+    print('\n'.join(plot_study(study, args.output, args.metrics)))
     return
   if args.config is None:
     raise app.UsageError('--config is required')
