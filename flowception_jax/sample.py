@@ -22,8 +22,8 @@ trained config unless a flag overrides them (`--num_steps=200 --insertion=thinni
 `--order=hierarchical` for a prescribed insertion order); a summary (with the data set's exact
 metrics, where it has them, when nothing is given) is printed as JSON. A model of latents writes
 `latents` (float32, unscaled) and `lengths` only, for the autoencoder that encoded its data.
-The videos are split over every device (`--num_videos` a multiple of the device count keeps them
-even); on several hosts every process runs the same command (see `main.py` for the runtime flags)
+The videos of each call are split over every device (`--batch_size` a multiple of the device count
+keeps them even); on several hosts every process runs the same command (see `main.py` for the runtime flags)
 and process 0 writes the files.
 """
 

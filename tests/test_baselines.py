@@ -320,7 +320,8 @@ def test_full_sequence_sampler_keeps_a_given_prefix_and_draws_lengths_that_hold_
   prefix = np.arange(b) % 4  # 0 to 3 given frames.
   out = sample_fn(None, jax.random.key(0), **_prefix_inputs(b, capacity, prefix))
   lengths, frames = np.asarray(out.lengths), np.asarray(out.frames)[..., 0, 0, 0]
-  assert set(lengths[prefix <= 2]) == {2, 5} and set(lengths[prefix == 3]) == {5}
+  # A length adds at least one frame to the prefix, as every training clip does.
+  assert set(lengths[prefix <= 1]) == {2, 5} and set(lengths[prefix >= 2]) == {5}
   for row in range(b):
     k = prefix[row]
     np.testing.assert_array_equal(frames[row, :k], 10.0 + np.arange(k))
@@ -335,9 +336,15 @@ def test_full_sequence_sampler_keeps_a_given_prefix_and_draws_lengths_that_hold_
 
 def test_autoregressive_sampler_continues_a_given_prefix():
   capacity = 7
+  model = _autoregressive_model(lambda seen: jnp.where(seen == 5, 30.0, -30.0))
+
+  def apply_fn(params, frames, context, *args, **kwargs):
+    # The prefix is clean past frames, as in teacher forcing; the context channel stays empty.
+    velocity, logits = model(params, frames, context, *args, **kwargs)
+    return jnp.where(jnp.any(context != 0), jnp.nan, velocity), logits
+
   sample_fn = baselines.make_autoregressive_sampler(
-      _autoregressive_model(lambda seen: jnp.where(seen == 5, 30.0, -30.0)),
-      config=_sampler_config(), batch_size=3, capacity=capacity, frame_shape=FRAME)
+      apply_fn, config=_sampler_config(), batch_size=3, capacity=capacity, frame_shape=FRAME)
   out = sample_fn(None, jax.random.key(0), **_prefix_inputs(3, capacity, [0, 2, 6]))
   frames = np.asarray(out.frames)[..., 0, 0, 0]
   # Ends after the frame that sees five frames, frame 4, unless that frame was given: a video ends
@@ -349,13 +356,14 @@ def test_autoregressive_sampler_continues_a_given_prefix():
   np.testing.assert_array_equal(out.insert_step[1, :5], [0, 0, 0, 4, 8])
 
 
-def test_baselines_refuse_context_patterns_they_cannot_take():
-  for method in ('full_sequence', 'autoregressive'):
-    config = _config(method)
-    config.context.update(p_none=0.5, p_keyframes=0.3, p_random=0.2)
-    with pytest.raises(ValueError, match='--config.context.p_keyframes=0 '
-                                         '--config.context.p_random=0'):
-      baselines.check_method(config)
+def test_full_sequence_refuses_context_patterns_it_cannot_take():
+  config = _config('full_sequence')
+  config.context.update(p_none=0.5, p_keyframes=0.3, p_random=0.2)
+  with pytest.raises(ValueError, match='--config.context.p_keyframes=0 '
+                                       '--config.context.p_random=0'):
+    baselines.check_context_patterns(config)
+  config.method = 'autoregressive'  # Its teacher forcing ignores the patterns.
+  baselines.check_context_patterns(config)
 
 
 def test_full_sequence_examples_keep_given_frames_clean_and_out_of_the_loss():
@@ -376,7 +384,7 @@ def test_full_sequence_examples_keep_given_frames_clean_and_out_of_the_loss():
 
 def _config(method, total_steps=2):
   """Tiny coloring runs with one bucket, so each compiles one train step; the baselines train
-  with the prefix patterns they take."""
+  with the prefix patterns full-sequence takes."""
   config = coloring.get_config('tiny')
   if method != 'flowception':
     config.context.update(p_none=0.6, p_first=0.2, p_prefix=0.2, p_keyframes=0.0, p_random=0.0)

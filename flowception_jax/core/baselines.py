@@ -16,7 +16,8 @@ Both samplers run on device in one `jax.lax` loop under `jax.jit`, with fixed sh
 video: frame 0; extension: frames 0..K-1), through the arguments of `sampler.make_sampler`
 (`init_frames` with a `context_mask` on the prefix's slots): full-sequence keeps them clean in the
 context channel, as it trains with `config.context`'s first-frame and prefix patterns, and draws
-lengths of at least K; autoregressive starts after them, as teacher forcing trains it.
+lengths of more than K; autoregressive takes them as its clean past frames (in the main channel,
+its context channel empty, as teacher forcing trains it) and starts after them.
 """
 
 from typing import Any, Callable
@@ -49,12 +50,18 @@ def check_method(config) -> None:
   if config.method != 'flowception' and order != 'learned':
     raise ValueError(f'insertion order {order!r} needs the flowception method, not '
                      f'{config.method!r}; drop --config.sampler.order (or --order)')
-  unsupported = {name: config.context[f'p_{name}'] for name in ('keyframes', 'random')
-                 if config.method != 'flowception' and config.context[f'p_{name}'] > 0}
+
+
+def check_context_patterns(config) -> None:
+  """Refuses training the full-sequence method on context patterns other than a prefix (its
+  sampler has no insertions to place given frames anywhere else). The autoregressive method
+  ignores `config.context`: its teacher forcing trains every frame from its clean past."""
+  unsupported = [name for name in ('keyframes', 'random')
+                 if config.method == 'full_sequence' and config.context[f'p_{name}'] > 0]
   if unsupported:
     raise ValueError(
-        f'the {config.method} method takes given frames only as a prefix (a first frame or '
-        f'frames 0..K-1), not the context patterns {sorted(unsupported)}; set '
+        'the full_sequence method takes given frames only as a prefix (a first frame or frames '
+        f'0..K-1), not the context patterns {unsupported}; set '
         + ' '.join(f'--config.context.p_{name}=0' for name in unsupported)
         + ' (and raise --config.context.p_none, p_first or p_prefix to keep the sum 1)')
 
@@ -138,7 +145,7 @@ def make_full_sequence_sampler(apply_fn: Callable[..., Any], *, config: sampler_
   context_mask=None, ...) -> SampleOutput`.
 
   Each video's length is drawn from `length_probabilities` (share of each length 0..capacity, as
-  `length_distribution` measures), conditioned on holding its given prefix; its other frames start
+  `length_distribution` measures), conditioned on adding to its given prefix; its other frames start
   as noise and move together through `num_steps` Euler steps of one shared time, the given ones
   clean (time 1) in the context channel. `apply_fn` as in `sampler.make_sampler`.
   """
@@ -157,8 +164,9 @@ def make_full_sequence_sampler(apply_fn: Callable[..., Any], *, config: sampler_
                                  context_mask, **unused)
     prefix = _prefix_length(given)
     length_key, noise_key = jax.random.split(key)
-    # Lengths 1..N that hold the prefix; where the data has none, the prefix alone.
-    holding = jnp.where(jnp.arange(1, n + 1)[None, :] >= prefix[:, None], log_probabilities,
+    # Lengths 1..N that add at least one frame to the prefix, as in training; where the data has
+    # none, the prefix alone.
+    holding = jnp.where(jnp.arange(1, n + 1)[None, :] > prefix[:, None], log_probabilities,
                         -jnp.inf)
     lengths = jnp.where(jnp.isfinite(holding).any(axis=1),
                         1 + jax.random.categorical(length_key, holding, axis=-1),
@@ -211,6 +219,7 @@ def make_autoregressive_sampler(apply_fn: Callable[..., Any], *,
     context, given = _check_call(labels, num_classes, b, n, frame_shape, init_frames,
                                  context_mask, **unused)
     prefix = _prefix_length(given)
+    empty = jnp.zeros_like(context)  # Teacher forcing trains the prefix as clean past frames.
     noise_key, key = jax.random.split(key)
 
     def step(state):
@@ -220,7 +229,7 @@ def make_autoregressive_sampler(apply_fn: Callable[..., Any], *,
       t_now, t_next = k / steps, (k + 1) / steps
       made = slots == current[:, None]
       times = jnp.where(slots < current[:, None], 1.0, jnp.where(made, t_now, 0.0))
-      inputs = (frames, context, flowception.snr_shift(times, config.snr_shift), slots,
+      inputs = (frames, empty, flowception.snr_shift(times, config.snr_shift), slots,
                 slots <= current[:, None])
       velocity, end_logit = sampler_lib.guided_apply(apply_fn, params, inputs, labels, config,
                                                      num_classes, frame_attention=causal)

@@ -77,8 +77,8 @@ class VideoSampler:
   evaluators, `evaluate`, the study, the tasks and the `sample` command).
 
   Built once from a resolved config, its model and its data's `SourceInfo`: `num_videos` videos are
-  made `batch_size` at a time by one compiled function (`fn`), each batch after the first logging a
-  progress line. The randomness of a call is one key: `label_key, noise_key = split(key)`; class
+  made `batch_size` at a time by one compiled function (`fn`), each batch logging a progress line
+  when there are several. The randomness of a call is one key: `label_key, noise_key = split(key)`; class
   labels, where not given, are drawn for every video from `label_key`, and batch `i` draws from
   `fold_in(noise_key, i)`. The same key, weights and inputs give the same videos, on any number of
   processes. Outputs are NumPy arrays, whole on every process (`to_host`).
@@ -219,8 +219,7 @@ def save_latents(path: str, latents: np.ndarray, lengths: np.ndarray) -> None:
   """Writes generated `latents` float32 [N, N_max, h, w, c] and `lengths` int32 [N] to an .npz.
 
   A latent model's samples are not pixels: decode them with the autoencoder whose encoder wrote
-  the training latents. The file is written under a temporary name and renamed, so it is never
-  partial.
+  the training latents. The file is written whole or not at all (`files.write_npz`).
   """
   files.write_npz(path, latents=np.asarray(latents, np.float32),
                   lengths=np.asarray(lengths, np.int32))

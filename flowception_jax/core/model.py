@@ -399,9 +399,11 @@ def build_model(model_config, *, channels: int, num_classes: int) -> DiT:
   if implementation not in attention_lib.IMPLEMENTATIONS:
     raise ValueError(f'unknown attention {implementation!r}; set --config.model.attention to one '
                      f'of {", ".join(attention_lib.IMPLEMENTATIONS)}')
-  if implementation == 'cudnn' and jax.default_backend() != 'gpu':
-    raise ValueError(f'--config.model.attention=cudnn needs a GPU, and this run has '
-                     f'{jax.default_backend()}; use dense or blockwise')
+  if implementation == 'cudnn' and (jax.default_backend() != 'gpu'
+                                   or model_config.dtype != 'bfloat16'):
+    raise ValueError(f'--config.model.attention=cudnn needs a GPU and bfloat16 activations, and '
+                     f'this run has {jax.default_backend()} and {model_config.dtype}; set '
+                     '--config.model.dtype=bfloat16 on a GPU, or use dense or blockwise')
   prediction = model_config.get('prediction', 'velocity')
   if prediction not in PREDICTIONS:
     raise ValueError(f'unknown prediction target {prediction!r}; set --config.model.prediction '

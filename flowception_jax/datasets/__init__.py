@@ -12,11 +12,11 @@ The built-in sources (`shapes`, `coloring`, `camera`) are procedural: record `i`
 of `(data.seed, i)`, so no files are needed and every process sees the same clips. Sources of stored
 videos (`ucf101`, `videos`) are `RandomClipSource`s: the pipeline cuts a new random clip at every
 draw of a video, and `source[i]` is one such clip, None if an unreadable record is skipped. Each
-data set is one module holding its source and its `make(data_config)` factory, and, where samples
-can be scored exactly, a metrics function (`coloring.metrics`; `shapes_metrics.metrics`, built on
-the reusable `shapes_tracker`; `camera.metrics`); `_DATASETS` below registers them by name. The
-tasks with given frames are scored exactly on shapes by `shapes_tasks` (continuation and
-interpolation, against the clips the frames were cut from).
+data set is one module (the shapes set a folder) holding its source and its `make(data_config)`
+factory, and, where samples can be scored exactly, a metrics function (`coloring.metrics`;
+`shapes/metrics.py`, built on the reusable `shapes/tracker.py`; `camera.metrics`); `_DATASETS` below
+registers them by name. The tasks with given frames are scored exactly on shapes by
+`shapes/tasks.py` (continuation and interpolation, against the clips the frames were cut from).
 """
 
 from collections.abc import Callable

@@ -232,6 +232,11 @@ def evaluate(workdir: str, *, num_videos: int = 256, seed: int = 0, samples: str
     sampler_settings = None
   else:
     trained = inference.load(workdir, step=step)
+    if not trained.info.pixels:
+      raise ValueError(f'{workdir} holds a model of latents, whose samples this package cannot '
+                       'score: sample them (python -m flowception_jax.sample), decode them with '
+                       'the autoencoder that encoded the training data, and score the decoded '
+                       'videos with --samples')
     config, step = trained.config, trained.step
     config.sampler.update(sampler_overrides or {})
     sampler = inference.VideoSampler(trained.model, config, trained.info,

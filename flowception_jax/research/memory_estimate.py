@@ -98,19 +98,24 @@ def activation_bytes(model: model_lib.DiT, examples: float, frames: int, tokens_
   return int(examples * (model.depth * kept + working))
 
 
-def planned_info(data_config) -> datasets.SourceInfo:
-  """What a config asks of its data, read from the config alone: frames of `image_size` pixels
+def planned_info(data_config) -> tuple[datasets.SourceInfo, str]:
+  """The data's facts, and where they come from: its source where it can be opened; otherwise,
+  so that the estimate runs before any data exists, the config: frames of `image_size` pixels
   (`channels`, default 3), clips of up to `max_frames`, `num_classes` classes (default 0)."""
-  size = data_config.image_size
-  return datasets.SourceInfo(frame_shape=(size, size, data_config.get('channels', 3)),
-                             max_frames=data_config.max_frames,
-                             num_classes=data_config.get('num_classes', 0))
+  try:
+    return datasets.make_source(data_config)[1], 'the data'
+  except (FileNotFoundError, ValueError) as missing:
+    size = data_config.image_size
+    info = datasets.SourceInfo(frame_shape=(size, size, data_config.get('channels', 3)),
+                               max_frames=data_config.max_frames,
+                               num_classes=data_config.get('num_classes', 0))
+    return info, f'the config (the data cannot be read: {missing})'
 
 
 def estimate(config, chips: int, info: datasets.SourceInfo | None = None) -> MemoryEstimate:
   """The per-chip memory of training `config` on a mesh of `chips` devices, for data of `info`
-  (default: `planned_info`, so no data needs to exist)."""
-  info = info or planned_info(config.data)
+  (default: `planned_info`)."""
+  info = info or planned_info(config.data)[0]
   config = ml_collections.ConfigDict(config.to_dict())
   config.num_classes, config.pixels = info.num_classes, info.pixels
   _, _, init_fn = train.build(config, info)
@@ -147,7 +152,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   config, chips, hbm_gib = flags.FLAGS.config, flags.FLAGS.chips, flags.FLAGS.hbm_gib
-  result = estimate(config, chips)
+  info, origin = planned_info(config.data)
+  print(f'frames {info.frame_shape}, up to {info.max_frames} per clip, {info.num_classes} '
+        f'classes, from {origin}')
+  result = estimate(config, chips, info)
   gib = lambda b: f'{b / 2**30:8.3f} GiB'
   print(f'model {config.model.size}: {result.num_params / 1e6:.1f}M parameters; mesh '
         f'{result.mesh} on {chips} chips; {result.examples_per_chip:g} examples per chip '

@@ -4,7 +4,7 @@ r"""Scores one trained model's tasks on held-out `shapes` clips, against the sam
       --output=/tmp/tasks.json
 
 Held-out clips come from the model's own data settings with another seed (`data.seed + 1`, clips
-training never drew) and one shape per clip, which `shapes_tracker` follows exactly. The given
+training never drew) and one shape per clip, which the shapes tracker follows exactly. The given
 frames are cut from them: frame 0 (i2v), frames 0..K-1 (extend, K = `--prefix`), frames 0, L // 2
 and L - 1 (interpolate). Continuations are scored against the clip they were cut from
 (`datasets/shapes/tasks.py`), and so is plain generation from the same model and seed, at the same

@@ -85,7 +85,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.remat = 'none'  # Recompute blocks in the backward pass: none, full, dots, dots_no_batch.
   c.model.attn_window = 0  # Frames see frames at most this many slots away (0: all), any method.
   c.model.prediction = 'velocity'  # Network output: 'velocity', or 'data' (the clean frame).
-  c.model.local_mixing = False  # MLPs also mix each patch with its 3x3 grid neighbours.
+  c.model.local_mixing = False  # MLPs mix patches with their 3x3 neighbours (frames of 2+ patches).
   # Attention kernel: 'dense' (XLA; memory grows with the square of the tokens), 'blockwise'
   # (flash-style in plain JAX, any backend; memory grows linearly) or 'cudnn' (fused, GPU only).
   c.model.attention = 'dense'

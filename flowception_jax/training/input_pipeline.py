@@ -209,7 +209,7 @@ def make_transform(method: str, flow_config, buckets: tuple[int, ...], context_c
   """The per-example transform of `method` ('flowception' or a baseline, see `baselines.METHODS`).
 
   `context_config` (`config.context`, None for none) sets the context patterns of Flowception and
-  of the full-sequence baseline (first frame and prefix only, `baselines.check_method`); the
+  of the full-sequence baseline (first frame and prefix only, `baselines.check_context_patterns`); the
   autoregressive baseline's teacher forcing already trains every frame from its clean past. `pixels`
   is `SourceInfo.pixels`.
   """

@@ -250,6 +250,7 @@ def resolve(config: ml_collections.ConfigDict, source, info: datasets.SourceInfo
   """The config with the source's facts filled in (class count, pixels or latents, and for the
   full-sequence method the data's length distribution, which its sampler draws from); checked."""
   baselines.check_method(config)
+  baselines.check_context_patterns(config)
   config = ml_collections.ConfigDict(config.to_dict())
   config.num_classes = info.num_classes
   config.pixels = info.pixels

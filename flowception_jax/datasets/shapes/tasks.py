@@ -10,7 +10,7 @@ A shape moves at constant velocity, so the frames given to a task fix what must 
   interpolation: the shape moves at constant velocity through the whole video, key frames included
     (`motion_residual`, pixels), the key frames stay first, in order and last (`keys_in_place`), and
     each gap between key frames holds as many frames as the clip had there (`gap_error`, frames).
-Shapes are tracked with `shapes_tracker` (fitted box centres, exact even where a shape is cut by the
+Shapes are tracked with `tracker.py` (fitted box centres, exact even where a shape is cut by the
 frame border); contexts for these scores come from clips of one shape. Scores are per video (NaN
 where undefined, e.g. when a video shows its shape in fewer frames than a fit needs), so callers can
 report their spread (`summarize`).
