@@ -86,7 +86,9 @@ def evaluate_samples(videos: np.ndarray, lengths: np.ndarray, reference: DataRef
   """Every metric of samples against the data (the evaluation JSON's metric keys).
 
   Args:
-    videos: float32 [N, N_max, H, W, C] in [0, 1]; slots past a video's length are ignored.
+    videos: float32 [N, N_max, H, W, C] in [0, 1]; slots past a video's length are ignored. None
+      for a model of latents, whose samples only their lengths can score here (decoding them is
+      the autoencoder's business).
     lengths: int [N] frames per video, in [1, N_max].
     reference: the data's lengths and, for FVD, its I3D statistics.
     i3d: the I3D weights the reference statistics were computed with (needed for FVD).
@@ -94,15 +96,21 @@ def evaluate_samples(videos: np.ndarray, lengths: np.ndarray, reference: DataRef
 
   Returns:
     A flat dict: `num_videos`, `num_data`, the length statistics of `metrics.length_statistics`,
-    the data set's task metrics, and, when the reference has I3D statistics, `fvd` with its
-    `fvd_*` details.
+    and for videos the data set's task metrics and, when the reference has I3D statistics, `fvd`
+    with its `fvd_*` details.
   """
-  videos, lengths = np.asarray(videos, np.float32), np.asarray(lengths, np.int32)
-  clips = fvd.sample_clips(videos, lengths)  # Checks shapes and lengths.
+  lengths = np.asarray(lengths, np.int32)
   result = {'num_videos': len(lengths), 'num_data': len(reference.lengths)}
+  result.update(metrics.length_statistics(lengths, reference.lengths))
+  if videos is None:
+    if reference.fvd_stats is not None:
+      raise ValueError('FVD needs videos, and these samples are latents: decode them with the '
+                       'autoencoder that encoded the training data, then score the videos')
+    return result
+  videos = np.asarray(videos, np.float32)
+  clips = fvd.sample_clips(videos, lengths)  # Checks shapes and lengths.
   result.update(datasets.task_metrics(reference.data_config.name, videos, lengths,
                                       reference.data_config))
-  result.update(metrics.length_statistics(lengths, reference.lengths))
   if reference.fvd_stats is not None:
     if i3d is None:
       raise ValueError('FVD against the data needs the I3D weights its statistics came from')
@@ -205,7 +213,8 @@ def evaluate(workdir: str, *, num_videos: int = 256, seed: int = 0, samples: str
     workdir: a training workdir; its saved config names the data.
     num_videos: videos to sample (ignored with `samples`).
     seed: the sampling seed.
-    samples: a samples `.npz` (`videos`, `lengths`) to score instead of sampling.
+    samples: a samples `.npz` (`videos` or, of a latent model, `latents`, and `lengths`) to score
+      instead of sampling.
     step: the checkpoint (default: the latest).
     with_fvd: also compute the FVD against the data.
     num_data: data records to compare with (default: as many as videos scored).
@@ -221,29 +230,20 @@ def evaluate(workdir: str, *, num_videos: int = 256, seed: int = 0, samples: str
   if samples:
     config, step = inference.load_config(workdir, step=step)
     saved = files.read_npz(samples)
-    if 'latents' in saved:
-      raise ValueError(f'{samples} holds latents, which this package cannot score: decode them '
-                       'with the autoencoder that encoded the training data, and score the '
-                       'decoded videos (videos float32 [N, N_max, H, W, C] in [0, 1], lengths)')
-    if not {'videos', 'lengths'} <= saved.keys():
-      raise ValueError(f'{samples} is not a samples file: it needs videos and lengths, '
-                       f'holds {sorted(saved)}')
-    videos, lengths = saved['videos'], saved['lengths']
+    if 'lengths' not in saved or not {'videos', 'latents'} & saved.keys():
+      raise ValueError(f'{samples} is not a samples file: it needs videos (or latents) and '
+                       f'lengths, holds {sorted(saved)}')
+    videos, lengths = saved.get('videos'), saved['lengths']
     sampler_settings = None
   else:
     trained = inference.load(workdir, step=step)
-    if not trained.info.pixels:
-      raise ValueError(f'{workdir} holds a model of latents, whose samples this package cannot '
-                       'score: sample them (python -m flowception_jax.sample), decode them with '
-                       'the autoencoder that encoded the training data, and score the decoded '
-                       'videos with --samples')
     config, step = trained.config, trained.step
     config.sampler.update(sampler_overrides or {})
     sampler = inference.VideoSampler(trained.model, config, trained.info,
                                      batch_size=min(batch_size, num_videos))
     out = sampler(trained.params, jax.random.key(seed), num_videos)
     lengths = np.asarray(out.lengths, np.int32)
-    videos = inference.to_pixels(out.frames, lengths)
+    videos = inference.to_pixels(out.frames, lengths) if trained.info.pixels else None
     sampler_settings = config.sampler.to_dict()
   i3d = fvd.load_i3d(i3d_weights) if with_fvd else None
   reference = data_reference(config.data, num_data or len(lengths), i3d=i3d, cache_dir=workdir,
