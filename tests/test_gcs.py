@@ -17,7 +17,6 @@ import pytest
 
 from configs import coloring
 from flowception_jax import sample
-from flowception_jax.datasets import video_folder
 from flowception_jax.evaluation import evaluators
 from flowception_jax.evaluation import fvd
 from flowception_jax.storage import files
@@ -79,15 +78,7 @@ def test_checkpoints_in_a_bucket_restore_and_a_damaged_one_is_moved_aside(fake_g
 def test_a_latent_model_trains_samples_and_is_evaluated_in_a_bucket(fake_gcs, tmp_path,
                                                                     monkeypatch):
   monkeypatch.chdir(tmp_path)
-  data_dir = str(tmp_path / 'latents')
-  rng = np.random.default_rng(0)
-  with video_folder.FolderWriter(data_dir, kind='latents') as writer:
-    for i in range(4):
-      writer.add(f'video_{i}', rng.normal(size=(6, 4, 4, 3)).astype(np.float32))
-  config = config_files.load('videos', 'tiny')
-  config.data.data_dir = data_dir
-  config.data.buckets = (config.data.max_frames,)  # One bucket: one compilation.
-  config.model.patch_size = 2
+  config = config_files.tiny_latent_run(str(tmp_path / 'latents'), seed=0)
   config.total_steps = config.checkpoint_every = 2
   config.evals.samples.num_videos = 2
   workdir = 'gs://bucket/run'

@@ -188,15 +188,7 @@ def test_latent_records_pass_through_unscaled(tmp_path):
 
 @pytest.mark.e2e
 def test_training_on_a_latent_folder_writes_latents_not_gifs(tmp_path):
-  directory = str(tmp_path / 'latents')
-  rng = np.random.default_rng(1)
-  with video_folder.FolderWriter(directory, kind='latents') as writer:
-    for i in range(4):
-      writer.add(f'video_{i}', rng.normal(size=(6, 4, 4, 3)).astype(np.float32))
-  config = config_files.load('videos', 'tiny')
-  config.data.data_dir = directory
-  config.data.buckets = (config.data.max_frames,)  # One bucket: one compilation.
-  config.model.patch_size = 2
+  config = config_files.tiny_latent_run(str(tmp_path / 'latents'), seed=1)
   config.total_steps, config.evals.samples.num_videos = 2, 2
   workdir = str(tmp_path / 'run')
   train.train_and_evaluate(config, workdir, make_evaluators=evaluators.from_config)
