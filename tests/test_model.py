@@ -193,6 +193,18 @@ def test_local_mixing_reaches_grid_neighbours_only():
   np.testing.assert_array_equal(np.asarray(v1)[:, 1:], np.asarray(v2)[:, 1:])  # Other frames.
 
 
+def test_depthwise_mixing_equals_a_grouped_convolution():
+  """The shifted-add depthwise convolution matches XLA's grouped convolution, parameters and all."""
+  x = jax.random.normal(jax.random.key(0), (3, 4, 5, 6))
+  mixing = model_lib.DepthwiseConv3x3(jnp.float32, jnp.float32)
+  params = mixing.init(jax.random.key(1), x)
+  params = jax.tree.map(lambda p: p + 0.1, nn.meta.unbox(params))  # A non-zero bias too.
+  reference = nn.Conv(6, (3, 3), padding='SAME', feature_group_count=6)
+  assert jax.tree.map(jnp.shape, reference.init(jax.random.key(1), x)) == jax.tree.map(
+      jnp.shape, params)
+  np.testing.assert_allclose(mixing.apply(params, x), reference.apply(params, x), atol=1e-5)
+
+
 @pytest.mark.e2e  # A training run: 400 optimizer steps.
 def test_attention_learns_to_route_by_position():
   """The backbone can learn what the shapes set needs of it: each patch's output is its right

@@ -236,13 +236,34 @@ class Block(nn.Module):
     b, f, t, m = h.shape
     rows, cols = self.grid
     patches = h[:, :, :-1].reshape(b * f, rows, cols, m)
-    mixed = nn.Conv(m, (3, 3), padding='SAME', feature_group_count=m, dtype=self.dtype,
-                    param_dtype=self.param_dtype, name='mlp_mix',
-                    kernel_init=nn.with_logical_partitioning(
-                        nn.initializers.lecun_normal(), (None, None, None, 'mlp')),
-                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
-                                                           ('mlp',)))(patches)
+    mixed = DepthwiseConv3x3(self.dtype, self.param_dtype, name='mlp_mix')(patches)
     return jnp.concatenate([mixed.reshape(b, f, t - 1, m), jnp.zeros_like(h[:, :, -1:])], axis=2)
+
+
+class DepthwiseConv3x3(nn.Module):
+  """A depthwise 3x3 'SAME' convolution with bias, as nine shifted multiply-adds.
+
+  Same parameters as `nn.Conv(m, (3, 3), feature_group_count=m)`; XLA's grouped convolution is
+  about 8x slower on CPU in the backward pass, while shifted adds fuse into one loop everywhere.
+  """
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x [N, rows, cols, M] -> [N, rows, cols, M]."""
+    _, rows, cols, m = x.shape
+    kernel = self.param('kernel', nn.with_logical_partitioning(
+        nn.initializers.lecun_normal(), (None, None, None, 'mlp')), (3, 3, 1, m), self.param_dtype)
+    bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros_init(), ('mlp',)),
+                      (m,), self.param_dtype)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    out = bias
+    for i in range(3):
+      for j in range(3):
+        out = out + padded[:, i:i + rows, j:j + cols] * kernel[i, j, 0]
+    return out
 
 
 class DiT(nn.Module):
