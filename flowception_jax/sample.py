@@ -37,10 +37,9 @@ import ml_collections
 import numpy as np
 
 from flowception_jax.core import inference
-from flowception_jax.core import orders
-from flowception_jax.core import sampler as sampler_lib
 from flowception_jax.core import tasks
 from flowception_jax import datasets
+from flowception_jax import sampler_flags
 from flowception_jax.evaluation import evaluators
 from flowception_jax.evaluation import figures
 from flowception_jax.storage import files
@@ -56,16 +55,8 @@ _BATCH_SIZE = flags.DEFINE_integer('batch_size', 64, 'Videos per sampler call; e
                                    'a progress line.')
 _OUTPUT = flags.DEFINE_string('output', None,
                               'Output .npz path; a .gif and a .png are written beside it.')
-_NUM_STEPS = flags.DEFINE_integer('num_steps', None,
-                                  'Flow steps per unit time (default: the config).')
-_INSERTION = flags.DEFINE_enum('insertion', None, sampler_lib.INSERTION_MODES,
-                               'Insertion law per gap and step (default: the config).')
-_GUIDANCE = flags.DEFINE_float('guidance_scale', None, 'Velocity guidance (default: the config).')
-_RATE_GUIDANCE = flags.DEFINE_float('rate_guidance', None, 'Rate guidance (default: the config).')
-_ORDER = flags.DEFINE_enum('order', None, orders.ORDERS,
-                           'Insertion order: learned or prescribed (default: the config).')
-_SOLVER = flags.DEFINE_enum('solver', None, sampler_lib.SOLVERS,
-                            'Flow ODE step (default: the config).')
+sampler_flags.define_flags()
+flags.adopt_module_key_flags(sampler_flags)
 _TASK = flags.DEFINE_enum('task', 'generate', tasks.TASKS, 'What to sample (see tasks.py).')
 _CONTEXT = flags.DEFINE_string('context', None,
                                'Given frames of a task: an image, or an .npz with `frames` float32 '
@@ -145,16 +136,14 @@ def main(argv):
   if not _OUTPUT.value.endswith('.npz'):
     raise app.UsageError(f'--output must end in .npz, got {_OUTPUT.value}')
   run_log.setup(verbose=_VERBOSE.value)
-  overrides = {'num_steps': _NUM_STEPS.value, 'insertion': _INSERTION.value,
-               'guidance_scale': _GUIDANCE.value, 'rate_guidance': _RATE_GUIDANCE.value,
-               'order': _ORDER.value, 'solver': _SOLVER.value}
   with run_log.one_line_errors(enabled=not _VERBOSE.value):
     _JOIN_RUNTIME()
-    own_flags = flags.FLAGS.get_flags_for_module(sys.modules[__name__])
+    own_flags = (flags.FLAGS.get_flags_for_module(sys.modules[__name__])
+                 + flags.FLAGS.get_flags_for_module(sampler_flags))
     distributed.check_same('sampling flags', {f.name: f.value for f in own_flags})
     samples, config, info = sample_outputs(
         _WORKDIR.value, _NUM_VIDEOS.value, _SEED.value,
-        {k: v for k, v in overrides.items() if v is not None}, task=_TASK.value,
+        sampler_flags.overrides(), task=_TASK.value,
         context=_CONTEXT.value, label=_CLASS.value, batch_size=_BATCH_SIZE.value)
     if jax.process_index():
       return

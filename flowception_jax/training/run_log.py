@@ -186,12 +186,13 @@ class Progress:
     return {'steps_per_sec': rate}
 
 
-def config_summary(config, info, num_params: int) -> list[str]:
-  """Three lines that say what a run trains: data, model, schedule."""
+def config_summary(config, info, num_params: int, evaluations: dict[str, int]) -> list[str]:
+  """Three lines that say what a run trains: data, model, schedule and its evaluators
+  (`evaluations` maps each one's name to its steps between runs, 0 for the end only)."""
   h, w, c = info.frame_shape
   classes = f'{info.num_classes} classes' if info.num_classes else 'unconditional'
-  samples = (f'samples every {config.evals.samples.every} steps'
-             if config.get('evals', {}).get('samples', {}).get('every') else 'samples at the end')
+  evaluated = ', '.join(f'{name} every {every} steps' if every else f'{name} at the end'
+                        for name, every in evaluations.items()) or 'no evaluations'
   return [
       f'data: {config.data.name}, clips of up to {info.max_frames} frames of {h}x{w}x{c}, '
       f'{classes}, ' +
@@ -201,5 +202,5 @@ def config_summary(config, info, num_params: int) -> list[str]:
       f'{config.model.patch_size}, {config.model.dtype} activations, kappa {config.flow.kappa}',
       f'training: {config.total_steps} steps of batch {config.batch_size}, peak learning rate '
       f'{config.optim.learning_rate:g}; checkpoints every {config.checkpoint_every} steps, '
-      f'{samples}',
+      f'{evaluated}',
   ]

@@ -402,13 +402,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     logging.info('resumed from step %d in %s', latest, workdir)
   else:
     latest, state = None, init_sharded(init_fn, mesh, state_shardings, init_key)
+  evaluators = make_evaluators(config, info, model, workdir) if make_evaluators else {}
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
-  for line in run_log.config_summary(config, info, num_params):
+  for line in run_log.config_summary(config, info, num_params,
+                                     {name: e.every for name, e in evaluators.items()}):
     logging.info('%s', line)
 
   # ---- Update step and evaluators ----------------------------------------------------------------
   step_fn = jit_train_step(model, tx, config, mesh, state_shardings)
-  evaluators = make_evaluators(config, info, model, workdir) if make_evaluators else {}
 
   def evaluate(step: int) -> None:
     """Runs the evaluators due at `step` (each at its `every`, and all at the last step)."""
