@@ -1,7 +1,8 @@
 """The commands of README.md and docs/*.md: every module exists and takes every flag shown.
 
 Each `python -m flowception_jax...` command, in a fenced block (a backslash or an open quote
-continues it on the next line) or inline in backticks, is checked: its module exists; each
+continues it on the next line) or inline in backticks, also as the job a launcher runs
+(`launch/tpu_vm.sh run -- python -m ...`), is checked: its module exists; each
 `--flag` is one the command defines, with a value of its type (enum choices included); relative
 paths (from the repository root) exist; `--config=configs/X.py[:variant]` loads and its
 `--config.a.b=v` overrides parse as the command parses them; a study's `--variant`s override
@@ -37,7 +38,8 @@ def _commands_in(text: str) -> list[list[str]]:
   """The `python -m flowception_jax...` commands of shell `text`, as words (comments dropped).
 
   Commands are split at `&&`, `||`, `|` and `;`; in the synopsis of optional flags,
-  `[--a | --b] [--c]`, the brackets and the `|` between alternatives are dropped.
+  `[--a | --b] [--c]`, the brackets and the `|` between alternatives are dropped. A launcher's
+  command (`launch/X.sh ... -- JOB`) counts as its JOB.
   """
   commands, words, depth = [[]], [], 0
   for word in shlex.split(text, comments=True):
@@ -51,7 +53,9 @@ def _commands_in(text: str) -> list[list[str]]:
     elif word and word != '|':
       words.append(word)
     depth -= closes
-  return [c for c in commands + [words]
+  commands = [c[c.index('--') + 1:] if c[:1] and c[0].startswith('launch/') and '--' in c else c
+              for c in commands + [words]]
+  return [c for c in commands
           if c[:2] == ['python', '-m'] and c[2:3] and c[2].startswith('flowception_jax')]
 
 
@@ -101,6 +105,9 @@ def test_the_docs_show_the_commands():
   prepare = next(w for _, _, w in COMMANDS if w[2] == 'flowception_jax.prepare' and len(w) > 6)
   assert {'--label_from_dir', '--fps=16', '--num_workers=8'} <= set(prepare)
   assert any('\n' in word for _, _, words in COMMANDS for word in words)
+  # The jobs of the launchers' command lines, e.g. on several TPU slices.
+  assert any('--config.mesh.dcn_data=2' in words and 'gs://' in ' '.join(words)
+             for _, _, words in COMMANDS)
 
 
 def _flags_of(module: str) -> dict[str, dict]:
