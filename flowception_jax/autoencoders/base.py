@@ -99,7 +99,9 @@ class VideoAutoencoder(abc.ABC):
     """Latents of videos.
 
     Args:
-      videos: float [B, T, H, W, 3] in [0, 1]; frames past a video's length are ignored.
+      videos: float [B, T, H, W, 3] in [0, 1]; frames past a video's length are ignored (a
+        causal encoder runs on all T, so padding the batch to a few fixed T compiles it once
+        for each).
       lengths: int [B] frames per video, each `1 + f k` (default: all T).
 
     Returns:
@@ -115,10 +117,14 @@ class VideoAutoencoder(abc.ABC):
     self.check_frame_size(*videos.shape[2:4])
     lengths = _lengths(lengths, videos.shape[:2])
     latent_lengths = np.array([self.latent_length(n) for n in lengths], np.int32)
-    pixels = videos[:, :self.pixel_length(latent_lengths.max())] * 2 - 1
+    pixels = videos * 2 - 1
+    if self.causal_encoder:  # The whole padded batch, its padding made a valid length.
+      frames = self.pixel_length(1 + -(-(pixels.shape[1] - 1) // self.temporal_factor))
+      pixels = np.concatenate(
+          [pixels, np.repeat(pixels[:, -1:], frames - pixels.shape[1], axis=1)], axis=1)
     encode = lambda x, _: self.normalise(self._encode(x))
     latents = _run(encode, pixels, latent_lengths, self.pixel_length, self.causal_encoder,
-                   jax.random.key(0))
+                   jax.random.key(0))[:, :latent_lengths.max()]
     return _zero_padding(latents, latent_lengths), latent_lengths
 
   def decode(self, latents: np.ndarray, lengths: np.ndarray | None = None, *,
