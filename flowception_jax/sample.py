@@ -124,19 +124,19 @@ def write_outputs(output: str, samples: tasks.TaskSamples, config, info,
   """Writes the .npz, the GIF grid, the filmstrip and the figures of `samples` (see the module
   docstring); returns the summary printed as JSON. The latents of a model of latents are decoded
   by `autoencoder` (drawing from `decode_key`), or written as they are without one."""
-  latents, lengths = samples.videos, samples.lengths
+  frames, lengths = samples.videos, samples.lengths  # Pixels, or latents of a latent model.
   summary = {'method': config.method, 'task': samples.task, 'num_videos': len(lengths),
              'mean_length': float(lengths.mean()), 'sampler': config.sampler.to_dict()}
   if not info.pixels and autoencoder is None:  # No decoder: the latents are the output.
-    inference.save_latents(output, latents, lengths)
+    inference.save_latents(output, frames, lengths)
     summary['latents'] = 'no GIF: decode the latents with the autoencoder that encoded the data'
     return summary
   arrays = {'context_slots': samples.context_slots}
   if info.pixels:
-    videos, video_lengths = latents, lengths
+    videos, video_lengths = frames, lengths
   else:
-    videos, video_lengths = autoencoder.decode(latents, lengths, key=decode_key)
-    arrays.update(latents=latents, latent_lengths=lengths)
+    videos, video_lengths = autoencoder.decode(frames, lengths, key=decode_key)
+    arrays.update(latents=frames, latent_lengths=lengths)
     summary.update(mean_decoded_length=float(video_lengths.mean()),
                    decoded_by={'autoencoder': autoencoder.name,
                                'weights': autoencoder.metadata()['weights']})

@@ -7,7 +7,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from flowception_jax.autoencoders import ltx_video
+from flowception_jax.autoencoders import ltx_config
 from flowception_jax.autoencoders import ltx_weights
 from flowception_jax.datasets import video_folder
 
@@ -45,7 +45,7 @@ TINY_LTX = dict(latent_channels=4, block_out_channels=(4, 4, 4, 4),
 def tiny_ltx_weights(directory: str, seed: int = 0, **fields) -> str:
   """Writes random weights of `TINY_LTX` (updated by `fields`) in the diffusers layout to
   `directory`, with random latent statistics; returns `directory`."""
-  config = ltx_video.LTXVideoConfig(**(TINY_LTX | fields))
+  config = ltx_config.LTXVideoConfig(**(TINY_LTX | fields))
   shapes = ltx_weights.abstract_params(config)
   keys = iter(jax.random.split(jax.random.key(seed), len(jax.tree.leaves(shapes)) + 2))
   params = jax.tree.map(lambda s: 0.3 * jax.random.normal(next(keys), s.shape), shapes)

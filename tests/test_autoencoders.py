@@ -15,6 +15,7 @@ import pytest
 
 from flowception_jax import autoencoders
 from flowception_jax.autoencoders import ltx
+from flowception_jax.autoencoders import ltx_config
 from flowception_jax.autoencoders import ltx_video
 from flowception_jax.autoencoders import ltx_weights
 from tests import config_files
@@ -39,7 +40,7 @@ def _videos(shape, seed=0):
 
 def test_the_real_arithmetic_32x_in_space_and_8x_in_time(autoencoder):
   assert (autoencoder.spatial_factor, autoencoder.temporal_factor) == (32, 8)
-  assert ltx_video.LTXVideoConfig().spatial_factor == 32  # LTX-Video 0.9.0's own config.
+  assert ltx_config.LTXVideoConfig().spatial_factor == 32  # LTX-Video 0.9.0's own config.
   assert [autoencoder.latent_length(n) for n in (1, 9, 17, 145)] == [1, 2, 3, 19]
   assert [autoencoder.pixel_length(n) for n in (1, 2, 19)] == [1, 9, 145]
   assert [autoencoder.cropped_length(n) for n in (1, 8, 9, 150)] == [1, 1, 9, 145]
@@ -157,13 +158,15 @@ def test_metadata_rebuilds_the_same_autoencoder(autoencoder, weights, tmp_path):
   moved = str(tmp_path / 'moved')
   shutil.copytree(weights, moved)
   assert autoencoders.from_metadata(description, weights=moved).weights == moved
+  with pytest.raises(FileNotFoundError, match='--encoder_weights'):
+    autoencoders.from_metadata(description | {'weights': str(tmp_path / 'gone')})
   other = config_files.tiny_ltx_weights(str(tmp_path / 'other'), latent_channels=8)
   with pytest.raises(ValueError, match='not of the architecture'):
     autoencoders.from_metadata(description, weights=other)
 
 
 def test_a_conditioned_decoder_needs_its_timestep():
-  config = ltx_video.LTXVideoConfig(**(config_files.TINY_LTX | dict(timestep_conditioning=True)))
+  config = ltx_config.LTXVideoConfig(**(config_files.TINY_LTX | dict(timestep_conditioning=True)))
   model = ltx_video.Decoder(config)
   with pytest.raises(ValueError, match='timestep'):
     model.init(jax.random.key(0), jnp.zeros((1, 1, 1, 1, 4)))
@@ -185,7 +188,8 @@ def test_the_port_matches_diffusers(name, monkeypatch):
   np.testing.assert_allclose(mean, reference['mean'], atol=_TOLERANCE)
   np.testing.assert_allclose(logvar, reference['logvar'], atol=_TOLERANCE)
   # Noise injection: the draws diffusers made, in the order it made them.
-  draws = iter([reference[f'noise_{i}'] for i in range(len(reference)) if f'noise_{i}' in reference])
+  draws = iter([reference[f'noise_{i}'] for i in range(len(reference))
+                if f'noise_{i}' in reference])
   monkeypatch.setattr(ltx_video, 'spatial_noise', lambda key, shape, dtype: next(draws))
   decoded = jax.jit(functools.partial(model.apply, method=model.decode))(
       {'params': params}, reference['latents'], reference.get('timesteps'),

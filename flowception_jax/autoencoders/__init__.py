@@ -2,7 +2,8 @@
 training in latent space: `load(name, weights)` builds one, and a latent folder that `prepare
 --encoder` wrote records which one made it, so that samples decode back to videos
 (`for_data`, `from_metadata`). `ENCODERS` registers them by name; LTX-Video's is `ltx` (`ltx.py`,
-its Flax networks in `ltx_video.py`, its diffusers weights in `ltx_weights.py`).
+its settings in `ltx_config.py`, its Flax networks in `ltx_video.py`, its diffusers weights in
+`ltx_weights.py`).
 """
 
 from typing import Any
@@ -25,8 +26,13 @@ def load(name: str, weights: str, **settings) -> VideoAutoencoder:
 def from_metadata(description: dict[str, Any], weights: str | None = None) -> VideoAutoencoder:
   """The autoencoder a latent folder recorded (`VideoAutoencoder.metadata`), its weights read from
   `weights` (default: the recorded folder); refuses weights of another architecture."""
-  autoencoder = load(description['name'], weights or description['weights'],
-                     **{k: description[k] for k in _SETTINGS if k in description})
+  try:
+    autoencoder = load(description['name'], weights or description['weights'],
+                       **{k: description[k] for k in _SETTINGS if k in description})
+  except FileNotFoundError as error:
+    raise FileNotFoundError(f'{error}. The data was encoded with the {description["name"]} '
+                            f'weights recorded at {description["weights"]}: put them back there, '
+                            'or pass --encoder_weights=DIR') from error
   if autoencoder.metadata()['config'] != description['config']:
     raise ValueError(f'the weights in {weights or description["weights"]} are not of the '
                      f'architecture that encoded the data ({description["config"]})')

@@ -1,6 +1,6 @@
 """The LTX-Video autoencoder behind the `VideoAutoencoder` interface, loaded from diffusers weights.
 
-  autoencoder = ltx.load('/models/ltx-video/vae')    # config.json + diffusion_pytorch_model.safetensors
+  autoencoder = ltx.load('/models/ltx-video/vae')  # config.json, diffusion_pytorch_model.safetensors
   latents, latent_lengths = autoencoder.encode(videos, lengths)    # [B, 1 + 8k, H, W, 3] in [0, 1]
   videos, lengths = autoencoder.decode(latents, latent_lengths)
 
@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flowception_jax.autoencoders import base
+from flowception_jax.autoencoders import ltx_config
 from flowception_jax.autoencoders import ltx_video
 from flowception_jax.autoencoders import ltx_weights
 
@@ -30,7 +31,7 @@ class LTXVideoAutoencoder(base.VideoAutoencoder):
   """LTX-Video's `CausalVideoAutoencoder` (`ltx_video.LTXVideoVAE`) with its weights."""
   name = NAME
 
-  def __init__(self, config: ltx_video.LTXVideoConfig, params, statistics: dict[str, np.ndarray],
+  def __init__(self, config: ltx_config.LTXVideoConfig, params, statistics: dict[str, np.ndarray],
                *, weights: str | None = None, decode_timestep: float = 0.05,
                decode_noise_scale: float = 0.025):
     """`statistics` holds `latents_mean` and `latents_std` [latent_channels]; `weights` is the

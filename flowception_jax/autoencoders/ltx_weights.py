@@ -1,10 +1,10 @@
-"""LTX-Video autoencoder weights in the diffusers layout, read into Flax parameters and written back.
+"""LTX-Video autoencoder weights in the diffusers layout, read into Flax parameters and back.
 
 A weights folder holds `config.json` (the `AutoencoderKLLTXVideo` config) and
 `diffusion_pytorch_model.safetensors` (PyTorch tensors by module path, float32 or bfloat16, plus the
 `latents_mean` and `latents_std` buffers, float [latent_channels]). The conversion goes by name:
-`ltx_video.py` names its modules as the diffusers checkpoint does, a list entry `resnets.1` being the
-module `resnets_1`; convolution kernels [O, I, T, H, W] become [T, H, W, I, O], linear ones [O, I]
+`ltx_video.py` names its modules as the diffusers checkpoint does, a list entry `resnets.1` being
+the module `resnets_1`; convolution kernels [O, I, T, H, W] become [T, H, W, I, O], linear ones [O, I]
 become [I, O], and every tensor of the file must fill exactly one parameter of the configured
 architecture, with its shape.
 """
@@ -19,6 +19,7 @@ import numpy as np
 from safetensors import flax as safetensors_flax
 from safetensors import numpy as safetensors_numpy
 
+from flowception_jax.autoencoders import ltx_config
 from flowception_jax.autoencoders import ltx_video
 
 CONFIG = 'config.json'
@@ -61,7 +62,7 @@ def _to_torch(leaf: str, array: np.ndarray) -> np.ndarray:
   return array
 
 
-def read_config(directory: str) -> ltx_video.LTXVideoConfig:
+def read_config(directory: str) -> ltx_config.LTXVideoConfig:
   """The architecture of the weights folder `directory` (its `config.json`)."""
   missing = [name for name in (CONFIG, WEIGHTS) if not os.path.isfile(os.path.join(directory,
                                                                                    name))]
@@ -73,10 +74,10 @@ def read_config(directory: str) -> ltx_video.LTXVideoConfig:
   if fields.get('_class_name', 'AutoencoderKLLTXVideo') != 'AutoencoderKLLTXVideo':
     raise ValueError(f'{directory}/{CONFIG} describes a {fields["_class_name"]}, not an '
                      f'AutoencoderKLLTXVideo; the folder needs {DOWNLOAD}')
-  return ltx_video.LTXVideoConfig.from_dict(fields)
+  return ltx_config.LTXVideoConfig.from_dict(fields)
 
 
-def abstract_params(config: ltx_video.LTXVideoConfig):
+def abstract_params(config: ltx_config.LTXVideoConfig):
   """The shapes (`jax.ShapeDtypeStruct`) of the parameters of `LTXVideoVAE(config)`."""
   model = ltx_video.LTXVideoVAE(config)
   pixels = np.zeros((1, 1 + config.temporal_factor, config.spatial_factor, config.spatial_factor,
@@ -86,7 +87,7 @@ def abstract_params(config: ltx_video.LTXVideoConfig):
   return jax.eval_shape(model.init, keys, pixels, timesteps)['params']
 
 
-def load(directory: str) -> tuple[ltx_video.LTXVideoConfig, dict, dict[str, np.ndarray]]:
+def load(directory: str) -> tuple[ltx_config.LTXVideoConfig, dict, dict[str, np.ndarray]]:
   """(config, Flax parameters, latent statistics) of the weights folder `directory`.
 
   The statistics are `latents_mean` and `latents_std`, float32 [latent_channels] (zeros and ones
@@ -117,7 +118,7 @@ def load(directory: str) -> tuple[ltx_video.LTXVideoConfig, dict, dict[str, np.n
   return config, flax.traverse_util.unflatten_dict(params), statistics
 
 
-def save(directory: str, config: ltx_video.LTXVideoConfig, params,
+def save(directory: str, config: ltx_config.LTXVideoConfig, params,
          statistics: dict[str, np.ndarray] | None = None) -> None:
   """Writes `params` (and the latent statistics) as a diffusers weights folder that `load` and
   diffusers' `AutoencoderKLLTXVideo.from_pretrained` read."""

@@ -86,8 +86,8 @@ def data_reference(data_config: ml_collections.ConfigDict, num_data: int, *,
     if cache and files.exists(cache):
       stats = fvd.FeatureStats.load(cache)
     else:
-      features, num_padded = fvd.i3d_features(clips(decode=True), i3d, batch_size=batch_size, total=num,
-                                              desc='I3D features of the data')
+      features, num_padded = fvd.i3d_features(clips(decode=True), i3d, batch_size=batch_size,
+                                              total=num, desc='I3D features of the data')
       stats = fvd.FeatureStats.from_features(features, num_padded=num_padded, source=description,
                                              weights_id=i3d.weights_id)
       if cache:
