@@ -2,11 +2,12 @@ r"""Writes the reference fixtures of the LTX-Video port: tiny random autoencoder
 
   pip install -e ".[reference]" && python tests/make_ltx_reference.py
 
-Needs the optional `reference` extra (PyTorch and diffusers); the test suite does not: it reads
-what this writes. For each tiny configuration below it seeds a diffusers `AutoencoderKLLTXVideo`,
-gives every parameter that PyTorch initialises to a constant a random value (so that no term of
-the architecture is zero or an identity), rounds the parameters to float16 (so that the stored file
-is small and both implementations use the very same weights), and writes to `tests/data/<name>/`:
+Needs the optional `reference` extra (PyTorch, a CPU build is enough, and diffusers); the test
+suite does not: it reads what this writes (a second run writes the same bytes). For each tiny
+configuration below it seeds a diffusers `AutoencoderKLLTXVideo`, gives every parameter that
+PyTorch initialises to a constant a random value (so that no term of the architecture is zero or
+an identity), rounds the parameters to float16 (so that the stored file is small and both
+implementations use the very same weights), and writes to `tests/data/<name>/`:
   config.json, diffusion_pytorch_model.safetensors: the weights, as `save_pretrained` writes them.
   reference.npz:
     pixels: uint8 [B, T, H, W, 3], the encoded video (the autoencoder sees `pixels / 127.5 - 1`).
