@@ -6,8 +6,10 @@ r"""Scores a trained model's samples against its data: lengths, exact task metri
 Samples `--num_videos` videos from the workdir's EMA weights (or reads `--samples=F.npz`, a file
 that `flowception_jax.sample` wrote) and compares them with the first `--num_data` records of the
 data set the workdir was trained on (`evaluation/evaluators.py`). The data's I3D statistics are
-cached in the workdir, so a second evaluation only computes the samples' features. Every JSON key
-is listed in `docs/evaluation.md`.
+cached in the workdir, so a second evaluation only computes the samples' features. A model of
+latents whose folder records its autoencoder (`prepare --encoder`) is scored on decoded videos, FVD
+included (`--encoder_weights=DIR` when its weights have moved). Every JSON key is listed in
+`docs/evaluation.md`.
 """
 
 import json
@@ -35,6 +37,8 @@ def _define_flags() -> None:
   flags.DEFINE_integer('fvd_batch_size', 8, 'Clips per I3D call.')
   sampler_flags.define_flags()
   flags.adopt_module_key_flags(sampler_flags)
+  flags.DEFINE_string('encoder_weights', None, 'Weights folder of the autoencoder of a latent '
+                      'folder (default: the one the folder records).')
   flags.mark_flags_as_required(['workdir', 'output'])
 
 
@@ -44,11 +48,11 @@ def main(argv):
   args = flags.FLAGS
   if not args.output.endswith('.json'):
     raise app.UsageError(f'--output must end in .json, got {args.output}')
-  summary = evaluators.evaluate(args.workdir, num_videos=args.num_videos, seed=args.seed,
-                     samples=args.samples, step=args.step, with_fvd=args.fvd,
-                     num_data=args.num_data, i3d_weights=args.i3d_weights,
-                     sampler_overrides=sampler_flags.overrides(), batch_size=args.batch_size,
-                     fvd_batch_size=args.fvd_batch_size)
+  summary = evaluators.evaluate(
+      args.workdir, num_videos=args.num_videos, seed=args.seed, samples=args.samples,
+      step=args.step, with_fvd=args.fvd, num_data=args.num_data, i3d_weights=args.i3d_weights,
+      sampler_overrides=sampler_flags.overrides(), batch_size=args.batch_size,
+      fvd_batch_size=args.fvd_batch_size, encoder_weights=args.encoder_weights)
   files.write_json(args.output, summary)
   print(json.dumps(summary, indent=1))
 

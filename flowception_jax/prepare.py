@@ -15,7 +15,12 @@ common folder of the inputs, or its base name) and `label` (any class name), or 
 (a video's class is the name of its folder). Classes are numbered in sorted order.
 
 Latents: `--latents=GLOB` takes `.npy` files of float [N, h, w, c] written by an external encoder
-and stores them unchanged (no resize), for `--config.data.data_dir` training in latent space.
+and stores them unchanged (no resize), for `--config.data.data_dir` training in latent space. Or
+`--encoder=ltx --encoder_weights=DIR` encodes the videos itself (`autoencoders/`): each video's
+first `1 + 8k` frames (the longest such prefix) become `1 + k` latent frames of `size/32` square,
+normalised per channel, and the folder records the autoencoder, so that `sample` and `evaluate`
+decode the model's latents back to videos. `--size` must then be a multiple of 32 (256 px: 8x8
+latents).
 """
 
 import contextlib
@@ -31,12 +36,16 @@ import av
 import numpy as np
 import tqdm
 
+from flowception_jax import autoencoders
 from flowception_jax.datasets import clips
 from flowception_jax.datasets import video_folder
 
 # What a video file that cannot be decoded raises (PyAV's errors are FFmpegError subclasses;
 # a file without a video stream raises IndexError).
 _UNREADABLE = (av.error.FFmpegError, OSError, ValueError, IndexError)
+# Videos are encoded padded to a multiple of this many latent frames (the encoder is causal, so the
+# padding changes nothing), so that one compilation serves several lengths.
+_ENCODE_BUCKET = 4
 
 
 def at_rate(frames, fps: float):
@@ -84,6 +93,18 @@ def load_latents(path: str, max_frames: int = 0) -> np.ndarray:
     raise ValueError(f'expected float latents [N >= 1, h, w, c], got {latents.dtype} '
                      f'{latents.shape}')
   return latents[:max_frames] if max_frames else latents
+
+
+def encode_video(autoencoder: autoencoders.VideoAutoencoder, video: np.ndarray) -> np.ndarray:
+  """The latents float32 [1 + k, h, w, c] of the longest prefix of `1 + f k` frames of the
+  uint8 video [N, H, W, 3]."""
+  frames = autoencoder.cropped_length(len(video))
+  latent_frames = autoencoder.latent_length(frames)
+  padded = autoencoder.pixel_length(-(-latent_frames // _ENCODE_BUCKET) * _ENCODE_BUCKET)
+  clip = video[:frames].astype(np.float32) / 255.0
+  clip = np.concatenate([clip, np.repeat(clip[-1:], padded - frames, axis=0)])
+  latents, _ = autoencoder.encode(clip[None], lengths=np.array([frames]))
+  return latents[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,9 +158,10 @@ class Summary:
   num_frames: int
   classes: list[str]
   skipped: list[dict[str, str]]
+  unit: str = 'frames'  # What `num_frames` counts: 'frames' or 'latent frames'.
 
   def __str__(self) -> str:
-    lines = [f'wrote {self.num_videos} videos ({self.num_frames} frames, '
+    lines = [f'wrote {self.num_videos} videos ({self.num_frames} {self.unit}, '
              f'{len(self.classes)} classes) to {self.output}; skipped {len(self.skipped)}']
     lines += [f'  skipped {s["name"]}: {s["reason"]}' for s in self.skipped]
     return '\n'.join(lines)
@@ -148,12 +170,20 @@ class Summary:
 def prepare(*, output: str, videos: str | None = None, latents: str | None = None,
             size: int | None = None, labels: str | None = None, label_from_dir: bool = False,
             max_frames: int = 0, fps: float = 0.0, codec: str = 'png', overwrite: bool = False,
-            num_workers: int = 1, records_per_shard: int = 1000) -> Summary:
-  """Writes the inputs matched by `videos` (or `latents`) to the prepared folder `output`."""
+            num_workers: int = 1, records_per_shard: int = 1000, encoder: str | None = None,
+            encoder_weights: str | None = None) -> Summary:
+  """Writes the inputs matched by `videos` (or `latents`) to the prepared folder `output`; with
+  `encoder`, the latents of the videos by that autoencoder (weights `encoder_weights`)."""
   if (videos is None) == (latents is None):
     raise app.UsageError('pass exactly one of --videos and --latents')
   if videos is not None and not (size and size > 0):
     raise app.UsageError('--size (frame side in pixels) is required with --videos')
+  if encoder is not None and (videos is None or not encoder_weights):
+    raise app.UsageError('--encoder encodes --videos and needs --encoder_weights=DIR')
+  autoencoder = None
+  if encoder is not None:
+    autoencoder = autoencoders.load(encoder, encoder_weights)
+    autoencoder.check_frame_size(size, size)
   paths = sorted(p for p in glob.glob(videos or latents, recursive=True) if os.path.isfile(p))
   if not paths:
     raise FileNotFoundError(f'no file matches {videos or latents!r}')
@@ -166,8 +196,10 @@ def prepare(*, output: str, videos: str | None = None, latents: str | None = Non
   num_frames = 0
   with contextlib.ExitStack() as stack:
     writer = stack.enter_context(video_folder.FolderWriter(
-        output, kind='latents' if latents is not None else 'pixels', classes=classes,
-        fps=fps or None, codec=codec, overwrite=overwrite, records_per_shard=records_per_shard))
+        output, kind='pixels' if videos is not None and autoencoder is None else 'latents',
+        classes=classes, fps=fps or None, codec=codec, overwrite=overwrite,
+        records_per_shard=records_per_shard,
+        encoder=autoencoder.metadata() if autoencoder else None))
     if num_workers > 1:
       pool = stack.enter_context(multiprocessing.get_context('spawn').Pool(num_workers))
       results = pool.imap(reader, paths)
@@ -175,6 +207,8 @@ def prepare(*, output: str, videos: str | None = None, latents: str | None = Non
       results = map(reader, paths)
     progress = stack.enter_context(tqdm.tqdm(total=len(paths), unit='video'))
     for name, label, (array, reason) in zip(names, label_ids, results):
+      if array is not None and autoencoder is not None:
+        array = encode_video(autoencoder, array)
       if array is not None:
         try:
           writer.add(name, array, label)
@@ -186,7 +220,8 @@ def prepare(*, output: str, videos: str | None = None, latents: str | None = Non
       progress.update()
       progress.set_postfix(skipped=len(writer.skipped))
   return Summary(output=output, num_videos=len(writer.names), num_frames=num_frames,
-                 classes=classes, skipped=writer.skipped)
+                 classes=classes, skipped=writer.skipped,
+                 unit='frames' if videos is not None and autoencoder is None else 'latent frames')
 
 
 def _define_flags() -> None:
@@ -205,6 +240,10 @@ def _define_flags() -> None:
   flags.DEFINE_bool('overwrite', False, 'Replace a prepared set already in --output.')
   flags.DEFINE_integer('num_workers', 1, 'Processes decoding videos in parallel.')
   flags.DEFINE_integer('records_per_shard', 1000, 'Videos per ArrayRecord shard.')
+  flags.DEFINE_enum('encoder', None, sorted(autoencoders.ENCODERS),
+                    'Write the latents of the videos by this autoencoder (see autoencoders/).')
+  flags.DEFINE_string('encoder_weights', None, "The --encoder's weights folder (diffusers "
+                      'layout: config.json and diffusion_pytorch_model.safetensors).')
   flags.mark_flags_as_required(['output'])
 
 
@@ -215,7 +254,8 @@ def main(argv):
   print(prepare(output=f.output, videos=f.videos, latents=f.latents, size=f.size,
                 labels=f.labels, label_from_dir=f.label_from_dir, max_frames=f.max_frames,
                 fps=f.fps, codec=f.codec, overwrite=f.overwrite, num_workers=f.num_workers,
-                records_per_shard=f.records_per_shard))
+                records_per_shard=f.records_per_shard, encoder=f.encoder,
+                encoder_weights=f.encoder_weights))
 
 
 if __name__ == '__main__':

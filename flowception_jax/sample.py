@@ -20,8 +20,12 @@ the first 16 videos (`<name>.png`, a row per video, given frames framed in red) 
 1). The same seed, weights and inputs give the same file. The sampler settings come from the
 trained config unless a flag overrides them (`--num_steps=200 --insertion=thinning`, or
 `--order=hierarchical` for a prescribed insertion order); a summary (with the data set's exact
-metrics, where it has them, when nothing is given) is printed as JSON. A model of latents writes
-`latents` (float32, unscaled) and `lengths` only, for the autoencoder that encoded its data.
+metrics, where it has them, when nothing is given) is printed as JSON. A model of latents whose
+folder records its autoencoder (`prepare --encoder`) has its latents decoded: `videos` and
+`lengths` count decoded frames, beside `latents` [N, N_max, h, w, c] and `latent_lengths` [N] (the
+figures count latent frames; `--encoder_weights=DIR` when the weights have moved). Any other model
+of latents writes `latents` (float32, unscaled) and `lengths` only, for the autoencoder that
+encoded its data.
 The videos of each call are split over every device (`--batch_size` a multiple of the device count
 keeps them even); on several hosts every process runs the same command (see `main.py` for the runtime flags)
 and process 0 writes the files.
@@ -36,6 +40,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from flowception_jax import autoencoders
 from flowception_jax.core import inference
 from flowception_jax.core import tasks
 from flowception_jax import datasets
@@ -63,6 +68,9 @@ _CONTEXT = flags.DEFINE_string('context', None,
                                '[K, H, W, C] in [0, 1] at the model\'s frame size.')
 _CLASS = flags.DEFINE_string('class', None, 'Class id or name of every video (conditional models; '
                              'default: random classes).')
+_ENCODER_WEIGHTS = flags.DEFINE_string(
+    'encoder_weights', None, 'Weights folder of the autoencoder of a latent folder (default: the '
+    'one the folder records).')
 _JOIN_RUNTIME = distributed.define_flags()
 flags.adopt_module_key_flags(distributed)
 _VERBOSE = flags.DEFINE_bool('verbose', False, "Also show the libraries' logs and the traceback "
@@ -101,17 +109,29 @@ def context_error(videos: np.ndarray, context_slots: np.ndarray, context: np.nda
   return float(np.abs(videos[rows, context_slots] - context).max())
 
 
-def write_outputs(output: str, samples: tasks.TaskSamples, config, info) -> dict:
+def write_outputs(output: str, samples: tasks.TaskSamples, config, info,
+                  autoencoder: autoencoders.VideoAutoencoder | None = None,
+                  decode_key: jax.Array | None = None) -> dict:
   """Writes the .npz, the GIF grid, the filmstrip and the figures of `samples` (see the module
-  docstring); returns the summary printed as JSON."""
-  videos, lengths = samples.videos, samples.lengths
+  docstring); returns the summary printed as JSON. The latents of a model of latents are decoded
+  by `autoencoder` (drawing from `decode_key`), or written as they are without one."""
+  frames, lengths = samples.videos, samples.lengths  # Pixels, or latents of a latent model.
   summary = {'method': config.method, 'task': samples.task, 'num_videos': len(lengths),
              'mean_length': float(lengths.mean()), 'sampler': config.sampler.to_dict()}
-  if not info.pixels:  # No decoder here: the latents are the output.
-    inference.save_latents(output, videos, lengths)
+  if not info.pixels and autoencoder is None:  # No decoder: the latents are the output.
+    inference.save_latents(output, frames, lengths)
     summary['latents'] = 'no GIF: decode the latents with the autoencoder that encoded the data'
     return summary
-  arrays = {'videos': videos, 'lengths': lengths, 'context_slots': samples.context_slots}
+  arrays = {'context_slots': samples.context_slots}
+  if info.pixels:
+    videos, video_lengths = frames, lengths
+  else:
+    videos, video_lengths = autoencoder.decode(frames, lengths, key=decode_key)
+    arrays.update(latents=frames, latent_lengths=lengths)
+    summary.update(mean_decoded_length=float(video_lengths.mean()),
+                   decoded_by={'autoencoder': autoencoder.name,
+                               'weights': autoencoder.metadata()['weights']})
+  arrays.update(videos=videos, lengths=video_lengths)
   if samples.labels is not None:
     arrays['labels'] = samples.labels
   files.write_npz(output, **arrays)
@@ -121,12 +141,13 @@ def write_outputs(output: str, samples: tasks.TaskSamples, config, info) -> dict
   images = figures.sample_figures(
       samples.insert_step, lengths, data_lengths, num_steps=config.sampler.num_steps,
       num_iterations=samples.num_iterations, max_frames=info.max_frames)
-  evaluators.write_pictures(stem, videos, lengths, images)
-  video_io.write_png(stem + '.png', tasks.filmstrip(samples))
+  evaluators.write_pictures(stem, videos, video_lengths, images)
+  if info.pixels:  # The filmstrip frames given frames, which only models of pixels take.
+    video_io.write_png(stem + '.png', tasks.filmstrip(samples))
   if samples.context.shape[1]:
     summary['context_error'] = context_error(videos, samples.context_slots, samples.context)
   else:
-    summary.update(datasets.task_metrics(config.data.name, videos, lengths, config.data))
+    summary.update(datasets.task_metrics(config.data.name, videos, video_lengths, config.data))
   return summary
 
 
@@ -147,7 +168,10 @@ def main(argv):
         context=_CONTEXT.value, label=_CLASS.value, batch_size=_BATCH_SIZE.value)
     if jax.process_index():
       return
-    summary = write_outputs(_OUTPUT.value, samples, config, info)
+    autoencoder = None if info.pixels else autoencoders.for_data(config.data,
+                                                                 _ENCODER_WEIGHTS.value)
+    summary = write_outputs(_OUTPUT.value, samples, config, info, autoencoder,
+                            jax.random.fold_in(jax.random.key(_SEED.value), 1))
   print(json.dumps(summary, indent=1))
 
 

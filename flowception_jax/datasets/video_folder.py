@@ -9,8 +9,10 @@ A folder holds ArrayRecord shards `clips-NNNNN.array_record`, one record per vid
   latents: float16 or float32 [N, h, w, c], any channel count; for kind 'latents'.
 `metadata.json` holds `kind`, `frame_shape` ([H, W, 3] or [h, w, c]), `codec`, `fps` (null if the
 source rate was kept), `classes`, `shards`, the per-record `names`, `lengths` and `labels` (so a
-record can be named and the length distribution known without reading it), and the `skipped`
-inputs with the reason.
+record can be named and the length distribution known without reading it), the `skipped`
+inputs with the reason, and `encoder`: for latents that `prepare --encoder` wrote, the autoencoder
+that made them (`VideoAutoencoder.metadata`: its name, weights folder and architecture), from which
+samples are decoded back to videos (`autoencoders.for_data`); null otherwise.
 
 `python -m flowception_jax.prepare` writes folders from video files; `FolderWriter` writes them from
 Python, e.g. from the latents of an autoencoder.
@@ -58,12 +60,16 @@ class FolderWriter:
   """
 
   def __init__(self, directory: str, *, kind: str = 'pixels', classes=(), fps: float | None = None,
-               codec: str = 'png', overwrite: bool = False, records_per_shard: int = 1000):
+               codec: str = 'png', overwrite: bool = False, records_per_shard: int = 1000,
+               encoder: dict[str, Any] | None = None):
+    """`encoder` describes the autoencoder that made the latents (for kind 'latents')."""
     if kind not in KINDS or codec not in CODECS:
       raise ValueError(f'kind must be one of {KINDS} and codec one of {CODECS}, got {kind!r} and '
                        f'{codec!r}')
+    if encoder is not None and kind != 'latents':
+      raise ValueError('only latents have an encoder')
     self.directory = directory
-    self.kind, self.codec, self.fps = kind, codec, fps
+    self.kind, self.codec, self.fps, self.encoder = kind, codec, fps, encoder
     self.classes = list(classes)
     self._per_shard = records_per_shard
     existing = sorted(n for n in os.listdir(directory) if _is_ours(n)) if os.path.isdir(
@@ -148,6 +154,7 @@ class FolderWriter:
         'codec': self.codec if self.kind == 'pixels' else None,
         'fps': self.fps, 'classes': self.classes, 'shards': self.shards, 'names': self.names,
         'lengths': self.lengths, 'labels': self.labels, 'skipped': self.skipped,
+        'encoder': self.encoder,
     }
     files.write_bytes(os.path.join(self.directory, METADATA), json.dumps(metadata).encode())
 

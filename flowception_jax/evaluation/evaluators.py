@@ -6,7 +6,9 @@ histogram and its total variation to the data's, the data set's exact metrics
 (`datasets.task_metrics`), and the Frechet Video Distance (`fvd.py`) when asked, its I3D statistics
 of the data cached in the workdir. `evaluate` does it for a workdir (the `evaluate` command);
 `SampleEvaluator` does it for the samples the training loop makes (`config.evals`, `from_config`).
-Every JSON key is listed in `docs/evaluation.md`.
+A model of latents whose folder records its autoencoder (`prepare --encoder`) is scored as a model
+of videos: its samples and the data's clips are decoded by that autoencoder, and lengths count
+decoded frames. Every JSON key is listed in `docs/evaluation.md`.
 """
 
 import dataclasses
@@ -20,6 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from flowception_jax import autoencoders
 from flowception_jax.core import inference
 from flowception_jax import datasets
 from flowception_jax.datasets import metrics
@@ -39,12 +42,15 @@ class DataReference:
 
 def data_reference(data_config: ml_collections.ConfigDict, num_data: int, *,
                    i3d: fvd.I3D | None = None, cache_dir: str | None = None,
-                   batch_size: int = 8) -> DataReference:
+                   batch_size: int = 8,
+                   autoencoder: autoencoders.VideoAutoencoder | None = None) -> DataReference:
   """The lengths (and, given `i3d`, the I3D statistics) of the first `num_data` records of the data.
 
   Records are read in order through `datasets.make_source`, so every source (built-in or a prepared
-  folder) works. I3D statistics are cached in `cache_dir` under a name derived from the data config,
-  the record count and the weights, so another config or count never reads a stale file.
+  folder) works. Latent records are seen through `autoencoder` where given: lengths in decoded
+  frames, clips decoded (one compilation per latent length). I3D statistics are cached in
+  `cache_dir` under a name derived from the data config, the autoencoder, the record count and the
+  weights, so another config or count never reads a stale file.
   """
   source, _ = datasets.make_source(data_config)
   num = min(int(num_data), len(source))
@@ -52,31 +58,43 @@ def data_reference(data_config: ml_collections.ConfigDict, num_data: int, *,
     raise ValueError(f'need at least one data record to compare with, got num_data={num_data}')
   lengths = []
 
-  def clips():
+  def clips(decode: bool):
+    """The data's clips, in pixels if `decode`; their lengths appended to `lengths`."""
     for index in range(len(source)):
       if len(lengths) == num:
         return
       record = source[index]
-      if record is not None:  # None: an unreadable stored record the source skips.
-        lengths.append(len(record['video']))
-        yield record['video']
+      if record is None:  # An unreadable stored record the source skips.
+        continue
+      video = record['video']
+      if autoencoder is not None:
+        if not decode:
+          lengths.append(autoencoder.pixel_length(len(video)))
+          yield None
+          continue
+        video = autoencoder.decode(video[None])[0][0]
+      lengths.append(len(video))
+      yield video
 
   stats = None
   if i3d is not None:
-    description = json.dumps({'data': data_config.to_dict(), 'num_records': num}, sort_keys=True)
+    description = json.dumps({'data': data_config.to_dict(), 'num_records': num,
+                              'decoded_by': autoencoder and autoencoder.metadata()},
+                             sort_keys=True)
     digest = hashlib.sha256(f'{description} {i3d.weights_id}'.encode()).hexdigest()[:12]
     cache = os.path.join(cache_dir, f'fvd_reference_{digest}.npz') if cache_dir else None
     if cache and files.exists(cache):
       stats = fvd.FeatureStats.load(cache)
     else:
-      features, num_padded = fvd.i3d_features(clips(), i3d, batch_size=batch_size, total=num,
-                                              desc='I3D features of the data')
+      features, num_padded = fvd.i3d_features(clips(decode=True), i3d, batch_size=batch_size,
+                                              total=num, desc='I3D features of the data')
       stats = fvd.FeatureStats.from_features(features, num_padded=num_padded, source=description,
                                              weights_id=i3d.weights_id)
       if cache:
         stats.save(cache)
   if not lengths:
-    lengths = [len(video) for video in clips()]
+    for _ in clips(decode=False):  # Reads the lengths.
+      pass
   return DataReference(data_config=data_config, lengths=np.asarray(lengths, np.int32),
                        fvd_stats=stats)
 
@@ -87,8 +105,8 @@ def evaluate_samples(videos: np.ndarray, lengths: np.ndarray, reference: DataRef
 
   Args:
     videos: float32 [N, N_max, H, W, C] in [0, 1]; slots past a video's length are ignored. None
-      for a model of latents, whose samples only their lengths can score here (decoding them is
-      the autoencoder's business).
+      for a model of latents without an autoencoder, whose samples only their lengths can
+      score here.
     lengths: int [N] frames per video, in [1, N_max].
     reference: the data's lengths and, for FVD, its I3D statistics.
     i3d: the I3D weights the reference statistics were computed with (needed for FVD).
@@ -104,8 +122,10 @@ def evaluate_samples(videos: np.ndarray, lengths: np.ndarray, reference: DataRef
   result.update(metrics.length_statistics(lengths, reference.lengths))
   if videos is None:
     if reference.fvd_stats is not None:
-      raise ValueError('FVD needs videos, and these samples are latents: decode them with the '
-                       'autoencoder that encoded the training data, then score the videos')
+      raise ValueError('FVD needs videos, and these samples are latents of an unknown '
+                       'autoencoder: encode the data with python -m flowception_jax.prepare '
+                       '--encoder=... so that samples can be decoded, or decode them yourself '
+                       'and score the videos')
     return result
   videos = np.asarray(videos, np.float32)
   clips = fvd.sample_clips(videos, lengths)  # Checks shapes and lengths.
@@ -206,7 +226,8 @@ def from_config(config: ml_collections.ConfigDict, info, model, workdir: str) ->
 def evaluate(workdir: str, *, num_videos: int = 256, seed: int = 0, samples: str | None = None,
              step: int | None = None, with_fvd: bool = False, num_data: int | None = None,
              i3d_weights: str | None = None, sampler_overrides: dict | None = None,
-             batch_size: int = 64, fvd_batch_size: int = 8) -> dict:
+             batch_size: int = 64, fvd_batch_size: int = 8,
+             encoder_weights: str | None = None) -> dict:
   """Samples from `workdir` (or reads `samples`) and scores the videos against its data.
 
   Args:
@@ -222,34 +243,49 @@ def evaluate(workdir: str, *, num_videos: int = 256, seed: int = 0, samples: str
     sampler_overrides: `config.sampler` fields replacing the trained ones.
     batch_size: videos per sampler call.
     fvd_batch_size: clips per I3D call.
+    encoder_weights: the weights folder of the autoencoder of a latent folder (default: the one
+      the folder records).
 
   Returns:
     The evaluation summary: `workdir`, `step`, `samples`, `seed` and `sampler` (null when read
-    from a file), and the metrics of `evaluate_samples`.
+    from a file), `decoded_by` (the autoencoder's name and weights, or null), and the metrics of
+    `evaluate_samples`.
   """
+  decode_key = jax.random.fold_in(jax.random.key(seed), 1)
   if samples:
     config, step = inference.load_config(workdir, step=step)
+    autoencoder = autoencoders.for_data(config.data, encoder_weights)
     saved = files.read_npz(samples)
     if 'lengths' not in saved or not {'videos', 'latents'} & saved.keys():
       raise ValueError(f'{samples} is not a samples file: it needs videos (or latents) and '
                        f'lengths, holds {sorted(saved)}')
     videos, lengths = saved.get('videos'), saved['lengths']
+    if videos is None and autoencoder is not None:
+      videos, lengths = autoencoder.decode(saved['latents'], lengths, key=decode_key)
     sampler_settings = None
   else:
     trained = inference.load(workdir, step=step)
     config, step = trained.config, trained.step
+    autoencoder = autoencoders.for_data(config.data, encoder_weights)
     config.sampler.update(sampler_overrides or {})
     sampler = inference.VideoSampler(trained.model, config, trained.info,
                                      batch_size=min(batch_size, num_videos))
     out = sampler(trained.params, jax.random.key(seed), num_videos)
     lengths = np.asarray(out.lengths, np.int32)
-    videos = inference.to_pixels(out.frames, lengths) if trained.info.pixels else None
+    videos = None
+    if trained.info.pixels:
+      videos = inference.to_pixels(out.frames, lengths)
+    elif autoencoder is not None:
+      videos, lengths = autoencoder.decode(inference.to_latents(out.frames, lengths), lengths,
+                                           key=decode_key)
     sampler_settings = config.sampler.to_dict()
   i3d = fvd.load_i3d(i3d_weights) if with_fvd else None
   reference = data_reference(config.data, num_data or len(lengths), i3d=i3d, cache_dir=workdir,
-                             batch_size=fvd_batch_size)
+                             batch_size=fvd_batch_size, autoencoder=autoencoder)
   summary = {'workdir': files.absolute(workdir), 'step': int(step),
              'samples': files.absolute(samples) if samples else None,
-             'seed': None if samples else seed, 'sampler': sampler_settings}
+             'seed': None if samples else seed, 'sampler': sampler_settings,
+             'decoded_by': autoencoder and {'autoencoder': autoencoder.name,
+                                            'weights': autoencoder.metadata()['weights']}}
   summary.update(evaluate_samples(videos, lengths, reference, i3d=i3d, batch_size=fvd_batch_size))
   return summary
