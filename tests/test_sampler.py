@@ -330,6 +330,17 @@ def test_solver_error_falls_with_its_order(solver, order, shift):
   start = jax.random.normal(jax.random.key(0), (2, 3) + FRAME)
   moving = jnp.array([[True, True, False]] * 2)  # The last slot is done and must not move.
   errors = []
+
+  @jax.jit
+  def flow(state, num_steps):
+    """`num_steps` flow steps of the moving frames, from t = 0 to 1."""
+    def step(k, state):
+      times = jnp.where(moving, (k + 1) / num_steps, 1.0)
+      frames = sampler_lib._integrate(state, times, moving, evaluate(state), evaluate, config)
+      return state.replace(frames=frames, times=times)
+
+    return jax.lax.fori_loop(0, num_steps, step, state)
+
   # Heun's last step is Euler: one local error of the second order, so the order shows once
   # steps are small against the shift's stretch of time near t = 1.
   for num_steps in (64, 128, 256):
@@ -339,10 +350,7 @@ def test_solver_error_falls_with_its_order(solver, order, shift):
         insert_step=jnp.zeros((2, 3), jnp.int32), planned=jnp.full((2, 3), -1, jnp.int32),
         t_global=jnp.float32(0), iteration=jnp.int32(0),
         key=jax.random.key(0))
-    for k in range(num_steps):
-      times = jnp.where(moving, (k + 1) / num_steps, 1.0)
-      frames = sampler_lib._integrate(state, times, moving, evaluate(state), evaluate, config)
-      state = state.replace(frames=frames, times=times)
+    state = flow(state, num_steps)
     np.testing.assert_array_equal(state.frames[:, 2], start[:, 2])
     exact = np.asarray(start[:, :2]) * np.e**2
     errors.append(np.abs(np.asarray(state.frames[:, :2]) - exact).max())
