@@ -46,14 +46,17 @@ def _inputs(frames=F):
 
 
 def _changed_frames(apply, inputs, frame, **kwargs):
-  """bool [F]: which frames' velocity or rate output moves when input `frame` changes."""
+  """bool [F]: which frames' velocity or rate output moves when input `frame` changes (the same
+  frames in every video of the batch)."""
   video = inputs[0]
   changed = video.at[:, frame].add(1.0)
   v1, r1 = apply(*inputs, **kwargs)
   v2, r2 = apply(changed, *inputs[1:], **kwargs)
   dv = np.abs(np.asarray(v1 - v2)).reshape(B, video.shape[1], -1).max(-1)
   dr = np.abs(np.asarray(r1 - r2))
-  return ((dv > 1e-5) | (dr > 1e-5)).all(axis=0)
+  moved = (dv > 1e-5) | (dr > 1e-5)
+  np.testing.assert_array_equal(moved, np.broadcast_to(moved[0], moved.shape))
+  return moved[0]
 
 
 def test_causal_attention_blocks_the_future_and_full_sequence_sees_every_frame():
@@ -63,6 +66,19 @@ def test_causal_attention_blocks_the_future_and_full_sequence_sees_every_frame()
     np.testing.assert_array_equal(_changed_frames(apply, inputs, frame, frame_attention=causal),
                                   np.arange(F) >= frame)
     np.testing.assert_array_equal(_changed_frames(apply, inputs, frame), True)
+
+
+def test_noncausal_attention_shows_the_past_both_ways_and_hides_the_frame_being_made():
+  apply, inputs = _net(), _inputs()
+  made = F - 1
+  attention = model_lib.noncausal_attention(jnp.broadcast_to(jnp.arange(F) == made, (B, F)))
+  for frame in range(made):  # A past frame reaches every frame, earlier past frames included.
+    np.testing.assert_array_equal(_changed_frames(apply, inputs, frame, frame_attention=attention),
+                                  True)
+  # The frame being made reaches only itself: the past's outputs, its end logits included, do not
+  # depend on it.
+  np.testing.assert_array_equal(_changed_frames(apply, inputs, made, frame_attention=attention),
+                                np.arange(F) == made)
 
 
 def test_attention_window_reaches_only_neighbouring_frames():
@@ -169,6 +185,53 @@ def test_autoregressive_examples_pair_each_noisy_frame_with_its_clean_past():
     input_pipeline.make_transform('diffusion', flow, (4, 8))
 
 
+def _one_frame_example(video, k, t, buckets=(4, 8)):
+  """The non-causal autoregressive example of `video` [N, ...] in [0, 1] that makes frame k at
+  time t, built slot by slot."""
+  n = len(video)
+  shown = min(k + 1, n)
+  size = min(b for b in buckets if b >= shown)
+  slots = range(size)
+  return {
+      'frames': np.stack([video[s] * 2 - 1 if s < shown else np.zeros_like(video[0])
+                          for s in slots]),
+      'frame_times': np.array([1.0 if s < k else t if s == k < n else 0.0 for s in slots]),
+      'positions': np.arange(size),
+      'frame_mask': np.array([s < shown for s in slots]),
+      'flow_mask': np.array([s == k < n for s in slots]),
+      'rate_mask': np.array([s == k - 1 for s in slots]),
+      'insert_targets': np.array([n - 1 - s if s == k - 1 else 0 for s in slots]),
+      'context_mask': np.zeros(size, bool),
+      'segment_ids': np.array([int(s < shown) for s in slots]),
+      'label': 0,
+      'length': n,
+  }
+
+
+def test_noncausal_autoregressive_examples_make_one_frame_after_its_clean_past():
+  flow = ml_collections.ConfigDict({'tau_distribution': 'logit_normal'})
+  transform = input_pipeline.make_transform('autoregressive_noncausal', flow, (4, 8))
+  rng = np.random.default_rng(0)
+  frames_to_make = {}
+  for draw in range(3000):
+    clip = _Clips()[draw % 16]
+    n = len(clip['video'])
+    example = transform.random_map(clip, rng)
+    k = int(np.sum(example['frame_times'] == 1.0))  # The clean frames 0..k-1.
+    t = example['frame_times'][k] if k < n else None
+    assert t is None or 0 < t < 1
+    expected = _one_frame_example(clip['video'], k, t)
+    assert example.keys() == expected.keys()
+    for key, value in expected.items():
+      np.testing.assert_allclose(example[key], value, err_msg=key)
+    # The end decision is on frame k - 1, and the video ends there only when no frame is left.
+    np.testing.assert_array_equal(example['insert_targets'][example['rate_mask']] == 0,
+                                  [k == n] if k else [])
+    frames_to_make.setdefault(n, []).append(k)
+  for n, ks in frames_to_make.items():  # k is uniform on 0..N.
+    np.testing.assert_allclose(np.bincount(ks, minlength=n + 1) / len(ks), 1 / (n + 1), atol=0.05)
+
+
 def test_end_loss_is_minimised_by_the_hazard():
   # Clips of 1, 2 or 3 frames, equally likely: the video ends after frame 0 with probability 1/3,
   # after frame 1 (given it has one) with 1/2, after frame 2 surely.
@@ -239,33 +302,42 @@ def test_full_sequence_sampler_draws_lengths_from_the_data_and_denoises_together
                                          length_probabilities=shares)
 
 
-def _autoregressive_model(end_logit, calls=None):
+def _autoregressive_model(end_logit, calls=None, causal=True):
   """Frame s goes to `frames[s - 1] + 1` (0.5 for s = 0), so the results show that each frame is
   made from its finished predecessor; the end logit is `end_logit(seen)` of the number of frames
-  each frame sees."""
+  each frame sees. Velocities are NaN unless the real frames attend as the method trains them to
+  (`train.frame_attention_of` on the sampler's sequence: the frame being made is the noisy one)."""
 
   def apply_fn(params, frames, context, times, positions, mask, labels, frame_attention=None):
-    del params, context, positions, labels
+    del params, context, labels
     if calls is not None:
       calls.append(frames.shape)
+    batch = {'positions': positions, 'flow_mask': mask & (times < 1),
+             'segment_ids': mask.astype(jnp.int32)}
+    trained = train.frame_attention_of(
+        batch, method='autoregressive' if causal else 'autoregressive_noncausal', packed=False)
+    real = mask[:, :, None] & mask[:, None, :]
+    as_trained = jnp.all((frame_attention == trained) | ~real)
     previous = jnp.concatenate([frames[:, :1] * 0 - 0.5, frames[:, :-1]], axis=1)
     t = times[..., None, None, None]
     velocity = jnp.where(t < 1, (previous + 1 - frames) / jnp.maximum(1 - t, 1e-6), 0.0)
     seen = jnp.sum(frame_attention & mask[:, None, :], axis=-1)
-    return velocity, end_logit(seen)
+    return jnp.where(as_trained, velocity, jnp.nan), end_logit(seen)
 
   return apply_fn
 
 
-def test_autoregressive_sampler_makes_frames_in_order_and_stops_by_the_end_decision():
-  # Ends after the frame that sees four frames: under causal attention the fourth one. The shifted
-  # time lands on the targets only if the model's times and the steps use the same shift.
+@pytest.mark.parametrize('causal', [True, False])
+def test_autoregressive_sampler_makes_frames_in_order_and_stops_by_the_end_decision(causal):
+  # Ends after the frame that sees four frames: the fourth one (under either mask the last clean
+  # frame sees itself and the frames before it). The shifted time lands on the targets only if the
+  # model's times and the steps use the same shift.
   calls, capacity, shift = [], 7, 3.0
   chex.clear_trace_counter()
-  apply_fn = _autoregressive_model(lambda seen: jnp.where(seen == 4, 30.0, -30.0), calls)
+  apply_fn = _autoregressive_model(lambda seen: jnp.where(seen == 4, 30.0, -30.0), calls, causal)
   sample_fn = baselines.make_autoregressive_sampler(  # Traced once: new keys reuse it.
-      chex.assert_max_traces(apply_fn, n=1),
-      config=_sampler_config(snr_shift=shift), batch_size=3, capacity=capacity, frame_shape=FRAME)
+      chex.assert_max_traces(apply_fn, n=1), config=_sampler_config(snr_shift=shift),
+      batch_size=3, capacity=capacity, frame_shape=FRAME, causal=causal)
   out = sample_fn(None, jax.random.key(0))
   np.testing.assert_array_equal(out.lengths, 4)
   np.testing.assert_allclose(np.asarray(out.frames)[:, :4, 0, 0, 0],
@@ -277,12 +349,13 @@ def test_autoregressive_sampler_makes_frames_in_order_and_stops_by_the_end_decis
   assert len(calls) == 1
 
 
-def test_autoregressive_lengths_follow_the_end_probability():
+@pytest.mark.parametrize('causal', [True, False])
+def test_autoregressive_lengths_follow_the_end_probability(causal):
   capacity, b = 6, 4000
   sample_fn = baselines.make_autoregressive_sampler(
-      _autoregressive_model(lambda seen: jnp.zeros(seen.shape)),
+      _autoregressive_model(lambda seen: jnp.zeros(seen.shape), causal=causal),
       config=_sampler_config(num_steps=1),
-      batch_size=b, capacity=capacity, frame_shape=FRAME)
+      batch_size=b, capacity=capacity, frame_shape=FRAME, causal=causal)
   lengths = np.asarray(sample_fn(None, jax.random.key(3)).lengths)
   expected = [0.5**length for length in range(1, capacity)] + [0.5 ** (capacity - 1)]
   shares = [np.mean(lengths == length) for length in range(1, capacity + 1)]
@@ -334,9 +407,10 @@ def test_full_sequence_sampler_keeps_a_given_prefix_and_draws_lengths_that_hold_
   np.testing.assert_array_equal(out.lengths, 6)
 
 
-def test_autoregressive_sampler_continues_a_given_prefix():
+@pytest.mark.parametrize('causal', [True, False])
+def test_autoregressive_sampler_continues_a_given_prefix(causal):
   capacity = 7
-  model = _autoregressive_model(lambda seen: jnp.where(seen == 5, 30.0, -30.0))
+  model = _autoregressive_model(lambda seen: jnp.where(seen == 5, 30.0, -30.0), causal=causal)
 
   def apply_fn(params, frames, context, *args, **kwargs):
     # The prefix is clean past frames, as in teacher forcing; the context channel stays empty.
@@ -344,7 +418,8 @@ def test_autoregressive_sampler_continues_a_given_prefix():
     return jnp.where(jnp.any(context != 0), jnp.nan, velocity), logits
 
   sample_fn = baselines.make_autoregressive_sampler(
-      apply_fn, config=_sampler_config(), batch_size=3, capacity=capacity, frame_shape=FRAME)
+      apply_fn, config=_sampler_config(), batch_size=3, capacity=capacity, frame_shape=FRAME,
+      causal=causal)
   out = sample_fn(None, jax.random.key(0), **_prefix_inputs(3, capacity, [0, 2, 6]))
   frames = np.asarray(out.frames)[..., 0, 0, 0]
   # Ends after the frame that sees five frames, frame 4, unless that frame was given: a video ends
@@ -362,8 +437,9 @@ def test_full_sequence_refuses_context_patterns_it_cannot_take():
   with pytest.raises(ValueError, match='--config.context.p_keyframes=0 '
                                        '--config.context.p_random=0'):
     baselines.check_context_patterns(config)
-  config.method = 'autoregressive'  # Its teacher forcing ignores the patterns.
-  baselines.check_context_patterns(config)
+  for method in baselines.AUTOREGRESSIVE_METHODS:  # They train every frame from its clean past.
+    config.method = method
+    baselines.check_context_patterns(config)
 
 
 def test_full_sequence_examples_keep_given_frames_clean_and_out_of_the_loss():
@@ -399,7 +475,7 @@ def _config(method, total_steps=2):
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize('method', ['full_sequence', 'autoregressive'])
+@pytest.mark.parametrize('method', ['full_sequence', 'autoregressive', 'autoregressive_noncausal'])
 def test_each_method_trains_samples_and_keeps_its_checkpoints(tmp_path, method):
   workdir = str(tmp_path)
   train.train_and_evaluate(_config(method), workdir)

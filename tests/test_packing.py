@@ -59,7 +59,8 @@ def _clips(batch):
       yield b, np.flatnonzero(ids == segment)
 
 
-@pytest.mark.parametrize('method', ['flowception', 'full_sequence', 'autoregressive'])
+@pytest.mark.parametrize('method', ['flowception', 'full_sequence', 'autoregressive',
+                                    'autoregressive_noncausal'])
 def test_rows_hold_whole_clips_each_restarting_its_positions(method):
   batches = list(itertools.islice(iter(_dataset(method=method)), 6))
   size = max(input_pipeline.slot_counts(method, BUCKETS))
@@ -84,6 +85,9 @@ def test_rows_hold_whole_clips_each_restarting_its_positions(method):
       if method == 'autoregressive':  # Clean frames, then their noisy copies, in one segment.
         np.testing.assert_array_equal(batch['positions'][b, slots],
                                       np.tile(np.arange(len(slots) // 2), 2))
+      if method == 'autoregressive_noncausal':  # A clean prefix, then at most the frame to make.
+        np.testing.assert_array_equal(batch['positions'][b, slots], np.arange(len(slots)))
+        np.testing.assert_array_equal(batch['flow_mask'][b, slots[:-1]], False)
   assert np.concatenate(per_row).max() >= 2  # Rows do hold several clips.
 
 

@@ -1,7 +1,10 @@
-"""The learning-curve study: variants and budgets, end to end on a tiny config, curves and plots."""
+"""The learning-curve study: variants and budgets, end to end on a tiny config, resumption, curves
+and plots."""
 
 import json
 import os
+import re
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +16,7 @@ from configs import shapes as shapes_config
 from flowception_jax.core import inference
 from flowception_jax.core import model as model_lib
 from flowception_jax.research import study
+from flowception_jax.storage import files
 
 
 def test_variants_parse_and_override_existing_fields_only():
@@ -38,12 +42,17 @@ def test_variants_parse_and_override_existing_fields_only():
     study.eval_steps(10, 3, 'cubic')
 
 
-@pytest.mark.e2e
-def test_a_tiny_study_end_to_end(tmp_path):
-  """One variant, two evaluations: they land in study.json, a GIF and the plots."""
+def _tiny_config() -> ml_collections.ConfigDict:
   config = shapes_config.get_config('tiny')
   config.data.num_threads = 1
   config.data.buckets = (12,)  # One train-step compilation.
+  return config
+
+
+@pytest.mark.e2e
+def test_a_tiny_study_end_to_end(tmp_path):
+  """One variant, two evaluations: they land in study.json, a GIF and the plots."""
+  config = _tiny_config()
   variant = study.parse_variant('weighted flow.velocity_weighting=logit_normal')
   output = str(tmp_path / 'study')
   result = study.run_study(config, [variant], [3], output, steps=4, evals=2, num_videos=2)
@@ -63,8 +72,97 @@ def test_a_tiny_study_end_to_end(tmp_path):
   assert sorted(os.path.basename(p) for p in paths) == [
       'clean_pixel_share.png', 'length_tv.png', 'pass_share.png']
   assert all(os.path.getsize(p) > 0 for p in paths)
-  with pytest.raises(FileExistsError, match='--output'):
-    study.run_study(config, [variant], [0], output, steps=2)
+  with pytest.raises(ValueError, match=re.escape('seeds: [3] in study.json, [0] now')):
+    study.run_study(config, [variant], [0], output, steps=4, evals=2, num_videos=2)
+
+
+def _rows(result: dict) -> list[tuple]:
+  """What a study found, run by run: the run, and its evaluations' steps and metrics."""
+  return [(run['variant'], run['seed'], run['overrides'], run['total_steps'],
+           [(p['step'], p['metrics']) for p in run['points']]) for run in result['runs']]
+
+
+@pytest.mark.e2e
+def test_a_stopped_study_resumes_where_it_stopped(tmp_path, monkeypatch):
+  """A SIGTERM stops the second run between its evaluations; the same command finishes the study,
+  training only what was left. Both variants are the same config and seed, so the first run,
+  uninterrupted, gives the rows the second must end with."""
+  config, variants, seeds = _tiny_config(), [study.parse_variant('first'),
+                                             study.parse_variant('second')], [0]
+  flags = dict(steps=4, evals=2, num_videos=2)
+  output = str(tmp_path)
+  hook = study._Curve.__call__
+
+  def sigterm_at_step_3_of_the_second_run(curve, step, state):
+    if step == 3 and os.path.join('second', 'seed_0') in curve.workdir:
+      os.kill(os.getpid(), signal.SIGTERM)  # The trainer's handler saves the step and stops.
+    return hook(curve, step, state)
+
+  with monkeypatch.context() as patch:
+    patch.setattr(study._Curve, '__call__', sigterm_at_step_3_of_the_second_run)
+    stopped = study.run_study(config, variants, seeds, output, **flags)
+  assert json.load(open(os.path.join(output, 'study.json'))) == json.loads(json.dumps(stopped))
+  first, second = stopped['runs']
+  assert [p['step'] for p in first['points']] == [2, 4]
+  assert [p['step'] for p in second['points']] == [2] and second['stopped_at']['step'] == 3
+
+  trained = []
+  train_and_evaluate = study.train.train_and_evaluate
+  monkeypatch.setattr(study.train, 'train_and_evaluate', lambda config, workdir, **kwargs: (
+      trained.append(workdir), train_and_evaluate(config, workdir, **kwargs))[1])
+  resumed = study.run_study(config, variants, seeds, output, **flags)
+  assert trained == [os.path.join(output, 'runs', 'second', 'seed_0')]
+  assert resumed['runs'][0] == json.loads(json.dumps(first))  # Kept as it was.
+  assert resumed['runs'][1]['resumed_from'] == [3] and 'stopped_at' not in resumed['runs'][1]
+  rows = _rows(resumed)
+  assert rows[1] == ('second',) + rows[0][1:]
+  assert _rows(json.load(open(os.path.join(output, 'study.json')))) == rows
+
+  # Stopped while evaluating its saved last step: that step is evaluated from the checkpoint.
+  lost = dict(resumed, runs=[dict(resumed['runs'][0], points=resumed['runs'][0]['points'][:1])]
+              + resumed['runs'][1:])
+  files.write_json(os.path.join(output, 'study.json'), lost)
+  trained.clear()
+  again = study.run_study(config, variants, seeds, output, **flags)
+  assert not trained and _rows(again) == rows
+
+  with pytest.raises(ValueError, match=re.escape('evals: 2 in study.json, 3 now')):
+    study.run_study(config, variants, seeds, output, **dict(flags, evals=3))
+
+
+def test_a_rerun_of_another_definition_is_refused_before_any_training(tmp_path, monkeypatch):
+  monkeypatch.setattr(study.train, 'train_and_evaluate', None)  # Calling it would fail the test.
+  config = shapes_config.get_config('tiny')
+  variants = [study.parse_variant('base'), study.parse_variant('fast optim.learning_rate=1e-3')]
+  same = dict(config=config, variants=variants, seeds=[0], output=str(tmp_path), steps=4,
+              evals=2, num_videos=2)
+  definition = study.study_definition(
+      config, variants, [0], minutes=None, steps=4, evals=2, num_videos=2, calibration_steps=30,
+      eval_seed=0, eval_spacing='linear')
+  files.write_json(str(tmp_path / 'study.json'), dict(definition, runs=[]))
+  faster = ml_collections.ConfigDict(config.to_dict())
+  faster.optim.learning_rate = 0.5
+  changes = {
+      'seeds: [0] in study.json, [0, 1] now': dict(seeds=[0, 1]),
+      'config.optim.learning_rate: 0.002 in study.json, 0.5 now': dict(config=faster),
+      "variants: [{'name': 'base', 'overrides': {}}, {'name': 'fast', 'overrides': "
+      "{'optim.learning_rate': 0.001}}] in study.json, [{'name': 'base', 'overrides': {}}] now":
+          dict(variants=variants[:1]),
+      'budget.minutes: None in study.json, 5.0 now; budget.steps: 4 in study.json, None now; '
+      'calibration_steps: None in study.json, 30 now': dict(minutes=5.0, steps=None),
+      "eval_spacing: 'linear' in study.json, 'log' now": dict(eval_spacing='log'),
+  }
+  for message, change in changes.items():
+    with pytest.raises(ValueError, match=re.escape(message) + '.*pass a new --output'):
+      study.run_study(**(same | change))
+  del definition['eval_spacing']  # A study.json that predates a field of the definition.
+  files.write_json(str(tmp_path / 'study.json'), dict(definition, runs=[]))
+  with pytest.raises(ValueError, match='eval_spacing: not in study.json'):
+    study.run_study(**same)
+  os.remove(tmp_path / 'study.json')
+  (tmp_path / 'notes.txt').write_text('not a study')
+  with pytest.raises(FileExistsError, match='no study.json; pass a new --output'):
+    study.run_study(**same)
 
 
 def _fake_wall_clock(monkeypatch) -> list[float]:

@@ -11,13 +11,20 @@
                   its clean past in one pass); sampling makes one frame at a time from the clean
                   frames before it and stops by a learned end-of-video decision, whose logit is the
                   rate head's output on the last clean frame (`end_loss`).
-Both samplers run on device in one `jax.lax` loop under `jax.jit`, with fixed shapes, and return the
-`sampler.SampleOutput` of the Flowception sampler. Both take given frames as a prefix (image to
-video: frame 0; extension: frames 0..K-1), through the arguments of `sampler.make_sampler`
-(`init_frames` with a `context_mask` on the prefix's slots): full-sequence keeps them clean in the
-context channel, as it trains with `config.context`'s first-frame and prefix patterns, and draws
-lengths of more than K; autoregressive takes them as its clean past frames (in the main channel,
-its context channel empty, as teacher forcing trains it) and starts after them.
+  autoregressive_noncausal: frame by frame, the clean past frames attending to each other both
+                  ways (`model.noncausal_attention`), so their outputs change as the video grows
+                  and no key-value cache could hold them. Training makes one frame per clip
+                  (`input_pipeline.NoncausalAutoregressiveTransform`: frame k uniform in 0..N,
+                  after its clean past); sampling and the end decision are those of
+                  `autoregressive`, under this mask.
+Every sampler runs on device in one `jax.lax` loop under `jax.jit`, with fixed shapes, and returns
+the `sampler.SampleOutput` of the Flowception sampler. The baselines take given frames as a prefix
+(image to video: frame 0; extension: frames 0..K-1), through the arguments of
+`sampler.make_sampler` (`init_frames` with a `context_mask` on the prefix's slots): full-sequence
+keeps them clean in the context channel, as it trains with `config.context`'s first-frame and
+prefix patterns, and draws lengths of more than K; the autoregressive methods take them as their
+clean past frames (in the main channel, the context channel empty, as they train) and start after
+them.
 """
 
 from typing import Any, Callable
@@ -33,7 +40,9 @@ from flowception_jax.core import model as model_lib
 from flowception_jax.core import orders
 from flowception_jax.core import sampler as sampler_lib
 
-METHODS = ('flowception', 'full_sequence', 'autoregressive')
+METHODS = ('flowception', 'full_sequence', 'autoregressive', 'autoregressive_noncausal')
+# The methods that make one frame at a time and end videos by a learned decision (`end_loss`).
+AUTOREGRESSIVE_METHODS = ('autoregressive', 'autoregressive_noncausal')
 
 # Records read (evenly spaced over the source) to measure the length distribution.
 LENGTH_RECORDS = 1024
@@ -54,8 +63,8 @@ def check_method(config) -> None:
 
 def check_context_patterns(config) -> None:
   """Refuses training the full-sequence method on context patterns other than a prefix (its
-  sampler has no insertions to place given frames anywhere else). The autoregressive method
-  ignores `config.context`: its teacher forcing trains every frame from its clean past."""
+  sampler has no insertions to place given frames anywhere else). The autoregressive methods
+  ignore `config.context`: they train every frame from its clean past."""
   unsupported = [name for name in ('keyframes', 'random')
                  if config.method == 'full_sequence' and config.context[f'p_{name}'] > 0]
   if unsupported:
@@ -196,30 +205,35 @@ def make_full_sequence_sampler(apply_fn: Callable[..., Any], *, config: sampler_
 
 def make_autoregressive_sampler(apply_fn: Callable[..., Any], *,
                                 config: sampler_lib.SamplerConfig, batch_size: int, capacity: int,
-                                frame_shape: tuple[int, ...],
-                                num_classes: int = 0) -> Callable[..., sampler_lib.SampleOutput]:
-  """The jitted autoregressive sampler: `sample(params, key, labels=None, init_frames=None,
-  context_mask=None, ...) -> SampleOutput`.
+                                frame_shape: tuple[int, ...], num_classes: int = 0,
+                                causal: bool = True) -> Callable[..., sampler_lib.SampleOutput]:
+  """The jitted sampler of an autoregressive method: `sample(params, key, labels=None,
+  init_frames=None, context_mask=None, ...) -> SampleOutput`.
 
   Frame i starts as noise and takes `num_steps` Euler steps while frames 0..i-1, clean, are its
-  causal context (`apply_fn` gets `frame_attention=model.causal_attention(positions)`). The first
-  evaluation of frame i also yields the end-of-video logit of frame i - 1 (which, causal, does not
-  see frame i): a video ends there with probability `sigmoid(logit)`, or at the capacity. A video
-  given frames 0..K-1 starts at frame K. The loop runs until every video has ended, one evaluation
-  per iteration; `insert_step` is the iteration at which each frame began (0 for given frames).
+  context: under `model.causal_attention(positions)` (`causal`, the 'autoregressive' method) or
+  `model.noncausal_attention` of frame i ('autoregressive_noncausal': the clean frames see each
+  other both ways), as each method trains. The first evaluation of frame i also yields the
+  end-of-video logit of frame i - 1 (which, under either mask, does not see frame i): a video ends
+  there with probability `sigmoid(logit)`, or at the capacity. A video given frames 0..K-1 starts
+  at frame K. The loop runs until every video has ended, one evaluation per iteration;
+  `insert_step` is the iteration at which each frame began (0 for given frames).
   """
-  _check_learned_order(config, 'autoregressive')
+  _check_learned_order(config, 'autoregressive' if causal else 'autoregressive_noncausal')
   b, n, frame_shape = batch_size, capacity, tuple(frame_shape)
   steps = config.num_steps
   slots = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
-  causal = model_lib.causal_attention(slots)
+
+  def attention(made: jax.Array) -> jax.Array:
+    """bool [B, N, N] of the sequence that makes the frames `made` bool [B, N]."""
+    return model_lib.causal_attention(slots) if causal else model_lib.noncausal_attention(made)
 
   def sample(params, key, labels=None, init_frames=None, context_mask=None,
              **unused) -> sampler_lib.SampleOutput:
     context, given = _check_call(labels, num_classes, b, n, frame_shape, init_frames,
                                  context_mask, **unused)
     prefix = _prefix_length(given)
-    empty = jnp.zeros_like(context)  # Teacher forcing trains the prefix as clean past frames.
+    empty = jnp.zeros_like(context)  # Training shows the prefix as clean past frames.
     noise_key, key = jax.random.split(key)
 
     def step(state):
@@ -232,7 +246,7 @@ def make_autoregressive_sampler(apply_fn: Callable[..., Any], *,
       inputs = (frames, empty, flowception.snr_shift(times, config.snr_shift), slots,
                 slots <= current[:, None])
       velocity, end_logit = sampler_lib.guided_apply(apply_fn, params, inputs, labels, config,
-                                                     num_classes, frame_attention=causal)
+                                                     num_classes, frame_attention=attention(made))
       key, end_key = jax.random.split(key)
       previous = jnp.take_along_axis(end_logit, jnp.maximum(current - 1, 0)[:, None], axis=1)[:, 0]
       ends = (k == 0) & (current > 0) & jax.random.bernoulli(end_key, jax.nn.sigmoid(previous))

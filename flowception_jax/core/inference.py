@@ -62,8 +62,9 @@ def _batch_sampler(model: model_lib.DiT, config: ml_collections.ConfigDict,
                 frame_shape=tuple(info.frame_shape), num_classes=info.num_classes)
   if config.method == 'flowception':
     return sampler_lib.make_sampler(apply_fn, **common)
-  if config.method == 'autoregressive':
-    return baselines.make_autoregressive_sampler(apply_fn, **common)
+  if config.method in baselines.AUTOREGRESSIVE_METHODS:
+    return baselines.make_autoregressive_sampler(
+        apply_fn, causal=config.method == 'autoregressive', **common)
   if config.get('length_distribution') is None:
     raise ValueError('the full_sequence sampler needs the length distribution that training '
                      'measures (config.length_distribution, set by training.train.resolve); '

@@ -1,12 +1,14 @@
 """The Flowception DiT: a transformer over space-time tokens with a time and a rate per frame.
 
 Each frame is patchified (its channels doubled by the clean context frame at the same slot) and gets
-one extra learnable rate token, unless it is a single patch, whose token then carries both. All tokens of all frames attend to each other (padded frames are
-masked as keys) unless a frame-level mask restricts which frames see which: causal for the
-autoregressive baseline, a band of `attn_window` neighbouring frames for any method. adaLN-Zero
-modulation is computed per frame from that frame's own time and the class, and broadcast to its
-tokens. Rotary embeddings encode (slot, row, column). After the last block the patch tokens give the
-velocity and the rate token gives the frame's insertion log-rate (`token_grid`).
+one extra learnable rate token, unless it is a single patch, whose token then carries both. All
+tokens of all frames attend to each other (padded frames are masked as keys) unless a frame-level
+mask restricts which frames see which: causal, or non-causal (clean past frames both ways, the frame
+being made hidden from them), for the autoregressive baselines, a band of `attn_window` neighbouring
+frames for any method. adaLN-Zero modulation is computed per frame from that frame's own time and
+the class, and broadcast to its tokens. Rotary embeddings encode (slot, row, column). After the last
+block the patch tokens give the velocity and the rate token gives the frame's insertion log-rate
+(`token_grid`).
 
 Parameters carry logical axis names ('embed', 'mlp', 'heads', 'kv', 'patch', 'vocab') that
 `sharding.LOGICAL_RULES` maps onto the mesh; activations are constrained to ('batch', 'length',
@@ -147,6 +149,17 @@ def causal_attention(positions: jax.Array, noisy: jax.Array | None = None) -> ja
   if noisy is not None:
     earlier &= ~noisy[:, None, :]
   return earlier | jnp.eye(positions.shape[1], dtype=bool)
+
+
+def noncausal_attention(noisy: jax.Array) -> jax.Array:
+  """Frame-level mask of the non-causal autoregressive baseline: the clean frames see each other,
+  both ways, and a noisy frame sees them and itself; no frame sees another's noisy one.
+
+  noisy: bool [B, F] frames being made. Returns bool [B, F, F], `[b, q, k]` True where query frame q
+  may attend to key k. Hidden from the clean frames, the frame being made cannot change their
+  outputs, the end-of-video logit of the last clean one included.
+  """
+  return ~noisy[:, None, :] | jnp.eye(noisy.shape[1], dtype=bool)
 
 
 def window_attention(positions: jax.Array, window: int) -> jax.Array:

@@ -19,13 +19,23 @@ variant first trains `--calibration_steps` steps to time a step, and then runs t
 fills the budget, so that its learning-rate schedule ends with it; otherwise runs last `--steps`
 (or each config's `total_steps`).
 
-Writes `OUTPUT/study.json` after every evaluation and, at the end, `OUTPUT/<metric>.png` per metric:
-its mean over seeds against training minutes per variant, the seeds' range shaded.
-`--replot` redraws the figures of an existing study.
+Writes `OUTPUT/study.json` when it starts, when a run starts and after every evaluation (whole
+or not at all) and, at the end, `OUTPUT/<metric>.png` per metric: its mean over seeds against
+training minutes per variant, the seeds' range shaded. `--replot` redraws the figures of an
+existing study.
+
+A stopped study resumes: the same command again keeps the results in `study.json`, skips the runs
+whose evaluations are all there, and continues the others from the checkpoint in their workdir (a
+SIGTERM saves the step it lands on; every evaluated step is saved), re-evaluating what was not
+recorded; a variant keeps the step count it was given. A resumed run adds the training time it
+had when it stopped (`stopped_at`, its last save included) and, as a run does, starts its clock
+after its first step. A rerun whose definition differs (config, variants, seeds, budget,
+evaluations) is refused, naming the differences.
 """
 
 import ast
 import dataclasses
+import functools
 import json
 import os
 import tempfile
@@ -47,6 +57,7 @@ from flowception_jax.core import model as model_lib
 from flowception_jax import datasets
 from flowception_jax.storage import files
 from flowception_jax.storage import video_io
+from flowception_jax.training import checkpoint
 from flowception_jax.training import train
 
 # Metrics plotted by default, per data set (others: every metric their evaluation returns).
@@ -154,7 +165,8 @@ class _Clock:
 
 
 class _StepTimer:
-  """Step hook that times steps 2 .. `last` (compilation excluded) and then ends the run."""
+  """Step hook that times steps 2 .. `last` (compilation excluded) and then ends the run;
+  `seconds_per_step` stays None if the run stops (SIGTERM) before."""
 
   def __init__(self, clock: _Clock, last: int):
     self.clock, self.last = clock, last
@@ -172,9 +184,9 @@ class _StepTimer:
     return False
 
 
-def seconds_per_step(config: ml_collections.ConfigDict, steps: int) -> float:
+def seconds_per_step(config: ml_collections.ConfigDict, steps: int) -> float | None:
   """Wall-clock seconds per training step of `config` (compilation excluded), timed over `steps`
-  steps after the first."""
+  steps after the first; None if a SIGTERM stopped the timing."""
   with tempfile.TemporaryDirectory() as workdir, _Clock() as clock:
     timer = _StepTimer(clock, 1 + steps)
     # One step more than timed, so that the run stops before its only checkpoint.
@@ -183,12 +195,22 @@ def seconds_per_step(config: ml_collections.ConfigDict, steps: int) -> float:
   return timer.seconds_per_step
 
 
+def _complete(points: list[dict], steps: tuple[int, ...]) -> bool:
+  """Whether `points` hold the evaluations of every one of `steps`."""
+  return [p['step'] for p in points] == list(steps)
+
+
 class _Curve:
   """Step hook of one run: times training between blocking fetches, evaluates at `steps`, and
-  ends the run after the last evaluation (whose step is the run's last, already saved)."""
+  ends the run after the last evaluation (whose step is the run's last, already saved).
+
+  A resumed run passes the `points` it has recorded (the list is extended in place) and the
+  `train_seconds` it had trained.
+  """
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, steps: tuple[int, ...],
-               num_videos: int, eval_seed: int, clock: _Clock, on_point):
+               num_videos: int, eval_seed: int, clock: _Clock, on_point,
+               points: list[dict] | None = None, train_seconds: float = 0.0):
     source, self.info = datasets.make_source(config.data)
     self.config = train.resolve(config, source, self.info)
     self.workdir = workdir
@@ -199,8 +221,8 @@ class _Curve:
     self.on_point = on_point
     self.sampler = None
     self.start = None
-    self.train_seconds = 0.0
-    self.points = []
+    self.train_seconds = train_seconds
+    self.points = [] if points is None else points
 
   def evaluate(self, step: int, params) -> dict[str, float]:
     """The data set's metrics of `num_videos` videos sampled from `params`, from the same noise
@@ -219,6 +241,21 @@ class _Curve:
     metrics['mean_length'] = float(lengths.mean())
     return {name: float(value) for name, value in metrics.items()}
 
+  def record(self, step: int, params) -> None:
+    """Evaluates `params` at `step` and records the point, in place of any at or after `step`
+    (a run resumed from an earlier checkpoint than its records evaluates those steps again)."""
+    evaluate_start = time.perf_counter()
+    metrics = self.evaluate(step, params)
+    self.points[:] = [p for p in self.points if p['step'] < step]
+    self.points.append({'step': step, 'train_seconds': self.train_seconds,
+                        'eval_seconds': time.perf_counter() - evaluate_start, 'metrics': metrics})
+    logging.info('step %d, %.2f training minutes: %s', step, self.train_seconds / 60, metrics)
+    self.on_point()
+
+  def elapsed(self) -> float:
+    """Training seconds so far, the part since the last evaluation included."""
+    return self.train_seconds + (0.0 if self.start is None else self.clock.now() - self.start)
+
   def __call__(self, step: int, state) -> bool:
     if self.start is None:  # The clock starts once the first step is done.
       jax.block_until_ready(state)
@@ -227,14 +264,51 @@ class _Curve:
       return False
     jax.block_until_ready(state)
     self.train_seconds += self.clock.now() - self.start
-    evaluate_start = time.perf_counter()
-    metrics = self.evaluate(step, state.ema_params)
-    self.points.append({'step': step, 'train_seconds': self.train_seconds,
-                        'eval_seconds': time.perf_counter() - evaluate_start, 'metrics': metrics})
-    logging.info('step %d, %.2f training minutes: %s', step, self.train_seconds / 60, metrics)
-    self.on_point()
+    self.record(step, state.ema_params)
     self.start = self.clock.now()
     return step == self.steps[-1]
+
+
+def _saved_step(workdir: str) -> int:
+  """The step of the latest checkpoint in `workdir`, where training there resumes (0: none)."""
+  if not epath.Path(workdir, 'checkpoints').exists():
+    return 0
+  manager = checkpoint.make_manager(workdir, read_only=True)
+  step = manager.latest_step()
+  manager.close()
+  return step or 0
+
+
+def _resumed_seconds(run: dict, step: int) -> float:
+  """The training seconds `run` had at its saved `step`: those of its stop there, else those of
+  its last evaluation (at `step` when it was saved for it)."""
+  stopped = run.get('stopped_at')
+  if stopped and stopped['step'] == step:
+    return stopped['train_seconds']
+  return run['points'][-1]['train_seconds'] if run['points'] else 0.0
+
+
+def _train_run(run: dict, config: ml_collections.ConfigDict, workdir: str,
+               steps: tuple[int, ...], num_videos: int, eval_seed: int, on_point) -> bool:
+  """Trains the run `run` records in `workdir`, from its checkpoint if it has one, evaluating at
+  `steps` into `run['points']`; whether it is complete (False: a SIGTERM stopped it, and
+  `run['stopped_at']` holds the step and the training seconds it had)."""
+  saved = _saved_step(workdir)
+  run['points'] = [p for p in run['points'] if p['step'] <= saved]
+  if saved:
+    run['resumed_from'].append(saved)
+  with _Clock() as clock:
+    curve = _Curve(config, workdir, steps, num_videos, eval_seed, clock, on_point,
+                   points=run['points'], train_seconds=_resumed_seconds(run, saved))
+    if saved in steps and not any(p['step'] == saved for p in run['points']):
+      curve.record(saved, inference.load(workdir, step=saved).params)  # Stopped evaluating it.
+    if not _complete(run['points'], steps):
+      state = train.train_and_evaluate(curve.config, workdir, step_hook=curve, save_steps=steps)
+      if not _complete(run['points'], steps):
+        run['stopped_at'] = {'step': int(state.step), 'train_seconds': curve.elapsed()}
+        return False
+  run.pop('stopped_at', None)
+  return True
 
 
 def _write_json(path: str, value) -> None:
@@ -243,49 +317,131 @@ def _write_json(path: str, value) -> None:
     files.write_json(path, value)
 
 
+def _as_json(value):
+  """`value` as JSON reads it back (tuples as lists), so saved and new values compare equal."""
+  return json.loads(json.dumps(value))
+
+
+def study_definition(config: ml_collections.ConfigDict, variants: list[Variant], seeds: list[int],
+                     *, minutes: float | None, steps: int | None, evals: int, num_videos: int,
+                     calibration_steps: int, eval_seed: int, eval_spacing: str) -> dict:
+  """What a study's results depend on (the arguments of `run_study`), as JSON values."""
+  return _as_json({
+      'config': config.to_dict(),
+      'variants': [{'name': v.name, 'overrides': v.overrides} for v in variants],
+      'seeds': list(seeds), 'budget': {'minutes': minutes, 'steps': steps}, 'evals': evals,
+      'eval_spacing': eval_spacing, 'num_videos': num_videos, 'eval_seed': eval_seed,
+      'calibration_steps': None if minutes is None else calibration_steps})
+
+
+def _differences(saved, current, path: str = '') -> list[str]:
+  """Where two JSON values differ, one line per dotted field (dicts are compared field by
+  field, other values whole)."""
+  if not (isinstance(saved, dict) and isinstance(current, dict)):
+    return [] if saved == current else [f'{path}: {saved!r} in study.json, {current!r} now']
+  lines = []
+  for key in sorted(saved.keys() | current.keys()):
+    field = f'{path}.{key}' if path else key
+    if key not in current:
+      lines.append(f'{field}: only in study.json')
+    elif key not in saved:
+      lines.append(f'{field}: not in study.json')
+    else:
+      lines += _differences(saved[key], current[key], field)
+  return lines
+
+
+def _saved_study(output: str, definition: dict) -> dict | None:
+  """The study in `OUTPUT/study.json` to resume, None if `output` is new or empty.
+
+  Refuses a saved study of another definition, naming the differences, and an output that holds
+  files but no study.
+  """
+  path = os.path.join(output, 'study.json')
+  if files.exists(path):
+    study = json.loads(files.read_bytes(path))
+    differences = _differences({k: study[k] for k in definition if k in study}, definition)
+    if differences:
+      raise ValueError(f'{path} holds a study of another definition ({"; ".join(differences)}); '
+                       'run the command that started it to resume it, or pass a new --output')
+    return study
+  if epath.Path(output).is_dir() and any(epath.Path(output).iterdir()):
+    raise FileExistsError(f'{output} holds files but no study.json; pass a new --output')
+  return None
+
+
+def _variant_budget(study: dict, variant: Variant, config: ml_collections.ConfigDict,
+                    minutes: float | None, steps: int | None,
+                    calibration_steps: int) -> tuple[int, float | None] | None:
+  """(total steps, calibrated seconds per step or None) of a variant's runs: those its recorded
+  runs have (a resumed run keeps its schedule), else `steps`, the config's, or what fills
+  `minutes`; None if a SIGTERM stopped the calibration."""
+  recorded = [run for run in study['runs'] if run['variant'] == variant.name]
+  if recorded:
+    return recorded[0]['total_steps'], recorded[0]['calibrated_seconds_per_step']
+  if minutes is None:
+    return steps or config.total_steps, None
+  calibration = seconds_per_step(config, calibration_steps)
+  if calibration is None:
+    return None
+  total_steps = max(1, int(minutes * 60 / calibration))
+  logging.info('%s: %.3f s per step, %d steps in %.1f minutes', variant.name, calibration,
+               total_steps, minutes)
+  return total_steps, calibration
+
+
 def run_study(config: ml_collections.ConfigDict, variants: list[Variant], seeds: list[int],
               output: str, *, minutes: float | None = None, steps: int | None = None,
               evals: int = 5, num_videos: int = 64, calibration_steps: int = 30,
               eval_seed: int = 0, eval_spacing: str = 'linear') -> dict:
   """Trains every variant with every seed; returns the study and writes it to OUTPUT/study.json.
 
-  See the module docstring for the budget, the timing and the evaluations.
+  Resumes the study saved in `output` (its definition must be the same); a SIGTERM ends it early,
+  its state saved. See the module docstring for the budget, the timing, the evaluations and the
+  resumption.
   """
   if minutes is not None and steps is not None:
     raise ValueError('give a budget in --minutes or in --steps, not both')
-  if epath.Path(output).is_dir() and any(epath.Path(output).iterdir()):
-    raise FileExistsError(f'{output} is not empty; a study starts from scratch: pass a new '
-                          '--output (or --replot to redraw its figures)')
   names = [v.name for v in variants]
   if len(set(names)) != len(names):
     raise ValueError(f'variant names must differ, got {names}')
   configs = [apply_overrides(config, v) for v in variants]  # Every typo fails before any run.
-  study = {'config': config.to_dict(), 'budget': {'minutes': minutes, 'steps': steps},
-           'evals': evals, 'num_videos': num_videos, 'eval_seed': eval_seed,
-           'time': TIME_NOTE, 'cpu_count': os.cpu_count(), 'runs': []}
-  path = os.path.join(output, 'study.json')
+  definition = study_definition(config, variants, seeds, minutes=minutes, steps=steps,
+                                evals=evals, num_videos=num_videos,
+                                calibration_steps=calibration_steps, eval_seed=eval_seed,
+                                eval_spacing=eval_spacing)
+  study = _saved_study(output, definition) or dict(definition, time=TIME_NOTE,
+                                                   cpu_count=os.cpu_count(), runs=[])
+  write = functools.partial(_write_json, os.path.join(output, 'study.json'), study)
+  write()
   for variant, variant_config in zip(variants, configs):
-    total_steps = steps or variant_config.total_steps
-    calibration = None
-    if minutes is not None:
-      calibration = seconds_per_step(variant_config, calibration_steps)
-      total_steps = max(1, int(minutes * 60 / calibration))
-      logging.info('%s: %.3f s per step, %d steps in %.1f minutes', variant.name, calibration,
-                   total_steps, minutes)
+    budget = _variant_budget(study, variant, variant_config, minutes, steps, calibration_steps)
+    if budget is None:
+      logging.warning('SIGTERM: stopped calibrating %s; the same command resumes the study',
+                      variant.name)
+      return study
+    total_steps, calibration = budget
+    evaluated = eval_steps(total_steps, evals, eval_spacing)
     for seed in seeds:
-      run = {'variant': variant.name, 'overrides': variant.overrides, 'seed': seed,
-             'total_steps': total_steps, 'calibrated_seconds_per_step': calibration,
-             'load_average_before': os.getloadavg(), 'points': []}
-      study['runs'].append(run)
+      run = next((r for r in study['runs'] if (r['variant'], r['seed']) == (variant.name, seed)),
+                 None)
+      if run is None:
+        run = {'variant': variant.name, 'overrides': variant.overrides, 'seed': seed,
+               'total_steps': total_steps, 'calibrated_seconds_per_step': calibration,
+               'load_average_before': os.getloadavg(), 'resumed_from': [], 'points': []}
+        study['runs'].append(run)
+        write()
+      if _complete(run['points'], evaluated):
+        continue
       workdir = os.path.join(output, 'runs', variant.name, f'seed_{seed}')
-      with _Clock() as clock:
-        curve = _Curve(_study_config(variant_config, total_steps, seed), workdir,
-                       eval_steps(total_steps, evals, eval_spacing), num_videos, eval_seed, clock,
-                       on_point=lambda: _write_json(path, study))
-        run['points'] = curve.points
-        train.train_and_evaluate(curve.config, workdir, step_hook=curve)
+      if not _train_run(run, _study_config(variant_config, total_steps, seed), workdir, evaluated,
+                        num_videos, eval_seed, write):
+        write()
+        logging.warning('SIGTERM: stopped %s seed %d at step %d; the same command resumes the '
+                        'study', variant.name, seed, run['stopped_at']['step'])
+        return study
       run['load_average_after'] = os.getloadavg()
-      _write_json(path, study)
+      write()
   return study
 
 
@@ -342,7 +498,8 @@ def _define_flags() -> None:
   the library imports beside other entry points that use the same names (`sample.py`)."""
   config_flags.DEFINE_config_file('config', None, 'Base experiment config file.',
                                   lock_config=True)
-  flags.DEFINE_string('output', None, 'Directory for run workdirs, study.json and plots.')
+  flags.DEFINE_string('output', None, 'Directory for run workdirs, study.json and plots; the same '
+                      'command again resumes the study there.')
   flags.DEFINE_multi_string('variant', ['base'],
                             "A variant 'NAME [FIELD=VALUE ...]' (repeat the flag for more).")
   flags.DEFINE_list('seeds', ['0'], 'Training seeds of every variant.')

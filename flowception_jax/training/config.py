@@ -13,7 +13,9 @@ def base_config() -> ml_collections.ConfigDict:
   """Defaults shared by every experiment; each field is documented here once."""
   c = ml_collections.ConfigDict()
   c.seed = 0  # Seeds initialisation, data order, extended-time draws and noise.
-  c.method = 'flowception'  # Generative process, or a baseline (baselines.py): see METHODS there.
+  # Generative process: 'flowception', or a baseline of baselines.py: 'full_sequence',
+  # 'autoregressive' (causal) or 'autoregressive_noncausal' (clean past frames attend both ways).
+  c.method = 'flowception'
   c.total_steps = 10_000  # Optimizer steps of the whole run.
   c.batch_size = 64  # Global batch size (examples per step, over all processes).
   c.log_every = 50  # Steps between training-metric summaries.

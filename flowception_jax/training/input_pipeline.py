@@ -27,8 +27,9 @@ Positions (and so rotary slot indices and insertion gaps) restart at 0 in every 
 Noise is not drawn here: the train step draws it from a key folded with the step.
 
 The baselines (`config.method`) fill the same keys with their own examples: `FullSequenceTransform`
-(every frame visible and in flow at one shared time) and `AutoregressiveTransform` (teacher forcing:
-clean frames followed by a noisy copy of each, `2 F` slots).
+(every frame visible and in flow at one shared time), `AutoregressiveTransform` (teacher forcing:
+clean frames followed by a noisy copy of each, `2 F` slots) and `NoncausalAutoregressiveTransform`
+(a clean prefix and the one noisy frame after it).
 """
 
 from collections.abc import Sequence
@@ -39,6 +40,7 @@ import grain
 import jax
 import numpy as np
 
+from flowception_jax.core import baselines
 from flowception_jax.core import context as context_lib
 from flowception_jax.core import flowception
 from flowception_jax import datasets
@@ -128,13 +130,15 @@ class _WholeClipTransform(grain.transforms.RandomMap):
   tau_scale: float = 1.0
   pixels: bool = True
 
-  def _clip(self, element: dict[str, Any]) -> tuple[np.ndarray, int, np.ndarray]:
-    """(frames [F, H, W, C] in model space zero-padded to the clip's bucket F, its length N,
-    real bool [F]: the first N slots)."""
+  def _clip(self, element: dict[str, Any],
+            shown: int | None = None) -> tuple[np.ndarray, int, np.ndarray]:
+    """(frames [F, H, W, C] in model space, the first `shown` (default: all) of the clip's N
+    frames zero-padded to their bucket F, N, real bool [F]: the first `shown` slots)."""
     video = np.asarray(element['video'], np.float32)
     n = video.shape[0]
-    size = bucket_for(n, self.buckets)
-    return _pad(_model_space(video, self.pixels), size), n, np.arange(size) < n
+    shown = n if shown is None else shown
+    size = bucket_for(shown, self.buckets)
+    return _pad(_model_space(video[:shown], self.pixels), size), n, np.arange(size) < shown
 
   def _times(self, rng: np.random.Generator, size: int | None = None):
     return flowception.sample_global_ratio(rng, self.tau_distribution, size=size,
@@ -204,14 +208,48 @@ class AutoregressiveTransform(_WholeClipTransform):
     }
 
 
+@dataclasses.dataclass(frozen=True)
+class NoncausalAutoregressiveTransform(_WholeClipTransform):
+  """Turns a clip into an example of the non-causal autoregressive baseline: one frame to make.
+
+  The frame to make, k, is uniform in 0..N: frames 0..k-1 clean (t = 1), frame k noisy at its own
+  time (`flow_mask`), none after, padded to the bucket of the frames shown. Under
+  `model.noncausal_attention(flow_mask)` this is the sequence of the sampler when it makes frame
+  k. The last clean frame, k - 1, decides where the video ends (`rate_mask`, for k >= 1):
+  `insert_targets` counts the frames after it, 0 when k = N (the whole clip is clean, no frame to
+  make).
+  """
+
+  def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    n = np.asarray(element['video']).shape[0]
+    k = int(rng.integers(0, n + 1))
+    frames, _, real = self._clip(element, min(k + 1, n))
+    slots = np.arange(real.shape[0])
+    made = (slots == k) & real
+    return {
+        'frames': frames,
+        'frame_times': np.where(made, self._times(rng), (slots < k).astype(np.float32)
+                                ).astype(np.float32),
+        'positions': slots.astype(np.int32),
+        'frame_mask': real,
+        'flow_mask': made,
+        'rate_mask': slots == k - 1,
+        'insert_targets': np.where(slots == k - 1, n - k, 0).astype(np.int32),
+        'context_mask': np.zeros(real.shape, bool),
+        'segment_ids': real.astype(np.int32),
+        'label': np.int32(element['label']),
+        'length': np.int32(n),
+    }
+
+
 def make_transform(method: str, flow_config, buckets: tuple[int, ...], context_config=None,
                    pixels: bool = True) -> grain.transforms.RandomMap:
   """The per-example transform of `method` ('flowception' or a baseline, see `baselines.METHODS`).
 
   `context_config` (`config.context`, None for none) sets the context patterns of Flowception and
   of the full-sequence baseline (first frame and prefix only, `baselines.check_context_patterns`); the
-  autoregressive baseline's teacher forcing already trains every frame from its clean past. `pixels`
-  is `SourceInfo.pixels`.
+  autoregressive baselines already train every frame from its clean past. `pixels` is
+  `SourceInfo.pixels`.
   """
   times = dict(tau_distribution=flow_config.tau_distribution, buckets=buckets,
                tau_loc=flow_config.get('tau_loc', 0.0), tau_scale=flow_config.get('tau_scale', 1.0),
@@ -226,8 +264,10 @@ def make_transform(method: str, flow_config, buckets: tuple[int, ...], context_c
     return FullSequenceTransform(context=context, **times)
   if method == 'autoregressive':
     return AutoregressiveTransform(**times)
-  raise ValueError(f'unknown method {method!r}; set --config.method to flowception, full_sequence '
-                   'or autoregressive')
+  if method == 'autoregressive_noncausal':
+    return NoncausalAutoregressiveTransform(**times)
+  raise ValueError(f'unknown method {method!r}; set --config.method to one of '
+                   f'{", ".join(baselines.METHODS)}')
 
 
 def slot_counts(method: str, buckets: tuple[int, ...]) -> tuple[int, ...]:

@@ -5,6 +5,7 @@ command passes `evaluation.evaluators.from_config`, which builds what `config.ev
 the loop runs each evaluator on the EMA weights at its steps and logs what it returns.
 """
 
+from collections.abc import Collection
 import functools
 import signal
 from typing import Any, Callable
@@ -87,7 +88,8 @@ def frame_attention_of(batch: dict[str, jax.Array], *, method: str,
   """bool [B, F, F] (query frame, key frame) of a training batch, or None for all real frames.
 
   Packed rows keep attention within each clip (padding, segment 0, may look anywhere: its keys are
-  masked and its outputs unused); the autoregressive method attends causally.
+  masked and its outputs unused); the autoregressive methods hide the noisy frames, causally
+  (`model.causal_attention`) or not (`model.noncausal_attention`).
   """
   segment_ids = batch['segment_ids']
   attention = None
@@ -95,9 +97,12 @@ def frame_attention_of(batch: dict[str, jax.Array], *, method: str,
     attention = ((segment_ids[:, :, None] == segment_ids[:, None, :])
                  | (segment_ids[:, :, None] == 0))
   if method == 'autoregressive':
-    causal = model_lib.causal_attention(batch['positions'], noisy=batch['flow_mask'])
-    attention = causal if attention is None else attention & causal
-  return attention
+    past = model_lib.causal_attention(batch['positions'], noisy=batch['flow_mask'])
+  elif method == 'autoregressive_noncausal':
+    past = model_lib.noncausal_attention(batch['flow_mask'])
+  else:
+    return attention
+  return past if attention is None else attention & past
 
 
 def loss_segments(batch: dict[str, jax.Array], flow_config) -> jax.Array | None:
@@ -116,11 +121,11 @@ def compute_losses(params, batch: dict[str, jax.Array], key: jax.Array, *, model
                    packed: bool = False):
   """Velocity and rate losses of one batch; noise and label dropout drawn from `key`.
 
-  The autoregressive method attends causally (teacher forcing, see
-  `input_pipeline.AutoregressiveTransform`) and its rate loss is the end-of-video loss
-  (`baselines.end_loss`). `packed` batches hold several clips per row (`data.packing`), which attend
-  only within themselves. `key` is one PRNG key, or one per example [B]: each example draws from its
-  own key, so any split of a batch into microbatches draws what the whole batch would.
+  The autoregressive methods attend as `frame_attention_of` says and their rate loss is the
+  end-of-video loss (`baselines.end_loss`). `packed` batches hold several clips per row
+  (`data.packing`), which attend only within themselves. `key` is one PRNG key, or one per example
+  [B]: each example draws from its own key, so any split of a batch into microbatches draws what
+  the whole batch would.
   """
   x1 = batch['frames']
   keys = key if key.ndim else jax.random.split(key, x1.shape[0])
@@ -138,12 +143,13 @@ def compute_losses(params, batch: dict[str, jax.Array], key: jax.Array, *, model
                                    flow_config.velocity_weight_scale)
   segments = loss_segments(batch, flow_config)
   vel_loss = flowception.velocity_loss(velocity, x1 - x0, batch['flow_mask'], weight, segments)
-  rate_fn = baselines.end_loss if method == 'autoregressive' else flowception.rate_loss
+  autoregressive = method in baselines.AUTOREGRESSIVE_METHODS
+  rate_fn = baselines.end_loss if autoregressive else flowception.rate_loss
   rate_loss = rate_fn(log_rate, batch['insert_targets'], batch['rate_mask'], segments)
   loss = vel_loss + flow_config.rate_weight * rate_loss
   mean = lambda x: flowception.masked_mean(x, batch['rate_mask'])
   aux = {'velocity_loss': vel_loss, 'rate_loss': rate_loss}
-  if method == 'autoregressive':
+  if autoregressive:
     aux.update(end_probability=mean(jax.nn.sigmoid(log_rate)),
                end_share=mean(batch['insert_targets'] == 0))
   else:
@@ -352,7 +358,8 @@ class _Preemption:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        make_evaluators: Callable[..., dict[str, Any]] | None = None,
-                       step_hook: Callable[[int, TrainState], bool] | None = None) -> TrainState:
+                       step_hook: Callable[[int, TrainState], bool] | None = None,
+                       save_steps: Collection[int] = ()) -> TrainState:
   """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
 
   `make_evaluators(config, info, model, workdir)`, if given, returns evaluators by name, each with
@@ -360,7 +367,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   and uint8 [H, W, 3] images, logged under its name. `step_hook(step, state)`, if given, runs after
   every step's logging and checkpointing (and before the evaluators), inside the mesh context;
   returning True ends the run there, without a further save (learning-curve studies time and
-  evaluate runs through it).
+  evaluate runs through it). `save_steps` are saved besides every `checkpoint_every` steps and the
+  last one (a study saves the steps it evaluates, so that a stopped study resumes from them).
   """
   # ---- Data source and config -------------------------------------------------------------------
   source, info = datasets.make_source(config.data)
@@ -486,7 +494,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         for hook in hooks:
           hook(step)
         last = step == config.total_steps
-        save = last or step % config.checkpoint_every == 0
+        save = last or step % config.checkpoint_every == 0 or step in save_steps
         evaluating = bool(evaluators) and (last or any(e.every and step % e.every == 0
                                                        for e in evaluators.values()))
         synced = save or evaluating or step % config.log_every == 0
