@@ -112,11 +112,16 @@ def test_resume_is_exact(num_threads):
 
 def _perturbed_params(net, inputs):
   """Initialised parameters, perturbed so the zero-initialised heads and gates carry signal."""
-  params = nn.unbox(net.init(jax.random.key(0), *inputs))['params']
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  return jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape)
-                                   for x, k in zip(leaves, keys)])
+
+  @jax.jit
+  def perturbed(init_key, noise_key):
+    params = nn.unbox(net.init(init_key, *inputs))['params']
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(noise_key, len(leaves))
+    return jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape)
+                                     for x, k in zip(leaves, keys)])
+
+  return perturbed(jax.random.key(0), jax.random.key(1))
 
 
 @pytest.mark.parametrize('local_mixing', [False, True])
@@ -129,11 +134,12 @@ def test_a_packed_row_gives_each_clip_the_loss_it_gets_alone(local_mixing):
   x0 = rng.normal(size=batch['frames'].shape).astype(np.float32)
   flow = _flow_config()
 
+  @jax.jit
   def losses(params, rows, noise):
     """Outputs and (velocity, rate) losses of rows, from the given noise."""
     t = rows['frame_times'][..., None, None, None]
-    x_t = np.where(rows['context_mask'][..., None, None, None], rows['frames'],
-                   t * rows['frames'] + (1 - t) * noise)
+    x_t = jnp.where(rows['context_mask'][..., None, None, None], rows['frames'],
+                    t * rows['frames'] + (1 - t) * noise)
     labels = jnp.asarray(rows['label'])
     velocity, log_rate = net.apply(
         {'params': params}, *train.model_inputs(rows, x_t, rows['frame_times'], labels),
