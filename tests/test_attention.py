@@ -75,9 +75,11 @@ def test_dit_with_blockwise_attention_equals_dense_with_padding_and_causal_masks
     return jnp.sum(jnp.where(real, velocity, 0.0) ** 2) + jnp.sum(jnp.where(frame_mask, log_rate,
                                                                             0.0))
 
+  dense_fn, blockwise_fn = (jax.jit(jax.value_and_grad(lambda p, a, net=net: loss(p, net, a)))
+                            for net in (dense, blockwise))
   for frame_attention in (None, causal):
-    want, want_grads = jax.value_and_grad(loss)(params, dense, frame_attention)
-    got, got_grads = jax.value_and_grad(loss)(params, blockwise, frame_attention)
+    want, want_grads = dense_fn(params, frame_attention)
+    got, got_grads = blockwise_fn(params, frame_attention)
     np.testing.assert_allclose(got, want, rtol=1e-5)
     for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
       np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
