@@ -247,3 +247,37 @@ def test_a_full_sequence_curve_samples_lengths_as_its_training_measures(tmp_path
   with pytest.raises(ValueError, match=r'the full_sequence sampler needs the length distribution '
                                        r'that training measures \(config\.length_distribution'):
     inference.VideoSampler(model, without, curve.info, batch_size=2)
+
+
+def test_an_image_to_video_curve_continues_held_out_first_frames(tmp_path, monkeypatch):
+  """`--task=i2v`: every video starts with its held-out clip's first frame, and the continuation
+  scores join the exact metrics; other data sets are refused before any training."""
+  config = shapes_config.get_config('tiny')
+  config.context.update(p_none=0.0, p_first=1.0)
+  with study._Clock() as clock:
+    curve = study._Curve(config, str(tmp_path), (1,), 3, 0, clock, on_point=lambda: None,
+                         task='i2v')
+  model = model_lib.build_for(curve.config, curve.info)
+  params = model_lib.init_params(model, curve.info, 4, jax.random.key(0))
+  original = inference.VideoSampler.__call__
+  seen = []
+
+  def keep_videos(self, *args, **kwargs):
+    seen.append(original(self, *args, **kwargs))
+    return seen[-1]
+
+  monkeypatch.setattr(inference.VideoSampler, '__call__', keep_videos)
+  metrics = curve.evaluate(1, params)
+  clips, _ = study.task_eval.held_out_clips(curve.config.data, 3, 2)
+  (out,) = seen
+  np.testing.assert_allclose(inference.to_pixels(out.frames, out.lengths)[:, 0], clips[:, 0],
+                             atol=1 / 255)
+  assert {'i2v_position_error', 'i2v_tracked', 'i2v_length_error', 'clean_pixel_share'} <= set(
+      metrics)
+  assert 0 <= metrics['i2v_tracked'] <= 1
+  camera = ml_collections.ConfigDict(config.to_dict())
+  camera.data.name = 'camera'
+  with pytest.raises(ValueError, match='--task=i2v is scored on held-out shapes clips only'):
+    study.run_study(camera, [study.parse_variant('base')], [0], str(tmp_path / 'c'), steps=2,
+                    task='i2v')
+  assert not os.path.exists(tmp_path / 'c')

@@ -11,6 +11,10 @@ seed) run trains through `train.train_and_evaluate` in `OUTPUT/runs/NAME/seed_S`
 S`. At `--evals` steps (the last at the end; `--eval_spacing=log` halves the step from each to the
 one before) the EMA weights sample `--num_videos` videos from the same noise in every run, scored
 by the data set's exact metrics (`datasets.task_metrics`); a GIF of them goes to the run's workdir.
+`--task=i2v` scores image-to-video instead (shapes only): each video continues the first frame of
+a held-out clip (`task_eval.held_out_clips`, the same clips at every evaluation), and the
+continuation scores (`datasets/shapes/tasks.py`, as `i2v_<score>`) join the exact metrics of the
+videos. Variants then train for it, e.g. `context.p_none=0.0 context.p_first=1.0`.
 
 Time is training time: wall-clock seconds between blocking fetches of the train state, from the
 end of the first step, with evaluation and JAX compilation (as `jax.monitoring` reports it) taken
@@ -54,7 +58,10 @@ import numpy as np
 
 from flowception_jax.core import inference
 from flowception_jax.core import model as model_lib
+from flowception_jax.core import tasks
 from flowception_jax import datasets
+from flowception_jax.datasets.shapes import tasks as shapes_tasks
+from flowception_jax.research import task_eval
 from flowception_jax.storage import files
 from flowception_jax.storage import video_io
 from flowception_jax.training import checkpoint
@@ -68,6 +75,7 @@ HEADLINE_METRICS = {
 TIME_NOTE = ('training wall-clock seconds between blocking fetches of the train state, from the '
              'end of the first step, evaluation and JAX compilation excluded')
 _GIF_VIDEOS = 16  # Videos in the GIF written at each evaluation.
+EVAL_TASKS = ('generate', 'i2v')  # What the evaluations sample (`--task`).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,13 +218,15 @@ class _Curve:
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, steps: tuple[int, ...],
                num_videos: int, eval_seed: int, clock: _Clock, on_point,
-               points: list[dict] | None = None, train_seconds: float = 0.0):
+               points: list[dict] | None = None, train_seconds: float = 0.0,
+               task: str = 'generate'):
     source, self.info = datasets.make_source(config.data)
     self.config = train.resolve(config, source, self.info)
     self.workdir = workdir
     self.steps = steps
     self.num_videos = num_videos
     self.eval_seed = eval_seed
+    self.task = task
     self.clock = clock
     self.on_point = on_point
     self.sampler = None
@@ -226,12 +236,18 @@ class _Curve:
 
   def evaluate(self, step: int, params) -> dict[str, float]:
     """The data set's metrics of `num_videos` videos sampled from `params`, from the same noise
-    at every evaluation; their GIF goes to the workdir."""
+    (and, for i2v, the same first frames) at every evaluation; their GIF goes to the workdir."""
     if self.sampler is None:
       model = model_lib.build_for(self.config, self.info)
       self.sampler = inference.VideoSampler(model, self.config, self.info,
                                             batch_size=self.num_videos)
-    out = self.sampler(params, jax.random.key(self.eval_seed), self.num_videos)
+    inputs = None
+    if self.task == 'i2v':
+      clips, clip_lengths = task_eval.held_out_clips(self.config.data, self.num_videos, 2)
+      inputs = tasks.sampler_inputs('i2v', clips[:, :1], self.num_videos, self.info.max_frames,
+                                    self.config.flow.num_start_frames,
+                                    np.random.default_rng(self.eval_seed))
+    out = self.sampler(params, jax.random.key(self.eval_seed), self.num_videos, inputs=inputs)
     lengths = np.asarray(out.lengths)
     videos = inference.to_pixels(out.frames, lengths)
     if jax.process_index() == 0:
@@ -239,6 +255,10 @@ class _Curve:
                          video_io.video_grid(videos[:_GIF_VIDEOS], lengths[:_GIF_VIDEOS]))
     metrics = datasets.task_metrics(self.config.data.name, videos, lengths, self.config.data)
     metrics['mean_length'] = float(lengths.mean())
+    if self.task == 'i2v':
+      scores = shapes_tasks.continuation_scores(videos, lengths, clips, clip_lengths, 1)
+      metrics.update({f'i2v_{name}': value for name, value in shapes_tasks.summarize(
+          scores).items() if not name.endswith(('_se', '_count'))})
     return {name: float(value) for name, value in metrics.items()}
 
   def record(self, step: int, params) -> None:
@@ -289,7 +309,8 @@ def _resumed_seconds(run: dict, step: int) -> float:
 
 
 def _train_run(run: dict, config: ml_collections.ConfigDict, workdir: str,
-               steps: tuple[int, ...], num_videos: int, eval_seed: int, on_point) -> bool:
+               steps: tuple[int, ...], num_videos: int, eval_seed: int, on_point,
+               task: str = 'generate') -> bool:
   """Trains the run `run` records in `workdir`, from its checkpoint if it has one, evaluating at
   `steps` into `run['points']`; whether it is complete (False: a SIGTERM stopped it, and
   `run['stopped_at']` holds the step and the training seconds it had)."""
@@ -299,7 +320,7 @@ def _train_run(run: dict, config: ml_collections.ConfigDict, workdir: str,
     run['resumed_from'].append(saved)
   with _Clock() as clock:
     curve = _Curve(config, workdir, steps, num_videos, eval_seed, clock, on_point,
-                   points=run['points'], train_seconds=_resumed_seconds(run, saved))
+                   points=run['points'], train_seconds=_resumed_seconds(run, saved), task=task)
     if saved in steps and not any(p['step'] == saved for p in run['points']):
       curve.record(saved, inference.load(workdir, step=saved).params)  # Stopped evaluating it.
     if not _complete(run['points'], steps):
@@ -324,13 +345,14 @@ def _as_json(value):
 
 def study_definition(config: ml_collections.ConfigDict, variants: list[Variant], seeds: list[int],
                      *, minutes: float | None, steps: int | None, evals: int, num_videos: int,
-                     calibration_steps: int, eval_seed: int, eval_spacing: str) -> dict:
+                     calibration_steps: int, eval_seed: int, eval_spacing: str,
+                     task: str = 'generate') -> dict:
   """What a study's results depend on (the arguments of `run_study`), as JSON values."""
   return _as_json({
       'config': config.to_dict(),
       'variants': [{'name': v.name, 'overrides': v.overrides} for v in variants],
       'seeds': list(seeds), 'budget': {'minutes': minutes, 'steps': steps}, 'evals': evals,
-      'eval_spacing': eval_spacing, 'num_videos': num_videos, 'eval_seed': eval_seed,
+      'eval_spacing': eval_spacing, 'num_videos': num_videos, 'eval_seed': eval_seed, 'task': task,
       'calibration_steps': None if minutes is None else calibration_steps})
 
 
@@ -393,7 +415,7 @@ def _variant_budget(study: dict, variant: Variant, config: ml_collections.Config
 def run_study(config: ml_collections.ConfigDict, variants: list[Variant], seeds: list[int],
               output: str, *, minutes: float | None = None, steps: int | None = None,
               evals: int = 5, num_videos: int = 64, calibration_steps: int = 30,
-              eval_seed: int = 0, eval_spacing: str = 'linear') -> dict:
+              eval_seed: int = 0, eval_spacing: str = 'linear', task: str = 'generate') -> dict:
   """Trains every variant with every seed; returns the study and writes it to OUTPUT/study.json.
 
   Resumes the study saved in `output` (its definition must be the same); a SIGTERM ends it early,
@@ -402,6 +424,11 @@ def run_study(config: ml_collections.ConfigDict, variants: list[Variant], seeds:
   """
   if minutes is not None and steps is not None:
     raise ValueError('give a budget in --minutes or in --steps, not both')
+  if task not in EVAL_TASKS:
+    raise ValueError(f'unknown --task {task!r}; choose one of {", ".join(EVAL_TASKS)}')
+  if task == 'i2v' and config.data.name != 'shapes':
+    raise ValueError(f'--task=i2v is scored on held-out shapes clips only, not on '
+                     f'{config.data.name!r}; use --config=configs/shapes.py or --task=generate')
   names = [v.name for v in variants]
   if len(set(names)) != len(names):
     raise ValueError(f'variant names must differ, got {names}')
@@ -409,7 +436,7 @@ def run_study(config: ml_collections.ConfigDict, variants: list[Variant], seeds:
   definition = study_definition(config, variants, seeds, minutes=minutes, steps=steps,
                                 evals=evals, num_videos=num_videos,
                                 calibration_steps=calibration_steps, eval_seed=eval_seed,
-                                eval_spacing=eval_spacing)
+                                eval_spacing=eval_spacing, task=task)
   study = _saved_study(output, definition) or dict(definition, time=TIME_NOTE,
                                                    cpu_count=os.cpu_count(), runs=[])
   write = functools.partial(_write_json, os.path.join(output, 'study.json'), study)
@@ -435,7 +462,7 @@ def run_study(config: ml_collections.ConfigDict, variants: list[Variant], seeds:
         continue
       workdir = os.path.join(output, 'runs', variant.name, f'seed_{seed}')
       if not _train_run(run, _study_config(variant_config, total_steps, seed), workdir, evaluated,
-                        num_videos, eval_seed, write):
+                        num_videos, eval_seed, write, task):
         write()
         logging.warning('SIGTERM: stopped %s seed %d at step %d; the same command resumes the '
                         'study', variant.name, seed, run['stopped_at']['step'])
@@ -512,6 +539,9 @@ def _define_flags() -> None:
   flags.DEFINE_integer('num_videos', 64, 'Videos sampled at each evaluation.')
   flags.DEFINE_integer('calibration_steps', 30, 'Steps timed per variant to fit --minutes.')
   flags.DEFINE_integer('eval_seed', 0, 'Seed of the evaluation noise.')
+  flags.DEFINE_enum('task', 'generate', EVAL_TASKS,
+                    'What evaluations sample: plain generation, or image-to-video from held-out '
+                    'first frames (shapes).')
   flags.DEFINE_list('metrics', None, 'Metrics to plot (default: the headline ones).')
   flags.DEFINE_bool('replot', False, 'Only redraw the figures of OUTPUT/study.json.')
   flags.mark_flag_as_required('output')
@@ -531,7 +561,7 @@ def main(argv):
       args.config, [parse_variant(v) for v in args.variant], [int(s) for s in args.seeds],
       args.output, minutes=args.minutes, steps=args.steps, evals=args.evals,
       num_videos=args.num_videos, calibration_steps=args.calibration_steps,
-      eval_seed=args.eval_seed, eval_spacing=args.eval_spacing)
+      eval_seed=args.eval_seed, eval_spacing=args.eval_spacing, task=args.task)
   plot_study(study, args.output, args.metrics)
   for run in study['runs']:
     last = run['points'][-1] if run['points'] else {}
