@@ -91,5 +91,5 @@ def test_command_probes_a_trained_workdir(tmp_path):
   report = json.loads(out.stdout)
   assert report['step'] == 2 and set(report['t=0.5']) == {
       'patch_influence', 'position_sensitivity', 'attention'}
-  with pytest.raises(ValueError, match='--num_clips'):
+  with pytest.raises(ValueError, match='no clips of 99 frames \\(at most 12\\); lower --frames'):
     probes.data_clips(config.data, num_clips=2, frames=99)

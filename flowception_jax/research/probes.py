@@ -30,6 +30,9 @@ def data_clips(data_config, num_clips: int, frames: int) -> np.ndarray:
   source, info = datasets.make_source(data_config)
   if not info.pixels:
     raise ValueError('probes read pixel clips; this model was trained on latents')
+  if frames > info.max_frames:
+    raise ValueError(f'the data has no clips of {frames} frames (at most {info.max_frames}); '
+                     'lower --frames')
   clips = []
   for index in range(len(source)):
     video = np.asarray(source[index]['video'], np.float32)
