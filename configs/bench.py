@@ -8,13 +8,23 @@ products are large enough to approach the device's peak. About 7 minutes on a sh
 two of them compiling the 8 train steps (4 buckets, 2 methods). Both methods train on plain
 generation (no context frames), the same task. `configs/bench.py:tiny` runs every measurement in
 seconds (for tests; its figures mean nothing).
+
+`configs/bench.py:staged` sizes the comparison of a trained model's plain and staged samplers
+(512 videos in batches of 64, three interleaved repeats), which `--workdir` asks for:
+
+  python -m flowception_jax.research.bench --config=configs/bench.py:staged \
+      --workdir=/tmp/shapes --output=/tmp/staged.json
+
+`configs/bench.py:tutorial` runs the whole benchmark at the architecture of the paper authors'
+coloring tutorial (width 256, 8 blocks, 8 heads, one token per 3x3 frame) on the coloring set,
+sampling 64 videos at 50 steps (at most 100 network evaluations), for its seconds per video.
 """
 
 from flowception_jax.training import config as config_lib
 
 
 def get_config(arg=None):
-  config_lib.check_variant(arg, 'configs/bench.py')
+  config_lib.check_variant(arg, 'configs/bench.py', ('tiny', 'staged', 'tutorial'))
   c = config_lib.base_config()
   c.batch_size = 8
   c.data.name = 'shapes'
@@ -32,6 +42,20 @@ def get_config(arg=None):
   c.bench.data_batches = 20
   c.bench.peak_size = 2048
   c.bench.study_examples = 1000
+  if arg == 'staged':
+    c.bench.sample_videos = 512
+    c.bench.sample_batch = 64
+    c.bench.repeats = 3
+  if arg == 'tutorial':
+    c.batch_size = 16
+    c.data.name = 'coloring'
+    c.data.max_frames = 30
+    c.data.buckets = (8, 16, 24, 30)
+    c.model.size = 'tutorial'
+    c.model.patch_size = 3
+    c.sampler.num_steps = 50
+    c.sampler.insertion = 'thinning'
+    c.bench.sample_videos = 64
   if arg == 'tiny':
     config_lib.make_tiny(c)
     c.batch_size = 2
@@ -46,4 +70,5 @@ def get_config(arg=None):
     c.bench.data_batches = 2
     c.bench.peak_size = 64
     c.bench.study_examples = 16
+    c.bench.latent_videos = 16
   return c

@@ -16,6 +16,8 @@ def define_flags() -> None:
   flags.DEFINE_enum('order', None, orders.ORDERS,
                     'Insertion order: learned or prescribed (default: the config).')
   flags.DEFINE_enum('solver', None, sampler_lib.SOLVERS, 'Flow ODE step (default: the config).')
+  flags.DEFINE_bool('staged', None, 'Sample in stages of growing capacity: the same videos for '
+                    'less compute (default: the config; see core/staged_sampler.py).')
 
 
 def overrides() -> dict:

@@ -133,6 +133,9 @@ def main():
                                      for x, k in zip(leaves, keys)])
   single = sample_on(_mesh((1, 1, 1), jax.devices()[:1]), config, info, params, seed=3)
   sharded = sample_on(_mesh((2, 4, 1)), config, info, params, seed=3)
+  staged_config = ml_collections.ConfigDict(config.to_dict())
+  staged_config.sampler.update(staged=True, stages=(8, 16, info.max_frames))
+  staged = sample_on(_mesh((2, 4, 1)), staged_config, info, params, seed=3)
   report['sampler'] = {
       'lengths_single': single[0].lengths.tolist(),
       'lengths_sharded': sharded[0].lengths.tolist(),
@@ -140,6 +143,8 @@ def main():
       'max_frame_difference': float(np.max(np.abs(single[0].frames - sharded[0].frames))),
       'second_key_frame_difference': float(np.max(np.abs(single[1].frames - sharded[1].frames))),
       'compiles': sharded[2],
+      'lengths_staged': staged[0].lengths.tolist(),
+      'staged_frame_difference': float(np.max(np.abs(single[0].frames - staged[0].frames))),
   }
   print('REPORT ' + json.dumps(report))
 

@@ -12,7 +12,9 @@ from jax.extend import core as jax_core
 import numpy as np
 import pytest
 
+from flowception_jax import datasets
 from flowception_jax.core import flowception
+from flowception_jax.core import inference
 from flowception_jax.core import model as model_lib
 from flowception_jax.research import bench
 from flowception_jax.research import recipe_cost
@@ -26,7 +28,11 @@ KEYS = (
     'train.cost_ratio_measured', 'train.cost_ratio_analytic', 'train.model_flops_per_example',
     'train.mfu', 'train.profile_matmul_share', 'sample.flowception_s', 'sample.full_sequence_s',
     'sample.flowception_nfe', 'sample.full_sequence_nfe', 'sample.compile_s', 'train.compile_s',
+    'sample.flowception_staged_s', 'sample.full_sequence_matched_nfe_s',
+    'sample.staged_speed_ratio', 'sample.matched_nfe_speed_ratio',
+    'sample.latent.staged_cost_ratio', 'sample.latent.plain_cost_ratio',
     'data.examples_per_s', 'data.train_examples_per_s')
+SAMPLERS = ('flowception', 'flowception_staged', 'full_sequence', 'full_sequence_matched_nfe')
 
 
 @pytest.mark.e2e
@@ -43,6 +49,16 @@ def test_benchmark_writes_every_figure(tmp_path):
   steps = config.sampler.num_steps
   assert written['sample.full_sequence_nfe'] == steps
   assert steps <= written['sample.flowception_nfe'] <= 2 * steps + 2
+  assert written['sample.full_sequence_matched_nfe_nfe'] == written['sample.matched_nfe_steps']
+  assert written['sample.matched_nfe_steps'] == round(written['sample.flowception_nfe'])
+  for name in SAMPLERS:  # XLA counts the elementwise work too.
+    analytic, xla = (written[f'sample.{name}_{k}'] for k in ('flops_per_frame',
+                                                            'xla_flops_per_frame'))
+    assert 0 < analytic <= xla * 1.01, name
+  # The same videos, staged or not: the same frames; never more evaluations of N_max slots.
+  assert written['sample.flowception_staged_mean_length'] == written['sample.flowception_mean_length']
+  assert written['sample.flowception_staged_flops_per_frame'] <= written[
+      'sample.flowception_flops_per_frame']
   for kappa in flowception.KAPPAS:
     for distribution in recipe_cost.TAU_DISTRIBUTIONS:
       for figure in ('analytic_visible_fraction', 'analytic_attention_ratio',
@@ -106,6 +122,22 @@ def test_flop_count_matches_a_hand_count():
   assert _dot_flops(jaxpr) == 2 * multiply_adds
 
 
+def test_sampling_cost_model_bounds_and_limits():
+  """One stage and one video per batch: staged and plain cost the same; finer stages cost less;
+  full-sequence runs its steps over every slot; large batches run as long as their last video."""
+  model = model_lib.DiT(patch_size=4, channels=3, hidden_size=32, depth=2, num_heads=2)
+  lengths = np.random.default_rng(1).integers(3, 13, size=64)
+  common = dict(num_start_frames=2, num_steps=20, kappa='linear')
+  one = bench.sampling_cost_model(model, (8, 8, 3), lengths, stages=(12,), batch_size=1, **common)
+  assert one['staged_flops_per_frame'] == pytest.approx(one['plain_flops_per_frame'])
+  fine = bench.sampling_cost_model(model, (8, 8, 3), lengths, stages=tuple(range(2, 13)),
+                                   batch_size=64, **common)
+  assert fine['staged_flops_per_frame'] < 0.7 * fine['plain_flops_per_frame']
+  full = 64 * 20 * bench.forward_flops(model, 12, (8, 8, 3)) / lengths.sum()
+  assert fine['full_sequence_flops_per_frame'] == pytest.approx(full)
+  assert 20 < fine['staged_iterations'] < fine['plain_iterations'] <= 40
+
+
 @pytest.mark.parametrize('kappa', sorted(flowception.KAPPAS))
 def test_expected_visible_count_agrees_with_drawn_examples(kappa):
   k = flowception.get_kappa(kappa)
@@ -119,6 +151,29 @@ def test_expected_visible_count_agrees_with_drawn_examples(kappa):
     assert mean == pytest.approx(counts.mean(), rel=0.03)
     assert second == pytest.approx((counts**2).mean(), rel=0.05)
   assert recipe_cost.expected_visible(k, 'uniform', 2, 2) == (2.0, 4.0)
+
+
+def test_sampler_comparison_times_the_same_videos():
+  config = config_files.load('bench', 'tiny')
+  config.data.max_frames = 6
+  config.sampler.stages = (2, 4, 6)
+  config.sampler.min_running = 1.0
+  info = datasets.SourceInfo(frame_shape=(8, 8, 3), max_frames=6, num_classes=0)
+  model = model_lib.DiT(patch_size=4, channels=3, hidden_size=16, depth=1, num_heads=2)
+  params = nn.unbox(model.init(jax.random.key(0), *model_lib.init_inputs((8, 8, 3), 2, 0)))
+  leaves, tree = jax.tree.flatten(params['params'])  # Random heads too: lengths vary.
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  params = jax.tree.unflatten(tree, [x + 0.2 * jax.random.normal(k, x.shape)
+                                     for x, k in zip(leaves, keys)])
+  trained = inference.TrainedModel(config=config, info=info, model=model, params=params, step=0)
+  results = bench.compare_samplers(trained, config, num_videos=7, batch_size=3, repeats=2)
+  assert results['staged.same_lengths'] and results['staged.max_frame_difference'] < 1e-4
+  assert results['staged.stages'] == [2, 4, 6]
+  for key in ('staged.plain_s', 'staged.staged_s', 'staged.speed_ratio', 'staged.slot_ratio',
+              'staged.plain_compile_s', 'staged.staged_compile_s', 'staged.row_use'):
+    assert math.isfinite(results[key]) and results[key] > 0, key
+  assert len(results['staged.speed_ratios']) == 2
+  assert 'staged.speed_ratio' in bench.format_table(results)
 
 
 @pytest.mark.e2e  # A process of the benchmark command (stopping before it runs).

@@ -31,16 +31,16 @@ def test_frame_time_history_is_the_sampler_state_after_every_iteration():
   key = jax.random.key(0)
   empty = jnp.zeros((batch, capacity), bool)
   # The sampler's loop, one jitted iteration at a time, keeping every state.
-  state = jax.jit(functools.partial(sampler_lib._initial_state, config=config,
+  state = jax.jit(functools.partial(sampler_lib.initial_state, config=config,
                                     frame_shape=_FRAME_SHAPE))(
-      key, init_frames=jnp.zeros((batch, capacity) + _FRAME_SHAPE), init_alive=empty,
+      jax.random.split(key, batch), init_frames=jnp.zeros((batch, capacity) + _FRAME_SHAPE), init_alive=empty,
       context_mask=empty, passive_mask=empty)
   step = jax.jit(functools.partial(
       sampler_lib._step, apply_fn=_constant_rate_model, params=2.0, labels=None, config=config,
       kappa=flowception.get_kappa('linear'), num_classes=0))
-  running = jax.jit(functools.partial(sampler_lib._running, config=config))
+  running = jax.jit(functools.partial(sampler_lib.running, config=config))
   states = [state]
-  while bool(running(state)):
+  while bool(np.any(running(state))):
     state = step(state)
     states.append(state)
   # The jitted sampler runs the same process.

@@ -20,7 +20,7 @@ def _rates(order, rate, may_insert, alive):
   alive = np.asarray(alive)
   planned = np.where(alive, np.arange(alive.shape[1]), -1)
   return _order_rates(order, np.asarray(rate, np.float32), np.asarray(may_insert), planned, alive,
-                      jax.random.key(0))
+                      jax.random.split(jax.random.key(0), alive.shape))
 
 
 @pytest.mark.parametrize('order', orders.ORDERS)
@@ -51,7 +51,8 @@ def test_random_picks_each_gap_that_may_insert_equally_often():
   choose = jax.jit(jax.vmap(lambda k: orders.order_rates(
       'random', jnp.ones((1, 5)), jnp.asarray(may_insert), jnp.zeros((1, 5), jnp.int32),
       jnp.asarray(alive), k)[0][0]))
-  shares = np.mean(np.asarray(choose(jax.random.split(jax.random.key(0), 3000))) > 0, axis=0)
+  shares = np.mean(np.asarray(choose(jax.random.split(jax.random.key(0), (3000, 1, 5)))) > 0,
+                   axis=0)
   np.testing.assert_allclose(shares, [1 / 3, 0, 1 / 3, 1 / 3, 0], atol=0.04)
 
 

@@ -348,8 +348,8 @@ def test_solver_error_falls_with_its_order(solver, order, shift):
         frames=start, times=jnp.where(moving, 0.0, 1.0), alive=jnp.ones((2, 3), bool),
         context=jnp.zeros((2, 3), bool), passive=jnp.zeros((2, 3), bool),
         insert_step=jnp.zeros((2, 3), jnp.int32), planned=jnp.full((2, 3), -1, jnp.int32),
-        t_global=jnp.float32(0), iteration=jnp.int32(0),
-        key=jax.random.key(0))
+        t_global=jnp.zeros(2), iteration=jnp.zeros(2, jnp.int32),
+        key=jax.random.split(jax.random.key(0), 2))
     state = flow(state, num_steps)
     np.testing.assert_array_equal(state.frames[:, 2], start[:, 2])
     exact = np.asarray(start[:, :2]) * np.e**2

@@ -185,3 +185,6 @@ def test_sharded_sampler_makes_the_videos_of_one_device(eight_devices):
   assert sampler['max_frame_difference'] < 1e-4
   assert sampler['second_key_frame_difference'] < 1e-4
   assert sampler['compiles'] == 1  # A new key reuses the compiled sampler.
+  # Staged on the mesh: the same videos again.
+  assert sampler['lengths_staged'] == sampler['lengths_single']
+  assert sampler['staged_frame_difference'] < 1e-4

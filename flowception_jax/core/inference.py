@@ -2,8 +2,8 @@
 
 This is the path that sampling, evaluation and notebooks take; it reads checkpoints but does not need
 the trainer (no optimizer state is read). `VideoSampler` is the one way the package samples: the
-on-device sampler of the config's method (`sampler.py`, or a baseline's in `baselines.py`), run in
-batches with one random scheme.
+on-device sampler of the config's method (`sampler.py`, its staged form `staged_sampler.py`, or a
+baseline's in `baselines.py`), run in batches with one random scheme.
 """
 
 import dataclasses
@@ -22,6 +22,7 @@ import numpy as np
 from flowception_jax.core import baselines
 from flowception_jax.core import model as model_lib
 from flowception_jax.core import sampler as sampler_lib
+from flowception_jax.core import staged_sampler
 from flowception_jax import datasets
 from flowception_jax.storage import files
 from flowception_jax.training import checkpoint
@@ -49,10 +50,18 @@ def sampler_config(config: ml_collections.ConfigDict) -> sampler_lib.SamplerConf
       solver=config.sampler.get('solver', 'euler'))
 
 
+def sampler_stages(config: ml_collections.ConfigDict, info: datasets.SourceInfo) -> tuple[int, ...]:
+  """The capacities of the staged sampler: `sampler.stages`, or `staged_sampler.default_stages`
+  from the start frames to the data's capacity."""
+  stages = tuple(config.sampler.get('stages', ()))
+  return stages or staged_sampler.default_stages(config.flow.num_start_frames, info.max_frames)
+
+
 def _batch_sampler(model: model_lib.DiT, config: ml_collections.ConfigDict,
                    info: datasets.SourceInfo, batch_size: int):
-  """The jitted sampler of `config.method` for `batch_size` videos: `sampler.make_sampler`'s, or
-  a baseline's (`baselines.make_full_sequence_sampler`, `make_autoregressive_sampler`)."""
+  """The sampler of `config.method` for `batch_size` videos: `sampler.make_sampler`'s jitted
+  function or, with `sampler.staged`, a `staged_sampler.StagedSampler` (over all videos at once);
+  or a baseline's (`baselines.make_full_sequence_sampler`, `make_autoregressive_sampler`)."""
 
   def apply_fn(params, *inputs, **kwargs):
     return model.apply({'params': params}, *inputs, **kwargs)
@@ -60,6 +69,10 @@ def _batch_sampler(model: model_lib.DiT, config: ml_collections.ConfigDict,
   baselines.check_method(config)
   common = dict(config=sampler_config(config), batch_size=batch_size, capacity=info.max_frames,
                 frame_shape=tuple(info.frame_shape), num_classes=info.num_classes)
+  if config.method == 'flowception' and config.sampler.get('staged', False):
+    return staged_sampler.StagedSampler(
+        apply_fn, stages=sampler_stages(config, info),
+        min_running=config.sampler.get('min_running', 1.0), fetch=to_host, **common)
   if config.method == 'flowception':
     return sampler_lib.make_sampler(apply_fn, **common)
   if config.method in baselines.AUTOREGRESSIVE_METHODS:
@@ -81,8 +94,10 @@ class VideoSampler:
   made `batch_size` at a time by one compiled function (`fn`), each batch logging a progress line
   when there are several. The randomness of a call is one key: `label_key, noise_key = split(key)`; class
   labels, where not given, are drawn for every video from `label_key`, and batch `i` draws from
-  `fold_in(noise_key, i)`. The same key, weights and inputs give the same videos, on any number of
-  processes. Outputs are NumPy arrays, whole on every process (`to_host`).
+  `fold_in(noise_key, i)`, split into its videos' keys (`video_keys`). The same key, weights and
+  inputs give the same videos, on any number of processes, staged (`sampler.staged`: all videos
+  go to the staged sampler at once, each with the key it has in its batch) or not. Outputs are
+  NumPy arrays, whole on every process (`to_host`).
   """
 
   def __init__(self, model: model_lib.DiT, config: ml_collections.ConfigDict,
@@ -93,11 +108,23 @@ class VideoSampler:
     self.config, self.info, self.batch_size, self.mesh = config, info, batch_size, mesh
     self.fn = _batch_sampler(model, config, info, batch_size)
 
-  def _call(self, params, key, labels, inputs):
+  @property
+  def staged(self) -> bool:
+    return isinstance(self.fn, staged_sampler.StagedSampler)
+
+  def _in_mesh(self, fn, *args, **kwargs):
+    """`fn(*args, **kwargs)` in this sampler's mesh (if it has one)."""
     if self.mesh is None:
-      return to_host(self.fn(params, key, labels=labels, **inputs))
+      return fn(*args, **kwargs)
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-      return to_host(self.fn(params, key, labels=labels, **inputs))
+      return fn(*args, **kwargs)
+
+  def video_keys(self, key: jax.Array, num_videos: int) -> jax.Array:
+    """The keys [num_videos] of the videos of a call with `key`: batch `i`'s key split."""
+    noise_key = jax.random.split(key)[1]
+    count = -(-num_videos // self.batch_size)
+    return jnp.concatenate([jax.random.split(jax.random.fold_in(noise_key, i), self.batch_size)
+                            for i in range(count)])[:num_videos]
 
   def random_labels(self, key: jax.Array, num_videos: int) -> np.ndarray | None:
     """The class labels int32 [num_videos] a call with `key` draws (None if unconditional)."""
@@ -114,7 +141,7 @@ class VideoSampler:
     Args:
       params: the (EMA) parameters.
       key: the call's randomness (see the class docstring).
-      num_videos: videos to make; the last batch is padded and cut.
+      num_videos: videos to make; the last batch is padded and cut (staged: not needed).
       labels: int [num_videos] class ids of a conditional model (None: random classes).
       inputs: `sampler.make_sampler`'s task arguments, each [num_videos, N_max, ...]
         (`tasks.sampler_inputs`); None for plain generation.
@@ -123,10 +150,17 @@ class VideoSampler:
       The `SampleOutput` of all videos, as NumPy arrays; `num_iterations` the largest of the
       batches.
     """
-    size = self.batch_size
-    count = -(-num_videos // size)
     if labels is None:
       labels = self.random_labels(key, num_videos)
+    if self.staged:
+      start = time.perf_counter()
+      out = self._in_mesh(self.fn, params, self.video_keys(key, num_videos), labels=labels,
+                          **(inputs or {}))
+      logging.info('sampled %d videos in %s (staged)', num_videos,
+                   run_log.format_duration(time.perf_counter() - start))
+      return out
+    size = self.batch_size
+    count = -(-num_videos // size)
     noise_key = jax.random.split(key)[1]
     pad = lambda x: None if x is None else np.concatenate(
         [np.asarray(x)] + [np.asarray(x)[-1:]] * (count * size - num_videos))
@@ -134,9 +168,10 @@ class VideoSampler:
     outs, start = [], time.perf_counter()
     for i in range(count):
       part = slice(i * size, (i + 1) * size)
-      outs.append(self._call(params, jax.random.fold_in(noise_key, i),
-                             None if labels is None else labels[part],
-                             {k: v[part] for k, v in inputs.items()}))
+      outs.append(to_host(self._in_mesh(
+          self.fn, params, jax.random.fold_in(noise_key, i),
+          labels=None if labels is None else labels[part],
+          **{k: v[part] for k, v in inputs.items()})))
       if count > 1:
         elapsed = time.perf_counter() - start
         logging.info('sampled %d/%d videos in %s, ETA %s', min((i + 1) * size, num_videos),

@@ -27,11 +27,13 @@ import numpy as np
 
 from flowception_jax.core import attention as attention_lib
 
-# Named sizes: (hidden size, depth, heads). 'tiny' is for tests; S..XL follow DiT.
+# Named sizes: (hidden size, depth, heads). 'tiny' is for tests; 'tutorial' is the model of the
+# paper authors' coloring tutorial; S..XL follow DiT.
 MODEL_SIZES = {
     'tiny': (32, 2, 2),
     'mini': (128, 4, 4),
     'small': (256, 6, 4),
+    'tutorial': (256, 8, 8),
     'S': (384, 12, 6),
     'B': (768, 12, 12),
     'L': (1024, 24, 16),

@@ -53,11 +53,13 @@ def gap_room(planned: jax.Array, alive: jax.Array, expected_missing: jax.Array) 
 
 
 def order_rates(order: str, rate: jax.Array, may_insert: jax.Array, planned: jax.Array,
-                alive: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+                alive: jax.Array, slot_keys: jax.Array) -> tuple[jax.Array, jax.Array]:
   """The order's insertion rates and the room after each video's last frame.
 
   rate: float [B, N] learned rates (expected missing frames per gap); may_insert: bool [B, N];
-  planned, alive: as in `gap_room`; key: PRNG key of the random order. Returns (rates float32
+  planned, alive: as in `gap_room`; slot_keys: PRNG keys [B, N], the random order's draw at each
+  slot (a Gumbel variate: the gap with the largest is uniform among those that may insert, and a
+  video's choice depends on its own slots only). Returns (rates float32
   [B, N], zero outside `may_insert`, with the learned sum per video; tail_room float32 [B], for
   `plan_new_frames`).
   """
@@ -72,7 +74,8 @@ def order_rates(order: str, rate: jax.Array, may_insert: jax.Array, planned: jax
   if order == 'left_to_right':
     target = n - 1 - jnp.argmax(may_insert[:, ::-1], axis=1)
   elif order == 'random':
-    target = jax.random.categorical(key, jnp.where(may_insert, 0.0, -jnp.inf), axis=1)
+    gumbel = jax.vmap(jax.vmap(jax.random.gumbel))(slot_keys)
+    target = jnp.argmax(jnp.where(may_insert, gumbel, -jnp.inf), axis=1)
   else:
     target = jnp.argmax(jnp.where(may_insert, room, -1.0), axis=1)
   chosen = (jnp.arange(n)[None, :] == target[:, None]) & may_insert

@@ -11,6 +11,14 @@ length costs one compilation.
 
 Per-frame times are derived from integer step counts, so a frame that entered at iteration `k`
 reaches exactly `t = 1` after `num_steps` iterations and the run lasts at most `2 * num_steps`.
+
+Every video has its own key, iteration count and global time, and stops on its own (a finished
+video is frozen while others run). All randomness of video b at its iteration k comes from
+`fold_in(key_b, k)`, and each per-slot draw (the noise of a new frame landing at slot s, the
+insertion count of gap s, a random order's choice) from that key folded with s: a video's sample
+depends neither on the batch it is in, nor on its place there, nor on the buffer capacity as long
+as its frames fit. This is what lets `staged_sampler.py` move videos between buffers of growing
+capacity and still draw exactly the videos of this sampler.
 """
 
 import dataclasses
@@ -99,9 +107,9 @@ class SamplerState:
   insert_step: int32 [B, N] first iteration the frame takes part in: 0 for initial frames, k + 1
     for a frame inserted during iteration k, -1 for dead slots.
   planned: int32 [B, N] planned final index of each frame (see `orders`), -1 for dead slots.
-  t_global: float32 scalar, `iteration / num_steps`.
-  iteration: int32 scalar.
-  key: PRNG key.
+  t_global: float32 [B], `iteration / num_steps` capped at 1.
+  iteration: int32 [B], iterations the video has run.
+  key: PRNG keys [B]: video b draws its iteration k from `fold_in(key[b], k)`.
   """
   frames: jax.Array
   times: jax.Array
@@ -123,7 +131,7 @@ class SampleOutput:
   times: float32 [B, N] final flow times (1 for every alive frame after a complete run).
   lengths: int32 [B].
   insert_step: int32 [B, N] as in `SamplerState`.
-  num_iterations: int32 scalar, loop iterations run.
+  num_iterations: int32 scalar, the most iterations any video ran (those of the plain loop).
   context_slots: int32 [B, N] where the context frames ended up: entry k is the slot of the k-th
     context frame in the given order (insertions never reorder frames), -1 past the last one.
   """
@@ -167,12 +175,36 @@ def insert_frames(slots: Any, alive: jax.Array, counts: jax.Array,
   return jax.tree.map(place, slots, fill), kept | new
 
 
-def _initial_state(key, config: SamplerConfig, frame_shape, init_frames, init_alive, context_mask,
-                   passive_mask) -> SamplerState:
-  """Compacted initial slots: context frames clean at t = 1, other alive slots noise at t = 0."""
+def video_keys(key: jax.Array, num_videos: int) -> jax.Array:
+  """The videos' keys [num_videos]: `key` split, or `key` itself if it holds one key per video."""
+  if key.ndim == 0:
+    return jax.random.split(key, num_videos)
+  chex.assert_shape(key, (num_videos,))
+  return key
+
+
+def _slot_keys(keys: jax.Array, num_slots: int) -> jax.Array:
+  """Keys [B, num_slots]: `fold_in(keys[b], s)`, the draws at slot s of video b."""
+  fold = lambda key: jax.vmap(functools.partial(jax.random.fold_in, key))(jnp.arange(num_slots))
+  return jax.vmap(fold)(keys)
+
+
+def _per_slot(draw: Callable[..., jax.Array], keys: jax.Array, *args: jax.Array) -> jax.Array:
+  """`draw(keys[b, s], *(x[b, s] for x in args))` for every video b and slot s, stacked."""
+  return jax.vmap(jax.vmap(draw))(keys, *args)
+
+
+def initial_state(keys: jax.Array, config: SamplerConfig, frame_shape, init_frames, init_alive,
+                  context_mask, passive_mask) -> SamplerState:
+  """Compacted initial slots: context frames clean at t = 1, other alive slots noise at t = 0.
+
+  keys: the videos' keys [B]; the task arrays as `make_sampler`'s, [B, N, ...]. The noise of given
+  slot j comes from the start stream of the video's key folded with j.
+  """
   b, n = init_alive.shape
-  noise_key, key = jax.random.split(key)
-  noise = jax.random.normal(noise_key, (b, n) + frame_shape, jnp.float32)
+  start_keys, keys = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
+  noise = _per_slot(lambda k: jax.random.normal(k, frame_shape, jnp.float32),
+                    _slot_keys(start_keys, n))
   context = context_mask & init_alive
   passive = passive_mask & init_alive
   # A video given nothing starts like an unconditional one.
@@ -185,7 +217,8 @@ def _initial_state(key, config: SamplerConfig, frame_shape, init_frames, init_al
   return SamplerState(frames=frames, times=times, alive=alive, context=context, passive=passive,
                       insert_step=jnp.where(alive, insert_step, -1),
                       planned=jnp.where(alive, jnp.arange(n), -1).astype(jnp.int32),
-                      t_global=jnp.float32(0.0), iteration=jnp.int32(0), key=key)
+                      t_global=jnp.zeros((b,), jnp.float32), iteration=jnp.zeros((b,), jnp.int32),
+                      key=keys)
 
 
 def guided_apply(apply_fn: ApplyFn, params, inputs: tuple, labels, config: SamplerConfig,
@@ -246,18 +279,52 @@ def _integrate(state: SamplerState, times: jax.Array, moving: jax.Array, velocit
   return jax.lax.cond(jnp.any(corrected), heun, lambda frames: frames, frames)
 
 
-def _step(state: SamplerState, *, apply_fn: ApplyFn, params, labels, config: SamplerConfig,
-          kappa: flowception.Kappa, num_classes: int) -> SamplerState:
-  """One iteration: model evaluation, flow step of the frames in flow, insertions, `t_g += h`."""
+def _insertion_counts(insertion: str, rate: jax.Array, mass: jax.Array, keys: jax.Array,
+                      max_frames: int) -> jax.Array:
+  """Insertion counts int32 [B, N] of the gaps in one step, drawn slot by slot.
+
+  rate: float32 [B, N] expected missing frames per gap; mass: float32 [B, 1] the scheduler's
+  probability mass of the step; keys: [B, N] per-slot keys; max_frames: the largest capacity
+  (thinning caps rates there: more frames never fit).
+  """
+  mass = jnp.broadcast_to(mass, rate.shape)
+  if insertion == 'poisson':
+    draw = lambda key, r, m: jax.random.poisson(key, r * m, dtype=jnp.int32)
+  elif insertion == 'bernoulli':
+    draw = lambda key, r, m: jax.random.bernoulli(key, -jnp.expm1(-r * m)).astype(jnp.int32)
+  else:
+
+    def draw(key, r, m):
+      whole_key, frac_key = jax.random.split(key)
+      r = jnp.minimum(r, max_frames)
+      whole = jnp.floor(r)
+      return (jax.random.binomial(whole_key, whole, m)
+              + jax.random.bernoulli(frac_key, (r - whole) * m)).astype(jnp.int32)
+
+  return _per_slot(draw, keys, rate, mass)
+
+
+def advance(state: SamplerState, *, apply_fn: ApplyFn, params, labels, config: SamplerConfig,
+            kappa: flowception.Kappa, num_classes: int,
+            max_frames: int) -> tuple[SamplerState, jax.Array]:
+  """One iteration of every video: model evaluation, flow step, insertions, `t_g += h`.
+
+  state: [B, N] slots; max_frames: the largest capacity any video is sampled in (N itself for
+  the plain sampler). Returns the advanced state and each video's demand int32 [B]: its alive
+  frames plus the insertions drawn, before those beyond the N slots are dropped.
+  """
+  b, n = state.alive.shape
   h = 1.0 / config.num_steps
-  key, noise_key, count_key = jax.random.split(state.key, 3)
+  draw_keys = jax.vmap(lambda key, k: jax.random.split(jax.random.fold_in(key, k), 3))(
+      state.key, state.iteration)
+  noise_keys, count_keys, order_keys = (_slot_keys(draw_keys[:, i], n) for i in range(3))
   velocity, log_rate = _evaluate(apply_fn, params, state, labels, config, num_classes)
   chex.assert_equal_shape([velocity, state.frames])
   chex.assert_equal_shape([log_rate, state.times])
 
   # Flow: times come from step counts, so they hit exactly 1 after `num_steps` steps.
   moving = state.alive & ~state.context & (state.times < 1.0)
-  steps_done = (state.iteration + 1 - state.insert_step).astype(jnp.float32)
+  steps_done = (state.iteration[:, None] + 1 - state.insert_step).astype(jnp.float32)
   times = jnp.where(moving, jnp.minimum(steps_done / config.num_steps, 1.0), state.times)
   frames = _integrate(
       state, times, moving, velocity.astype(jnp.float32),
@@ -266,28 +333,20 @@ def _step(state: SamplerState, *, apply_fn: ApplyFn, params, labels, config: Sam
   # Insertion: Poisson mean of new frames in each gap during [t_g, t_g + h].
   mass = jnp.where(state.t_global < 1.0,
                    flowception.insertion_probability_mass(kappa, state.t_global, h), 0.0)
-  b, n = state.alive.shape
+  may_insert = state.alive & ~state.passive
   rate = jnp.exp(jnp.minimum(log_rate.astype(jnp.float32), flowception.MAX_LOG_RATE))
-  rate, tail_room = orders.order_rates(config.order, rate, state.alive & ~state.passive,
-                                       state.planned, state.alive, jax.random.fold_in(count_key, 1))
-  expected = rate * mass
-  if config.insertion == 'poisson':
-    counts = jax.random.poisson(count_key, expected, dtype=jnp.int32)
-  elif config.insertion == 'bernoulli':
-    counts = jax.random.bernoulli(count_key, -jnp.expm1(-expected)).astype(jnp.int32)
-  else:
-    whole_key, frac_key = jax.random.split(count_key)
-    rate = jnp.minimum(rate, n)  # Beyond the capacity, counts are dropped anyway.
-    whole = jnp.floor(rate)
-    counts = (jax.random.binomial(whole_key, whole, mass)
-              + jax.random.bernoulli(frac_key, (rate - whole) * mass)).astype(jnp.int32)
-  counts = jnp.where(state.alive & ~state.passive, counts, 0)
+  rate, tail_room = orders.order_rates(config.order, rate, may_insert, state.planned, state.alive,
+                                       order_keys)
+  counts = _insertion_counts(config.insertion, rate, mass[:, None], count_keys, max_frames)
+  counts = jnp.where(may_insert, counts, 0)
+  alive_count = jnp.sum(state.alive, axis=1, dtype=jnp.int32)
+  demand = alive_count + jnp.sum(counts, axis=1, dtype=jnp.int32)
   # Overflow drops insertions, never existing frames: free slots go to the leftmost gaps first.
-  free = n - jnp.sum(state.alive, axis=1, keepdims=True)
+  free = (n - alive_count)[:, None]
   counts = jnp.clip(free - (jnp.cumsum(counts, axis=1) - counts), 0, counts)
-  fill = (jax.random.normal(noise_key, frames.shape, jnp.float32), jnp.zeros((b, n), jnp.float32),
-          jnp.zeros((b, n), bool), jnp.zeros((b, n), bool),
-          jnp.full((b, n), state.iteration + 1, jnp.int32), jnp.full((b, n), -1, jnp.int32))
+  noise = _per_slot(lambda k: jax.random.normal(k, state.frames.shape[2:], jnp.float32), noise_keys)
+  fill = (noise, jnp.zeros((b, n), jnp.float32), jnp.zeros((b, n), bool), jnp.zeros((b, n), bool),
+          jnp.broadcast_to(state.iteration[:, None] + 1, (b, n)), jnp.full((b, n), -1, jnp.int32))
   slots = (frames, times, state.context, state.passive, state.insert_step, state.planned)
   (frames, times, context, passive, insert_step, planned), alive = insert_frames(
       slots, state.alive, counts, fill)
@@ -297,25 +356,86 @@ def _step(state: SamplerState, *, apply_fn: ApplyFn, params, labels, config: Sam
                       insert_step=jnp.where(alive, insert_step, -1),
                       planned=orders.plan_new_frames(planned, alive, tail_room),
                       t_global=jnp.minimum(iteration / config.num_steps, 1.0).astype(jnp.float32),
-                      iteration=iteration, key=key)
+                      iteration=iteration, key=state.key), demand
 
 
-def _split_over_batch(state: SamplerState) -> SamplerState:
+def select_videos(mask: jax.Array, new: SamplerState, old: SamplerState) -> SamplerState:
+  """Video b of `new` where `mask[b]` (bool [B]), else of `old`."""
+  return jax.tree.map(lambda x, y: jnp.where(mask.reshape((-1,) + (1,) * (x.ndim - 1)), x, y),
+                      new, old)
+
+
+def running(state: SamplerState, config: SamplerConfig) -> jax.Array:
+  """bool [B]: False once a video's `t_g >= 1` and its alive non-context frames are all clean, or
+  at the iteration cap."""
+  in_flow = state.alive & ~state.context & (state.times < 1.0)
+  done = (state.t_global >= 1.0) & ~jnp.any(in_flow, axis=1)
+  return ~done & (state.iteration < config.max_iterations)
+
+
+def _step(state: SamplerState, **kwargs) -> SamplerState:
+  """One iteration of the running videos (`advance`); finished ones stay as they are."""
+  advanced, _ = advance(state, max_frames=state.alive.shape[1], **kwargs)
+  return select_videos(running(state, kwargs['config']), advanced, state)
+
+
+def split_over_batch(state: SamplerState) -> SamplerState:
   """Keeps the per-video arrays of the carry split over the mesh's batch axes.
 
   A no-op outside a mesh with logical axis rules; inside one, every iteration runs sharded over
   the videos instead of wherever the compiler's propagation would leave the loop carry.
   """
   return jax.tree.map(
-      lambda x: nn.with_logical_constraint(x, ('batch',) + (None,) * (x.ndim - 1)) if x.ndim else x,
-      state)
+      lambda x: nn.with_logical_constraint(x, ('batch',) + (None,) * (x.ndim - 1)), state)
 
 
-def _running(state: SamplerState, config: SamplerConfig) -> jax.Array:
-  """False once `t_g >= 1` and every alive non-context frame is clean, or at the iteration cap."""
-  in_flow = state.alive & ~state.context & (state.times < 1.0)
-  done = (state.t_global >= 1.0) & ~jnp.any(in_flow)
-  return ~done & (state.iteration < config.max_iterations)
+def sample_output(state: SamplerState) -> SampleOutput:
+  """The videos of a final state [B, N]: dead slots zeroed, lengths, where the context went."""
+  alive = state.alive
+  n = alive.shape[1]
+  context_slots = jnp.sort(jnp.where(state.context, jnp.arange(n), n), axis=1)
+  return SampleOutput(
+      frames=jnp.where(alive[..., None, None, None], state.frames, 0.0),
+      times=jnp.where(alive, state.times, 0.0),
+      lengths=jnp.sum(alive, axis=1, dtype=jnp.int32),
+      insert_step=state.insert_step,
+      num_iterations=jnp.max(state.iteration),
+      context_slots=jnp.where(context_slots < n, context_slots, -1).astype(jnp.int32))
+
+
+def task_inputs(num_videos: int, capacity: int, frame_shape: tuple[int, ...], num_classes: int,
+                labels=None, init_frames=None, init_alive=None, context_mask=None,
+                passive_mask=None) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """Checked task arrays of `make_sampler`'s function, defaults filled in.
+
+  Returns (init_frames float32 [V, N, H, W, C], init_alive, context_mask, passive_mask bool
+  [V, N]) for V = `num_videos` and N = `capacity`; raises ValueError on arguments that do not go
+  together.
+  """
+  v, n = num_videos, capacity
+  if labels is not None:
+    if not num_classes:
+      raise ValueError('labels given to the sampler of an unconditional model')
+    chex.assert_shape(labels, (v,))
+  if init_frames is None:
+    if any(m is not None for m in (init_alive, context_mask, passive_mask)):
+      raise ValueError('init_alive, context_mask and passive_mask need init_frames')
+    init_frames = jnp.zeros((v, n) + frame_shape, jnp.float32)
+    init_alive = context_mask = jnp.zeros((v, n), bool)
+  elif context_mask is None:
+    raise ValueError('init_frames needs a context_mask marking the given frames')
+  init_alive = context_mask if init_alive is None else init_alive
+  passive_mask = jnp.zeros((v, n), bool) if passive_mask is None else passive_mask
+  chex.assert_shape(init_frames, (v, n) + frame_shape)
+  chex.assert_shape([init_alive, context_mask, passive_mask], (v, n))
+  return (jnp.asarray(init_frames, jnp.float32), jnp.asarray(init_alive, bool),
+          jnp.asarray(context_mask, bool), jnp.asarray(passive_mask, bool))
+
+
+def check_capacity(config: SamplerConfig, capacity: int) -> None:
+  if config.num_start_frames > capacity:
+    raise ValueError(f'num_start_frames {config.num_start_frames} exceeds the capacity {capacity}; '
+                     'lower --config.flow.num_start_frames')
 
 
 def make_sampler(apply_fn: ApplyFn, *, config: SamplerConfig, batch_size: int, capacity: int,
@@ -325,6 +445,7 @@ def make_sampler(apply_fn: ApplyFn, *, config: SamplerConfig, batch_size: int, c
   Returns `sample(params, key, labels=None, init_frames=None, init_alive=None, context_mask=None,
   passive_mask=None) -> SampleOutput`, compiled once per combination of given arguments.
 
+  `key` is one key, split into the videos' keys, or the videos' keys [B] (`video_keys`).
   Without `init_frames` every video starts from `num_start_frames` noise frames. With `init_frames`
   [B, N, H, W, C] and `context_mask` bool [B, N], the context frames are clean, frozen and fed in
   the context channel; `init_alive` (default: `context_mask`) may mark further slots, which start
@@ -335,45 +456,18 @@ def make_sampler(apply_fn: ApplyFn, *, config: SamplerConfig, batch_size: int, c
   `labels` int [B] for class-conditional models (`num_classes > 0`); None samples unconditionally.
   """
   frame_shape = tuple(frame_shape)
-  if config.num_start_frames > capacity:
-    raise ValueError(f'num_start_frames {config.num_start_frames} exceeds the capacity {capacity}; '
-                     'lower --config.flow.num_start_frames')
+  check_capacity(config, capacity)
   kappa = flowception.get_kappa(config.kappa)
-  b, n = batch_size, capacity
 
   def sample(params, key, labels=None, init_frames=None, init_alive=None, context_mask=None,
              passive_mask=None) -> SampleOutput:
-    if labels is not None:
-      if not num_classes:
-        raise ValueError('labels given to the sampler of an unconditional model')
-      chex.assert_shape(labels, (b,))
-    if init_frames is None:
-      if any(m is not None for m in (init_alive, context_mask, passive_mask)):
-        raise ValueError('init_alive, context_mask and passive_mask need init_frames')
-      init_frames = jnp.zeros((b, n) + frame_shape, jnp.float32)
-      init_alive = context_mask = jnp.zeros((b, n), bool)
-    elif context_mask is None:
-      raise ValueError('init_frames needs a context_mask marking the given frames')
-    init_alive = context_mask if init_alive is None else init_alive
-    passive_mask = jnp.zeros((b, n), bool) if passive_mask is None else passive_mask
-    chex.assert_shape(init_frames, (b, n) + frame_shape)
-    chex.assert_shape([init_alive, context_mask, passive_mask], (b, n))
-
-    state = _initial_state(key, config, frame_shape, init_frames.astype(jnp.float32),
-                           init_alive.astype(bool), context_mask.astype(bool),
-                           passive_mask.astype(bool))
+    given = task_inputs(batch_size, capacity, frame_shape, num_classes, labels, init_frames,
+                        init_alive, context_mask, passive_mask)
+    state = initial_state(video_keys(key, batch_size), config, frame_shape, *given)
     body = functools.partial(_step, apply_fn=apply_fn, params=params, labels=labels, config=config,
                              kappa=kappa, num_classes=num_classes)
-    state = jax.lax.while_loop(functools.partial(_running, config=config),
-                               lambda s: _split_over_batch(body(s)), _split_over_batch(state))
-    alive = state.alive
-    context_slots = jnp.sort(jnp.where(state.context, jnp.arange(n), n), axis=1)
-    return SampleOutput(
-        frames=jnp.where(alive[..., None, None, None], state.frames, 0.0),
-        times=jnp.where(alive, state.times, 0.0),
-        lengths=jnp.sum(alive, axis=1, dtype=jnp.int32),
-        insert_step=state.insert_step,
-        num_iterations=state.iteration,
-        context_slots=jnp.where(context_slots < n, context_slots, -1).astype(jnp.int32))
+    state = jax.lax.while_loop(lambda s: jnp.any(running(s, config)),
+                               lambda s: split_over_batch(body(s)), split_over_batch(state))
+    return sample_output(state)
 
   return jax.jit(sample)

@@ -4,10 +4,13 @@ r"""Benchmark: Flowception against full-sequence flow matching, side by side in 
 
 On the current device (CPU, GPU or TPU) it measures, in this order: the FLOP/s of a large float32
 matrix product (the peak that utilisation is quoted against); the steady-state train step of the
-same model on the same data under both methods (the real pipeline, `train.jit_train_step`); both
-samplers at the same number of steps; the Grain pipeline alone; and the expected cost of the
-extended-time recipe for every insertion scheduler and global-time law, by numerical integration
-and from drawn examples. Times are wall-clock seconds between blocking fetches, after compilation
+same model on the same data under both methods (the real pipeline, `train.jit_train_step`); the
+samplers (Flowception plain and staged, full-sequence at the same steps and at Flowception's
+network evaluations) with their evaluations and FLOPs per generated frame, and the cost model of
+the paper's latent setting; the Grain pipeline alone; and the expected cost of the extended-time
+recipe for every insertion scheduler and global-time law, by numerical integration and from drawn
+examples. With `--workdir`, it instead times a trained model's plain against its staged sampler
+(`compare_samplers`, sized by `configs/bench.py:staged`). Times are wall-clock seconds between blocking fetches, after compilation
 (reported apart), the median over `bench.repeats` passes. On a shared machine absolute times are
 inflated; the ratios, taken side by side in one run, are what to read. Prints a table and writes
 every figure to `--output` as JSON (keys documented in `docs/benchmark.md`).
@@ -33,8 +36,11 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
+from flowception_jax.core import flowception
 from flowception_jax.core import inference
 from flowception_jax.core import model as model_lib
+from flowception_jax.core import sampler as sampler_lib
+from flowception_jax.core import staged_sampler
 from flowception_jax import datasets
 from flowception_jax.research import recipe_cost
 from flowception_jax.storage import files
@@ -235,25 +241,107 @@ def train_figures(bench_state: TrainBench, passes: list[list[float]], info) -> d
   }
 
 
+def forward_xla_flops(model: model_lib.DiT, params, frames: int, info) -> float:
+  """XLA's FLOP count (its cost analysis: matrix products and elementwise work) of one forward
+  pass of `model` on one example of `frames` slots."""
+  inputs = model_lib.init_inputs(tuple(info.frame_shape), frames, info.num_classes)
+  compiled = jax.jit(model.apply).lower({'params': params}, *inputs).compile()
+  return float(compiled.cost_analysis().get('flops', np.nan))
+
+
+def _evaluations_per_call(config, num_classes: int) -> int:
+  """Network evaluations per sampler iteration: x2 under guidance, x2 for Heun."""
+  guided = config.sampler.guidance_scale != 1.0 or config.sampler.rate_guidance != 1.0
+  return (2 if num_classes and guided else 1) * (2 if config.sampler.solver == 'heun' else 1)
+
+
 def bench_sample(model, config, info, params, num_videos: int, repeats: int) -> dict[str, Any]:
-  """Compiles and times `config.method`'s sampler on `num_videos` videos; median of `repeats`."""
+  """Compiles and times `config.method`'s sampler (staged if `config.sampler.staged`) on
+  `num_videos` videos in one batch; the median of `repeats` runs. Run `i` draws from the same
+  keys whatever the sampler, so plain and staged Flowception make the same videos.
+
+  Counts the network evaluations the runs made: rows of [capacity]-slot examples, each an
+  iteration of one video's buffer (idle rows of finished or padded videos included). FLOPs per
+  generated frame weigh each row by `forward_flops` at its capacity (analytic) and by XLA's count
+  of that forward pass (`forward_xla_flops`).
+  """
   sampler = inference.VideoSampler(model, config, info, batch_size=num_videos)
-  sample, labels = sampler.fn, sampler.random_labels(jax.random.key(1), num_videos)
-  compile_s, compiled = timed(lambda: sample.lower(params, jax.random.key(0), labels).compile())
-  jax.block_until_ready(compiled(params, jax.random.key(0), labels))
-  runs = [timed(lambda: compiled(params, jax.random.key(2 + i), labels)) for i in range(repeats)]
-  runs = [(seconds, jax.device_get(out)) for seconds, out in runs]
+  labels = sampler.random_labels(jax.random.key(1), num_videos)
+  if sampler.staged:
+    compile_s, _ = timed(lambda: sampler.fn.compile(params, labels is not None))
+
+    def run(key):
+      out, calls = sampler.fn.run(params, sampler_lib.video_keys(key, num_videos), labels)
+      return out, [(c.capacity, c.loops * num_videos) for c in calls]
+  else:
+    compile_s, compiled = timed(
+        lambda: sampler.fn.lower(params, jax.random.key(0), labels).compile())
+
+    def run(key):
+      out = jax.device_get(compiled(params, key, labels))
+      return out, [(info.max_frames, int(out.num_iterations) * num_videos)]
+
+  run(jax.random.key(0))
+  runs = [timed(lambda: run(jax.random.key(2 + i))) for i in range(repeats)]
+  per_eval = _evaluations_per_call(config, info.num_classes)
+  rows = [sum(r for _, r in calls) for _, (_, calls) in runs]
+  frames = [int(np.sum(out.lengths)) for _, (out, _) in runs]
+  capacities = sorted({c for _, (_, calls) in runs for c, _ in calls})
+  analytic = {c: forward_flops(model, c, info.frame_shape) for c in capacities}
+  xla = {c: forward_xla_flops(model, params, c, info) for c in capacities}
+  per_frame = lambda flops: float(np.median([
+      per_eval * sum(r * flops[c] for c, r in calls) / n for (_, (_, calls)), n in zip(runs, frames)]))
   # Frame evaluations a sampler computing only alive frames would make, per generated frame:
   # a frame takes part from its `insert_step` to the last iteration.
   alive_evals = [np.where(out.insert_step >= 0, int(out.num_iterations) - out.insert_step, 0).sum()
-                 for _, out in runs]
-  per_eval = ((2 if info.num_classes and config.sampler.guidance_scale != 1.0 else 1)
-              * (2 if config.sampler.solver == 'heun' else 1))
+                 for _, (out, _) in runs]
   return {'s': statistics.median(s for s, _ in runs), 'compile_s': compile_s,
-          'nfe': float(np.median([int(out.num_iterations) for _, out in runs])) * per_eval,
-          'mean_length': float(np.mean([np.mean(out.lengths) for _, out in runs])),
-          'alive_evals_per_frame': float(np.sum(alive_evals)
-                                         / np.sum([np.sum(out.lengths) for _, out in runs]))}
+          'nfe': float(np.median(rows)) * per_eval / num_videos,
+          'flops_per_frame': per_frame(analytic), 'xla_flops_per_frame': per_frame(xla),
+          'mean_length': float(np.mean(frames)) / num_videos,
+          'alive_evals_per_frame': float(np.sum(alive_evals) / np.sum(frames))}
+
+
+def sampling_cost_model(model: model_lib.DiT, frame_shape: tuple[int, int, int],
+                        lengths: np.ndarray, *, num_start_frames: int, num_steps: int,
+                        kappa: str, stages: tuple[int, ...], batch_size: int,
+                        seed: int = 0) -> dict[str, float]:
+  """Analytic matrix FLOPs per generated frame of each sampler, for videos of `lengths` drawn
+  by the Flowception process with its true rates (a perfectly trained model).
+
+  Each of a video's `L - num_start_frames` missing frames enters at a global time drawn from the
+  scheduler (`kappa.inverse`) and then runs `num_steps` iterations, so a video runs until its last
+  frame is clean. The plain sampler evaluates `N_max = max(stages)` slots per video until the last
+  video of its batch of `batch_size` ends; the staged one each video's iterations in the smallest
+  stage that holds its frames (its idle rows and moves left out: a lower bound); full-sequence
+  flow matching `num_steps` evaluations of `N_max` slots. Returns FLOPs per frame and the
+  iterations per video of each.
+  """
+  rng = np.random.default_rng(seed)
+  kappa_fn = flowception.get_kappa(kappa)
+  capacity = stages[-1]
+  stage_flops = {c: forward_flops(model, c, frame_shape) for c in stages}
+  stage_of = lambda n: next(c for c in stages if c >= min(n, capacity))
+  staged, finish = [], []
+  for length in lengths:
+    missing = max(int(length) - num_start_frames, 0)
+    enter = np.ceil(np.asarray(kappa_fn.inverse(rng.uniform(size=missing))) * num_steps)
+    last = int(enter.max()) if missing else 0
+    iterations = last + num_steps
+    alive = num_start_frames + np.searchsorted(np.sort(enter), np.arange(iterations), 'right')
+    staged.append(sum(stage_flops[stage_of(int(n))] for n in alive))
+    finish.append(iterations)
+  finish = np.asarray(finish)
+  batches = [finish[i:i + batch_size] for i in range(0, len(finish), batch_size)]
+  plain_rows = sum(int(b.max()) * len(b) for b in batches)
+  frames = float(np.sum(lengths))
+  return {
+      'plain_flops_per_frame': plain_rows * stage_flops[capacity] / frames,
+      'staged_flops_per_frame': float(np.sum(staged)) / frames,
+      'full_sequence_flops_per_frame': len(lengths) * num_steps * stage_flops[capacity] / frames,
+      'plain_iterations': plain_rows / len(lengths),
+      'staged_iterations': float(finish.mean()),
+  }
 
 
 def bench_data(config, source, info, num_batches: int) -> float:
@@ -268,6 +356,29 @@ def bench_data(config, source, info, num_batches: int) -> float:
   for _ in range(num_batches):
     next(iterator)
   return num_batches * config.batch_size / (time.perf_counter() - start)
+
+
+def _with_sampler(config: ml_collections.ConfigDict, **fields) -> ml_collections.ConfigDict:
+  """A copy of `config` with `config.sampler` fields set."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.sampler.update(fields)
+  return config
+
+
+def latent_sampling_cost(bench: ml_collections.ConfigDict) -> dict[str, float]:
+  """`sampling_cost_model` in the paper's latent setting: its DiT (38 blocks of width 1536, 24
+  heads, patch 1) on LTX-Video latents of 256-pixel videos (8x8x128), clips of 3 to 19 latent
+  frames (17 to 145 frames), two start frames, the linear scheduler, default stages."""
+  model = model_lib.DiT(patch_size=1, channels=128, hidden_size=1536, depth=38, num_heads=24)
+  lengths = np.random.default_rng(0).integers(3, 20, size=bench.latent_videos)
+  figures = sampling_cost_model(
+      model, (8, 8, 128), lengths, num_start_frames=2, num_steps=bench.latent_num_steps,
+      kappa='linear', stages=staged_sampler.default_stages(2, 19), batch_size=bench.sample_batch)
+  figures['staged_cost_ratio'] = (figures['staged_flops_per_frame']
+                                  / figures['full_sequence_flops_per_frame'])
+  figures['plain_cost_ratio'] = (figures['plain_flops_per_frame']
+                                 / figures['full_sequence_flops_per_frame'])
+  return figures
 
 
 # ---- The whole benchmark -------------------------------------------------------------------------
@@ -326,17 +437,32 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   params = benches['flowception'].state.ema_params
   logging.info('timing the samplers')
   model = benches['flowception'].model
+  flow_config, full_config = benches['flowception'].config, benches['full_sequence'].config
+  samplers = {'flowception': _with_sampler(flow_config, staged=False),
+              'flowception_staged': _with_sampler(flow_config, staged=True),
+              'full_sequence': full_config}
   samples = {name: bench_sample(model, c, info, params, bench.sample_videos, bench.repeats)
-             for name, c in (('flowception', benches['flowception'].config),
-                             ('full_sequence', benches['full_sequence'].config))}
+             for name, c in samplers.items()}
+  per_eval = _evaluations_per_call(flow_config, info.num_classes)
+  matched_steps = max(1, round(samples['flowception']['nfe'] / per_eval))
+  samples['full_sequence_matched_nfe'] = bench_sample(
+      model, _with_sampler(full_config, num_steps=matched_steps), info, params,
+      bench.sample_videos, bench.repeats)
   for name, s in samples.items():
-    results.update({f'sample.{name}_s': s['s'], f'sample.{name}_nfe': s['nfe'],
-                    f'sample.{name}_mean_length': s['mean_length'],
-                    f'sample.{name}_alive_evals_per_frame': s['alive_evals_per_frame']})
+    results.update({f'sample.{name}_{k}': s[k] for k in (
+        's', 'nfe', 'flops_per_frame', 'xla_flops_per_frame', 'mean_length')})
+  for name in ('flowception', 'flowception_staged'):
+    results[f'sample.{name}_alive_evals_per_frame'] = samples[name]['alive_evals_per_frame']
   results['sample.compile_s'] = sum(s['compile_s'] for s in samples.values())
   results['sample.speed_ratio'] = samples['full_sequence']['s'] / samples['flowception']['s']
+  results['sample.staged_speed_ratio'] = (samples['flowception']['s']
+                                          / samples['flowception_staged']['s'])
+  results['sample.matched_nfe_speed_ratio'] = (samples['full_sequence_matched_nfe']['s']
+                                               / samples['flowception_staged']['s'])
+  results['sample.matched_nfe_steps'] = matched_steps
   results['sample.num_videos'] = bench.sample_videos
   results['sample.num_steps'] = config.sampler.num_steps
+  results.update({f'sample.latent.{k}': v for k, v in latent_sampling_cost(bench).items()})
 
   logging.info('timing the input pipeline; drawing the extended-time study')
   results['data.examples_per_s'] = bench_data(benches['flowception'].config, source, info,
@@ -345,6 +471,96 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   for name, figures in recipe_cost.recipe_study(config, source, info, bench.study_examples).items():
     results.update({f'recipe.{name}.{k}': v for k, v in figures.items()})
   return results
+
+
+# ---- Staged against plain sampling of a trained model -------------------------------------------
+
+def _plain_slot_evaluations(out, num_steps: int, batch_size: int, capacity: int) -> int:
+  """Frame slots the plain sampler evaluates: every batch runs until its last video ends, when
+  the last frame inserted (at the latest step an alive frame entered) has had `num_steps` steps."""
+  finish = np.max(out.insert_step, axis=1) + num_steps
+  return sum(int(finish[i:i + batch_size].max()) * batch_size * capacity
+             for i in range(0, len(finish), batch_size))
+
+
+def _plain_and_staged(trained: inference.TrainedModel, config: ml_collections.ConfigDict,
+                      batch_size: int) -> tuple[inference.VideoSampler, inference.VideoSampler]:
+  """The trained config's `VideoSampler`s, plain and staged (with `config.sampler`'s stages)."""
+  return tuple(inference.VideoSampler(
+      trained.model, _with_sampler(trained.config, staged=staged,
+                                   stages=tuple(config.sampler.stages),
+                                   min_running=config.sampler.min_running),
+      trained.info, batch_size=batch_size) for staged in (False, True))
+
+
+def _wall_and_cpu_seconds(fn: Callable[[], Any]) -> tuple[float, float, Any]:
+  """Wall-clock and CPU seconds (all threads of this process) of `fn()`, and its result."""
+  cpu = time.process_time()
+  seconds, out = timed(fn)
+  return seconds, time.process_time() - cpu, out
+
+
+def compare_samplers(trained: inference.TrainedModel, config: ml_collections.ConfigDict,
+                     num_videos: int, batch_size: int, repeats: int) -> dict[str, Any]:
+  """Times the plain and the staged sampler of `trained` on `num_videos` videos, interleaved.
+
+  Both are `inference.VideoSampler`s with `batch_size` videos per batch (`_plain_and_staged`); the
+  staged loop is called through `StagedSampler.run`, as `VideoSampler` calls it, to count its
+  loops. Each repeat runs both on one key, so they must make the same videos: the largest frame
+  difference and whether the lengths agree are reported with the median wall-clock and CPU
+  times, their ratios, the compile times and the ratio of the frame slots each evaluates. CPU
+  time counts only this process, so it is the steadier figure on a machine shared with others.
+  """
+  batch_size = min(batch_size, num_videos)
+  plain, staged = _plain_and_staged(trained, config, batch_size)
+  params, num_steps = trained.params, plain.config.sampler.num_steps
+  labels = plain.random_labels(jax.random.key(0), num_videos)
+  compile_plain, _ = timed(lambda: plain.fn.lower(
+      params, jax.random.key(0), None if labels is None else labels[:batch_size]).compile())
+  compile_staged, _ = timed(lambda: staged.fn.compile(params, labels is not None))
+  runs = collections.defaultdict(list)
+  for repeat in range(repeats):
+    key = jax.random.key(repeat + 1)
+    wall, cpu, out_plain = _wall_and_cpu_seconds(lambda: plain(params, key, num_videos, labels=labels))
+    runs['plain_s'].append(wall)
+    runs['plain_cpu_s'].append(cpu)
+    wall, cpu, (out, calls) = _wall_and_cpu_seconds(
+        lambda: staged.fn.run(params, staged.video_keys(key, num_videos), labels))
+    runs['staged_s'].append(wall)
+    runs['staged_cpu_s'].append(cpu)
+    logging.info('repeat %d: plain %.1f s, staged %.1f s', repeat, runs['plain_s'][-1], wall)
+    runs['slot_ratio'].append(
+        _plain_slot_evaluations(out_plain, num_steps, batch_size, trained.info.max_frames)
+        / sum(c.loops * batch_size * c.capacity for c in calls))
+    runs['row_use'].append(sum(c.video_steps for c in calls)
+                           / sum(c.loops * batch_size for c in calls))
+    runs['frame_difference'].append(float(np.max(np.abs(out_plain.frames - out.frames))))
+    runs['same_lengths'].append(bool(np.array_equal(out_plain.lengths, out.lengths)))
+    runs['calls'].append(len(calls))
+  median = {k: statistics.median(v) for k, v in runs.items()}
+  return {
+      'staged.num_videos': num_videos, 'staged.batch_size': batch_size,
+      'staged.num_steps': num_steps, 'staged.stages': list(staged.fn.stages),
+      'staged.min_running': config.sampler.min_running,
+      **{f'staged.{k}': median[k] for k in ('plain_s', 'staged_s', 'plain_cpu_s', 'staged_cpu_s',
+                                            'slot_ratio', 'row_use')},
+      'staged.speed_ratio': median['plain_s'] / median['staged_s'],
+      'staged.speed_ratios': [p / s for p, s in zip(runs['plain_s'], runs['staged_s'])],
+      'staged.cpu_ratio': median['plain_cpu_s'] / median['staged_cpu_s'],
+      'staged.plain_compile_s': compile_plain, 'staged.staged_compile_s': compile_staged,
+      'staged.speed_ratio_with_compile': ((median['plain_s'] + compile_plain)
+                                          / (median['staged_s'] + compile_staged)),
+      'staged.calls': median['calls'],
+      'staged.max_frame_difference': max(runs['frame_difference']),
+      'staged.same_lengths': all(runs['same_lengths']),
+  }
+
+
+def run_samplers(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """`compare_samplers` on the model trained in `workdir`, as `config.bench` sizes it."""
+  bench = config.bench
+  return compare_samplers(inference.load(workdir), config, bench.sample_videos,
+                          bench.sample_batch, bench.repeats)
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -365,6 +581,8 @@ def _define_flags() -> None:
   """The command's flags, defined only when it runs, so that importing this module defines none."""
   config_flags.DEFINE_config_file('config', None, 'Benchmark config file.', lock_config=True)
   flags.DEFINE_string('output', None, 'JSON file the figures are written to.')
+  flags.DEFINE_string('workdir', None, 'A trained Flowception run: time its plain against its '
+                      'staged sampler (`compare_samplers`) instead of the whole benchmark.')
   flags.mark_flags_as_required(['config', 'output'])
 
 
@@ -375,7 +593,10 @@ def main(argv):
   directory = os.path.dirname(files.absolute(output))
   if not files.is_remote(output) and not os.path.isdir(directory):
     raise app.UsageError(f'the folder of --output={output} does not exist; create it first')
-  results = run(flags.FLAGS.config)
+  if flags.FLAGS.workdir:
+    results = run_samplers(flags.FLAGS.config, flags.FLAGS.workdir)
+  else:
+    results = run(flags.FLAGS.config)
   print(format_table(results))
   files.write_json(output, results)
 
