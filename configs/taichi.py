@@ -1,12 +1,16 @@
-r"""Tai-Chi-HD in the paper's setting: 256 px, clips of up to 145 frames at 16 FPS.
+r"""Tai-Chi-HD in the paper's setting: 256 px videos of up to 145 frames at 16 FPS, as LTX-Video
+latents.
 
-  python -m flowception_jax.prepare --videos='/data/taichi/**/*.mp4' --output=/data/taichi_256 \
-      --size=256 --fps=16 --num_workers=16
+  python -m flowception_jax.prepare --videos='/data/taichi/**/*.mp4' --output=/data/taichi_ltx \
+      --size=256 --fps=16 --max_frames=145 --num_workers=16 --encoder=ltx \
+      --encoder_weights=/models/ltx-video/vae
   python -m flowception_jax.main --config=configs/taichi.py --workdir=/tmp/taichi \
-      --config.data.data_dir=/data/taichi_256
+      --config.data.data_dir=/data/taichi_ltx
 
-Unconditional. Variants `:128` and `:64` train on the same folder at a lower resolution; `:tiny` is
-a smoke run. See `config.long_clip_config` for the shared settings.
+Unconditional; clips of 2 to 19 latent frames of 8x8x128, the paper's DiT. `:pixels` trains on the
+RGB frames of a folder prepared without `--encoder` (`--size=256 --fps=16`), `:pixels128` and
+`:pixels64` on the same folder at a lower resolution; `:tiny` is a smoke run. See
+`config.long_clip_config` for the shared settings.
 """
 
 from flowception_jax.training import config as config_lib

@@ -10,7 +10,7 @@ import pytest
 
 from flowception_jax.core import attention
 from flowception_jax.core import model as model_lib
-from flowception_jax.research import memory_estimate
+from flowception_jax.training import memory
 
 
 def _inputs(seed, b=2, frames=5, tokens=3, heads=2, dim=8):
@@ -110,7 +110,7 @@ def test_unknown_or_unavailable_kernels_are_refused_with_the_fix():
 
 
 def test_the_memory_estimate_counts_the_kernel():
-  estimate = lambda implementation, frames: memory_estimate.activation_bytes(
+  estimate = lambda implementation, frames: memory.activation_bytes(
       _model(implementation, block=512), examples=1, frames=frames, tokens_per_frame=256, tensor=1)
   # 145 frames of 256 tokens: the pixel-space long clip.
   dense, blockwise = estimate('dense', 145), estimate('blockwise', 145)

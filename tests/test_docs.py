@@ -102,7 +102,8 @@ def test_the_docs_show_the_commands():
           'flowception_jax.research.memory_estimate'} <= shown
   assert any(not fenced for _, fenced, _ in COMMANDS)
   # A synopsis of optional flags, and a quoted value over two lines, are read whole.
-  prepare = next(w for _, _, w in COMMANDS if w[2] == 'flowception_jax.prepare' and len(w) > 6)
+  prepare = next(w for _, _, w in COMMANDS
+                 if w[2] == 'flowception_jax.prepare' and '--labels=labels.csv' in w)
   assert {'--label_from_dir', '--fps=16', '--num_workers=8'} <= set(prepare)
   assert any('\n' in word for _, _, words in COMMANDS for word in words)
   # The jobs of the launchers' command lines, e.g. on several TPU slices.

@@ -94,8 +94,5 @@ def test_unknown_variants_are_refused_naming_the_known_ones():
   with pytest.raises(ValueError, match="unknown variant '512'.*128, 256, tiny"):
     config_files.load('ucf', '512')
   for name in ('taichi', 'realestate10k', 'kinetics600'):
-    config = config_files.load(name)
-    assert config.data.image_size == 256 and config.data.max_frames == 145
-    assert config_files.load(name, '64').model.patch_size == 4
-    with pytest.raises(ValueError, match='unknown variant'):
-      config_files.load(name, '256')
+    with pytest.raises(ValueError, match='unknown variant .*pixels, pixels128, pixels64, tiny'):
+      config_files.load(name, '64')

@@ -28,7 +28,8 @@ import numpy as np
 from flowception_jax.core import attention as attention_lib
 
 # Named sizes: (hidden size, depth, heads). 'tiny' is for tests; 'tutorial' is the model of the
-# paper authors' coloring tutorial; S..XL follow DiT.
+# paper authors' coloring tutorial; S..XL follow DiT; 'paper' is the main model of the Flowception
+# paper (its latent configs: `config.long_clip_config`).
 MODEL_SIZES = {
     'tiny': (32, 2, 2),
     'mini': (128, 4, 4),
@@ -38,6 +39,7 @@ MODEL_SIZES = {
     'B': (768, 12, 12),
     'L': (1024, 24, 16),
     'XL': (1152, 28, 16),
+    'paper': (1536, 38, 24),
 }
 _TIME_FEATURES = 256
 

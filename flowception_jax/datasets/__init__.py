@@ -61,13 +61,36 @@ def _get(name: str) -> _Dataset:
 
 
 def make_source(data_config) -> tuple[Any, SourceInfo]:
-  """The source named by `data_config.name` and its `SourceInfo`.
+  """The source named by `data_config.name` and its `SourceInfo`, checked against what the config
+  expects of it (`check_expected`).
 
   Args:
     data_config: the `config.data` ConfigDict (or any mapping with `.get`); fields a source does not
       find take the defaults of `config.base_config`.
   """
-  return _get(data_config.get('name')).make(data_config)
+  source, info = _get(data_config.get('name')).make(data_config)
+  check_expected(info, data_config)
+  return source, info
+
+
+def check_expected(info: SourceInfo, data_config) -> None:
+  """Refuses data that is not what the config says it trains on (`data.latent_shape`,
+  `data.num_classes`)."""
+  latent_shape = tuple(data_config.get('latent_shape', ()))
+  where = data_config.get('data_dir') or data_config.get('name')
+  if latent_shape and (info.pixels or tuple(info.frame_shape) != latent_shape):
+    held = 'pixels' if info.pixels else 'latents of {}x{}x{}'.format(*info.frame_shape)
+    raise ValueError(
+        f'the config trains on latents of {"x".join(map(str, latent_shape))} '
+        f'(data.latent_shape) but {where} holds {held}; prepare the videos with python -m '
+        'flowception_jax.prepare --encoder=ltx --encoder_weights=DIR (256 px videos give 8x8x128 '
+        'latents), or train on what it holds: a pixel variant of the config, or '
+        '--config.data.latent_shape=()')
+  expected = data_config.get('num_classes', 0)
+  if expected and info.num_classes != expected:
+    raise ValueError(f'the config expects {expected} classes (data.num_classes) but {where} has '
+                     f'{info.num_classes}; check the labels of the prepared data, or set '
+                     f'--config.data.num_classes={info.num_classes} (0 takes any count)')
 
 
 def task_metrics(name: str, videos: np.ndarray, lengths: np.ndarray,

@@ -22,6 +22,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 500  # Steps between checkpoints (the last step is always saved).
   c.keep_checkpoints = 2  # How many recent checkpoints to keep in the workdir.
   c.grad_accum_steps = 1  # Microbatches per optimizer step; the update equals one batch_size step.
+  # Refuse, before compiling, a run that the memory estimate (`training/memory.py`) says exceeds the
+  # memory of a device (accelerators only: CPUs report no limit).
+  c.check_memory = True
   c.profile_steps = 0  # Steps traced by the profiler into WORKDIR/plugins/profile (0: off).
   c.profile_first_step = 5  # Steps into this run (resumed or not) before the traced window opens.
 
@@ -34,6 +37,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.image_size = 32  # Frame height and width (not 'coloring'; latents keep their size).
   c.data.min_frames = 6  # Shortest clip (not 'coloring').
   c.data.max_frames = 16  # Longest clip; the model's frame capacity at sampling time.
+  # (h, w, c) of the latent frames the config trains on: data of another form (pixels, latents of
+  # another shape) is refused, and `memory_estimate` plans with it before the data exists. Empty:
+  # frames of `image_size` pixels, or latents of whatever shape the folder holds.
+  c.data.latent_shape = ()
+  # Classes the data must have (0: whatever it has; the model always takes the data's count); also
+  # what `memory_estimate` plans with before the data exists.
+  c.data.num_classes = 0
   c.data.max_shapes = 2  # 'shapes': 1 or 2 shapes per clip.
   c.data.kind_labels = False  # 'shapes': label clips by the primary shape's kind (3 named classes).
   c.data.data_dir = ''  # TFDS data_dir of 'ucf101' (empty: TFDS's default); folder of 'videos'.
@@ -79,7 +89,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.context.max_keyframes = 4  # Most key frames of the interpolation pattern (>= 2).
 
   c.model = ml_collections.ConfigDict()
-  c.model.size = 'mini'  # Named DiT size (see `model.MODEL_SIZES`): tiny, mini, S, B, L, XL.
+  c.model.size = 'mini'  # Named DiT size (`model.MODEL_SIZES`): tiny, mini, small, tutorial, S..XL, paper.
   c.model.patch_size = 4  # Square patch side in pixels; frame height and width must divide by it.
   c.model.mlp_ratio = 4.0  # MLP hidden width over model width.
   c.model.dtype = 'float32'  # Activation dtype: 'float32' or 'bfloat16'.
@@ -186,38 +196,56 @@ def check_variant(arg: str | None, config_file: str,
                      '(or none)')
 
 
-def long_clip_config(arg: str | None, config_file: str) -> ml_collections.ConfigDict:
-  """The paper's long-clip setting on a folder prepared with `--size=256 --fps=16`.
+def long_clip_config(arg: str | None, config_file: str,
+                     num_classes: int = 0) -> ml_collections.ConfigDict:
+  """The paper's setting: videos of 16 to 145 frames at 256 px and 16 FPS, `num_classes` classes.
 
-  Clips of 16 to 145 frames at 16 FPS, 256 px with 16-pixel patches (256 tokens per frame), in
-  pixel space; variants '128' and '64' keep the tokens per frame (patches of 8 and 4, frames resized
-  on read), 'tiny' is a seconds-long smoke run. A 145-frame clip is 37,120 tokens: blockwise
-  attention, full remat and FSDP over every chip keep it at 1.8 GiB per chip on 256 chips by
-  `research/memory_estimate.py` (dense attention: 42.6 GiB).
+  By default in the latent space of LTX-Video, on a folder written by `prepare --encoder=ltx
+  --size=256 --fps=16 --max_frames=145`: each video keeps its longest prefix of 1 + 8k frames, so
+  clips are 2 to 19 latent frames (16 frames give 2, 145 give 19) of 8x8x128, patches of 1 (65
+  tokens per frame with the rate token, 1,235 for 19 frames: dense attention), the paper's DiT
+  ('paper', 1.6B parameters). Variant 'pixels' trains on the RGB frames of a folder prepared with
+  `--size=256 --fps=16` instead (DiT-XL, 16-pixel patches, 256 tokens per frame: 37,120 for 145
+  frames, so blockwise attention); 'pixels128' and 'pixels64' keep its tokens per frame at a lower
+  resolution (patches of 8 and 4, frames resized on read); 'tiny' is a seconds-long smoke run of the
+  latent setting. Per-chip memory by `research/memory_estimate.py`: docs/scaling.md.
   """
-  check_variant(arg, config_file, ('128', '64', 'tiny'))
+  check_variant(arg, config_file, ('pixels', 'pixels128', 'pixels64', 'tiny'))
   c = base_config()
   c.total_steps = 400_000
-  c.batch_size = 64
   c.checkpoint_every = 5000
   c.evals.samples.every = 20_000
   c.data.name = 'videos'
-  c.data.image_size = int(arg) if arg in ('128', '64') else 256
-  c.data.min_frames = 16
-  c.data.max_frames = 145
-  c.data.buckets = (16, 32, 48, 64, 96, 128, 145)
-  c.model.size = 'XL'
-  c.model.patch_size = c.data.image_size // 16
+  c.data.num_classes = num_classes
   c.model.dtype = 'bfloat16'
-  c.model.attention = 'blockwise'
   c.model.remat = 'full'
   c.mesh.data = 1
   c.mesh.fsdp = -1
   c.optim.learning_rate = 1e-4
   c.optim.warmup_steps = 5000
   c.optim.ema_decay = 0.9999
+  if arg is not None and arg.startswith('pixels'):
+    c.batch_size = 64
+    c.data.image_size = int(arg[len('pixels'):] or 256)
+    c.data.min_frames = 16
+    c.data.max_frames = 145
+    c.data.buckets = (16, 32, 48, 64, 96, 128, 145)
+    c.model.size = 'XL'
+    c.model.patch_size = c.data.image_size // 16
+    c.model.attention = 'blockwise'
+    return c
+  c.batch_size = 256
+  c.data.latent_shape = (8, 8, 128)
+  c.data.min_frames = 2
+  c.data.max_frames = 19
+  c.data.buckets = (4, 8, 12, 16, 19)
+  c.model.size = 'paper'
+  c.model.patch_size = 1
   if arg == 'tiny':
-    make_tiny_clips(c)
+    make_tiny(c)
+    c.data.max_frames = 6
+    c.data.buckets = (2, 4, 6)
+    c.model.dtype = 'float32'
   return c
 
 

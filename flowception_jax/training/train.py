@@ -28,6 +28,7 @@ from flowception_jax import datasets
 from flowception_jax.training import checkpoint
 from flowception_jax.training import distributed
 from flowception_jax.training import input_pipeline
+from flowception_jax.training import memory
 from flowception_jax.training import run_log
 from flowception_jax.training import sharding
 
@@ -401,6 +402,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   model, tx, init_fn = build(config, info)
   init_key = jax.random.key(config.seed)
   abstract_state, state_shardings = state_layout(init_fn, mesh)
+  limit = memory.device_limit()
+  if config.check_memory and limit is not None:  # CPUs report no limit.
+    memory.check_fits(memory.estimate(config, info, dict(mesh.shape), model=model,
+                                      init_fn=init_fn), limit)
 
   # ---- Checkpoint: resume from the workdir, or start from scratch --------------------------------
   manager = checkpoint.make_manager(workdir, keep=config.keep_checkpoints)
