@@ -89,7 +89,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.context.max_keyframes = 4  # Most key frames of the interpolation pattern (>= 2).
 
   c.model = ml_collections.ConfigDict()
-  c.model.size = 'mini'  # Named DiT size (`model.MODEL_SIZES`): tiny, mini, small, tutorial, S..XL, paper.
+  c.model.size = 'mini'  # Named DiT size (`model.MODEL_SIZES`), e.g. tiny, mini, S..XL, paper.
   c.model.patch_size = 4  # Square patch side in pixels; frame height and width must divide by it.
   c.model.mlp_ratio = 4.0  # MLP hidden width over model width.
   c.model.dtype = 'float32'  # Activation dtype: 'float32' or 'bfloat16'.
