@@ -56,7 +56,8 @@ def test_benchmark_writes_every_figure(tmp_path):
                                                             'xla_flops_per_frame'))
     assert 0 < analytic <= xla * 1.01, name
   # The same videos, staged or not: the same frames; never more evaluations of N_max slots.
-  assert written['sample.flowception_staged_mean_length'] == written['sample.flowception_mean_length']
+  assert (written['sample.flowception_staged_mean_length']
+          == written['sample.flowception_mean_length'])
   assert written['sample.flowception_staged_flops_per_frame'] <= written[
       'sample.flowception_flops_per_frame']
   for kappa in flowception.KAPPAS:

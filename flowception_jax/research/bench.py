@@ -289,8 +289,8 @@ def bench_sample(model, config, info, params, num_videos: int, repeats: int) -> 
   capacities = sorted({c for _, (_, calls) in runs for c, _ in calls})
   analytic = {c: forward_flops(model, c, info.frame_shape) for c in capacities}
   xla = {c: forward_xla_flops(model, params, c, info) for c in capacities}
-  per_frame = lambda flops: float(np.median([
-      per_eval * sum(r * flops[c] for c, r in calls) / n for (_, (_, calls)), n in zip(runs, frames)]))
+  per_frame = lambda flops: float(np.median([per_eval * sum(r * flops[c] for c, r in calls) / n
+                                             for (_, (_, calls)), n in zip(runs, frames)]))
   # Frame evaluations a sampler computing only alive frames would make, per generated frame:
   # a frame takes part from its `insert_step` to the last iteration.
   alive_evals = [np.where(out.insert_step >= 0, int(out.num_iterations) - out.insert_step, 0).sum()
@@ -521,7 +521,8 @@ def compare_samplers(trained: inference.TrainedModel, config: ml_collections.Con
   runs = collections.defaultdict(list)
   for repeat in range(repeats):
     key = jax.random.key(repeat + 1)
-    wall, cpu, out_plain = _wall_and_cpu_seconds(lambda: plain(params, key, num_videos, labels=labels))
+    wall, cpu, out_plain = _wall_and_cpu_seconds(
+        lambda: plain(params, key, num_videos, labels=labels))
     runs['plain_s'].append(wall)
     runs['plain_cpu_s'].append(cpu)
     wall, cpu, (out, calls) = _wall_and_cpu_seconds(
