@@ -245,7 +245,9 @@ def test_video_sampler_stages_when_the_config_asks():
   _, params = _tiny_dit(num_classes)
   info = datasets.SourceInfo(frame_shape=FRAME, max_frames=CAPACITY, num_classes=num_classes)
   config = config_lib.base_config()
+  assert inference.sampler_stages(config, info) == tuple(range(2, CAPACITY + 1))  # Every count.
   config.sampler.num_steps = 4
+  config.sampler.stages = (3, CAPACITY)  # Two stage compilations.
   inputs = _context_inputs(num_videos, 5)
   outs = {}
   for staged in (False, True):
@@ -253,5 +255,4 @@ def test_video_sampler_stages_when_the_config_asks():
     sampler = inference.VideoSampler(model, config, info, batch_size=3)
     assert sampler.staged == staged
     outs[staged] = sampler(params, jax.random.key(7), num_videos, inputs=inputs)
-  assert inference.sampler_stages(config, info) == tuple(range(2, CAPACITY + 1))  # Every count.
   _assert_same_videos(outs[True], outs[False])
