@@ -8,7 +8,7 @@ import sys
 
 import flax.linen as nn
 import jax
-from jax.extend import core as jax_core
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -31,6 +31,7 @@ KEYS = (
     'sample.flowception_staged_s', 'sample.full_sequence_matched_nfe_s',
     'sample.staged_speed_ratio', 'sample.matched_nfe_speed_ratio',
     'sample.latent.staged_cost_ratio', 'sample.latent.plain_cost_ratio',
+    'train.matmul_ceiling_flops', 'train.mfu_own_ceiling', 'train.step_matmul_flops',
     'data.examples_per_s', 'data.train_examples_per_s')
 SAMPLERS = ('flowception', 'flowception_staged', 'full_sequence', 'full_sequence_matched_nfe')
 
@@ -46,6 +47,8 @@ def test_benchmark_writes_every_figure(tmp_path):
     assert math.isfinite(written[key]) and written[key] > 0, key
   assert written['train.cost_ratio_measured'] == pytest.approx(
       written['train.flowception_s_per_example'] / written['train.full_sequence_s_per_example'])
+  # The step's own matrix products (its jaxpr) against the analytic 3x forward count.
+  assert 0.8 < written['train.step_matmul_flops'] / written['train.step_model_flops'] < 1.2
   steps = config.sampler.num_steps
   assert written['sample.full_sequence_nfe'] == steps
   assert steps <= written['sample.flowception_nfe'] <= 2 * steps + 2
@@ -89,19 +92,6 @@ def test_a_failed_write_of_the_figures_leaves_neither_them_nor_a_temporary_file(
   assert os.listdir(tmp_path) == []
 
 
-def _dot_flops(jaxpr) -> int:
-  """2 x the multiply-adds of every dot_general in a jaxpr, nested ones included."""
-  total = 0
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == 'dot_general':
-      (lhs_contract, _), (_, rhs_batch) = eqn.params['dimension_numbers']
-      lhs, rhs = (v.aval.shape for v in eqn.invars)
-      free_rhs = [s for i, s in enumerate(rhs) if i not in eqn.params['dimension_numbers'][0][1]
-                  and i not in rhs_batch]
-      total += 2 * math.prod(lhs) * math.prod(free_rhs)
-  return total + sum(_dot_flops(sub) for sub in jax_core.subjaxprs(jaxpr))
-
-
 def test_flop_count_matches_a_hand_count():
   # tiny DiT: width 32, 2 blocks, 2 heads, MLP 128; 8x8x3 frames in 4x4 patches, 2 frames.
   model = model_lib.DiT(patch_size=4, channels=3, hidden_size=32, depth=2, num_heads=2)
@@ -119,8 +109,8 @@ def test_flop_count_matches_a_hand_count():
 
   inputs = model_lib.init_inputs((8, 8, 3), frames, 0)
   params = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), *inputs)))
-  jaxpr = jax.make_jaxpr(model.apply)(params, *inputs).jaxpr
-  assert _dot_flops(jaxpr) == 2 * multiply_adds
+  matmuls = bench.step_matmuls(jax.make_jaxpr(model.apply)(params, *inputs))
+  assert sum(m.flops for m in matmuls) == 2 * multiply_adds
 
 
 def test_sampling_cost_model_bounds_and_limits():
@@ -137,6 +127,16 @@ def test_sampling_cost_model_bounds_and_limits():
   full = 64 * 20 * bench.forward_flops(model, 12, (8, 8, 3)) / lengths.sum()
   assert fine['full_sequence_flops_per_frame'] == pytest.approx(full)
   assert 20 < fine['staged_iterations'] < fine['plain_iterations'] <= 40
+
+
+def test_matmul_ceiling_runs_the_products_it_was_given():
+  a = bench.Matmul(jax.ShapeDtypeStruct((8, 16, 32), jnp.float32),
+                   jax.ShapeDtypeStruct((8, 32, 4), jnp.float32), (((2,), (1,)), ((0,), (0,))),
+                   None)
+  assert a.flops == 2 * 8 * 16 * 32 * 4
+  probe = bench.matmul_ceiling([a, a])
+  rates = probe(3)
+  assert len(rates) == 3 and all(r > 0 for r in rates)
 
 
 @pytest.mark.parametrize('kappa', sorted(flowception.KAPPAS))

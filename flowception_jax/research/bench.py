@@ -31,6 +31,7 @@ from absl import flags
 from absl import logging
 import flax.linen as nn
 import jax
+from jax.extend import core as jax_core
 import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
@@ -94,6 +95,57 @@ def peak_flops(size: int, repeats: int) -> list[float]:
   matmul = jax.jit(jnp.matmul).lower(a, b).compile()
   jax.block_until_ready(matmul(a, b))
   return [2 * size**3 / timed(lambda: matmul(a, b))[0] for _ in range(repeats)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Matmul:
+  """One matrix product of a traced step: its operands' shapes and dtypes and its `dot_general`
+  parameters."""
+  lhs: jax.ShapeDtypeStruct
+  rhs: jax.ShapeDtypeStruct
+  dimension_numbers: Any
+  preferred_element_type: Any
+
+  @property
+  def flops(self) -> int:
+    """2 x its multiply-adds: every lhs element times the rhs's free (non-contracted, non-batch)
+    extent."""
+    (_, rhs_contract), (_, rhs_batch) = self.dimension_numbers
+    free = [d for i, d in enumerate(self.rhs.shape) if i not in rhs_contract + rhs_batch]
+    return 2 * int(np.prod(self.lhs.shape)) * int(np.prod(free))
+
+
+def step_matmuls(jaxpr) -> list[Matmul]:
+  """Every `dot_general` of a (closed) jaxpr, those of nested jaxprs (jit, remat, custom rules)
+  included once each."""
+  jaxpr = getattr(jaxpr, 'jaxpr', jaxpr)
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == 'dot_general':
+      lhs, rhs = (jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in eqn.invars)
+      found.append(Matmul(lhs, rhs, eqn.params['dimension_numbers'],
+                          eqn.params.get('preferred_element_type')))
+  return found + [m for sub in jax_core.subjaxprs(jaxpr) for m in step_matmuls(sub)]
+
+
+def matmul_ceiling(matmuls: list[Matmul]) -> Callable[[int], list[float]]:
+  """A probe of the FLOP/s the step's own matrix products reach run alone, back to back in one
+  compiled function on random operands (each its own, so none is shared or folded away):
+  `probe(repeats)` times it `repeats` times."""
+  keys = jax.random.split(jax.random.key(0), 2 * len(matmuls))
+  operands = [(jax.random.normal(keys[2 * i], m.lhs.shape).astype(m.lhs.dtype),
+               jax.random.normal(keys[2 * i + 1], m.rhs.shape).astype(m.rhs.dtype))
+              for i, m in enumerate(matmuls)]
+
+  def products(operands):
+    return [jax.lax.dot_general(a, b, m.dimension_numbers,
+                                preferred_element_type=m.preferred_element_type)
+            for (a, b), m in zip(operands, matmuls)]
+
+  compiled = jax.jit(products).lower(operands).compile()
+  jax.block_until_ready(compiled(operands))
+  flops = sum(m.flops for m in matmuls)
+  return lambda repeats: [flops / timed(lambda: compiled(operands))[0] for _ in range(repeats)]
 
 
 def _instruction_kinds(hlo_text: str) -> dict[str, str]:
@@ -169,6 +221,8 @@ class TrainBench:
   compile_s: float
   xla_flops: dict[int, float]  # Bucket size -> XLA's FLOP count of one step.
   profile: dict[str, float]  # `profile_kinds` of a step of the largest bucket.
+  ceiling: Callable[[int], list[float]]  # `matmul_ceiling` probe of a step of the largest bucket.
+  matmul_flops: int  # The matrix-product FLOPs of that step's jaxpr (forward and backward).
 
 
 def _frames(batch) -> int:
@@ -204,8 +258,11 @@ def prepare_train(config, source, info, mesh, method: str, num_batches: int) -> 
     largest = max(firsts)
     # Profiled on a copy: the executable donates (deletes) the state it is given.
     profile = profile_kinds(compiled[largest], jax.tree.map(jnp.copy, state), firsts[largest])
+    matmuls = step_matmuls(jax.make_jaxpr(step_fn)(state, firsts[largest]))
   return TrainBench(config=config, model=model, batches=batches, compiled=compiled, state=state,
-                    compile_s=compile_s, xla_flops=xla_flops, profile=profile)
+                    compile_s=compile_s, xla_flops=xla_flops, profile=profile,
+                    ceiling=matmul_ceiling(matmuls),
+                    matmul_flops=sum(m.flops for m in matmuls))
 
 
 def train_pass(bench_state: TrainBench) -> list[float]:
@@ -396,14 +453,17 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   benches = {m: prepare_train(config, source, info, mesh, m, bench.train_batches) for m in methods}
   # Passes alternate between the methods, so that a change of load hits both alike.
   passes = {m: [] for m in methods}
+  ceilings = []  # The Flowception step's own matrix products alone, probed like the peak.
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
     for _ in range(bench.repeats):
       for m in methods:
         passes[m].append(train_pass(benches[m]))
       peaks += peak_flops(bench.peak_size, 1)  # Between the passes, under the same load.
+      ceilings += benches['flowception'].ceiling(1)
   runs = {m: train_figures(benches[m], passes[m], info) for m in methods}
-  peak = statistics.median(peaks)
+  peak, ceiling = statistics.median(peaks), statistics.median(ceilings)
   flow, full = runs['flowception'], runs['full_sequence']
+  largest = str(max(flow['buckets']))
   results = {
       'device': jax.devices()[0].device_kind, 'num_devices': jax.device_count(),
       'peak_flops': peak,
@@ -416,6 +476,13 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
       'train.full_sequence_model_flops_per_example': full['model_flops_per_example'],
       'train.xla_flops_per_example': flow['xla_flops_per_example'],
       'train.mfu': flow['model_flops_per_example'] / flow['s_per_example'] / peak,
+      'train.matmul_ceiling_flops': ceiling,
+      'train.mfu_own_ceiling': flow['flops_per_s_by_bucket'][largest] / ceiling,
+      'train.mfu_largest_bucket': flow['flops_per_s_by_bucket'][largest] / peak,
+      'train.step_matmul_flops': benches['flowception'].matmul_flops,
+      'train.step_model_flops': (benches['flowception'].config.batch_size
+                                 * train_flops(benches['flowception'].model, int(largest),
+                                               info.frame_shape)),
       'train.full_sequence_mfu': full['model_flops_per_example'] / full['s_per_example'] / peak,
       'train.flowception_visible_fraction': flow['visible_fraction'],
       'train.flowception_bucket_fill': flow['bucket_fill'],
