@@ -167,13 +167,13 @@ def test_sampler_comparison_times_the_same_videos():
   params = jax.tree.unflatten(tree, [x + 0.2 * jax.random.normal(k, x.shape)
                                      for x, k in zip(leaves, keys)])
   trained = inference.TrainedModel(config=config, info=info, model=model, params=params, step=0)
-  results = bench.compare_samplers(trained, config, num_videos=7, batch_size=3, repeats=2)
+  results = bench.compare_samplers(trained, config, num_videos=7, batch_size=3, repeats=1)
   assert results['staged.same_lengths'] and results['staged.max_frame_difference'] < 1e-4
   assert results['staged.stages'] == [2, 4, 6]
   for key in ('staged.plain_s', 'staged.staged_s', 'staged.speed_ratio', 'staged.slot_ratio',
               'staged.plain_compile_s', 'staged.staged_compile_s', 'staged.row_use'):
     assert math.isfinite(results[key]) and results[key] > 0, key
-  assert len(results['staged.speed_ratios']) == 2
+  assert len(results['staged.speed_ratios']) == 1
   assert 'staged.speed_ratio' in bench.format_table(results)
 
 
