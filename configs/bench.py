@@ -64,6 +64,7 @@ def get_config(arg=None):
     c.data.max_frames = 4
     c.data.buckets = (4,)  # One bucket: one compilation per method.
     c.sampler.num_steps = 2
+    c.sampler.stages = (4,)  # One staged loop to compile.
     c.bench.train_batches = 2
     c.bench.repeats = 2
     c.bench.sample_videos = 2

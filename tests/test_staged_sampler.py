@@ -105,15 +105,15 @@ def _take(out: sampler_lib.SampleOutput, rows) -> sampler_lib.SampleOutput:
     ('poisson', 3, True),
 ])
 def test_staged_sampler_draws_the_plain_samplers_videos(insertion, num_classes, with_context):
-  """A small random DiT, every video with its own key, over two seeds: with guidance (two
-  evaluations per step) for the conditional model; with context, every other video given frames."""
-  num_videos = 12
+  """A small random DiT, every video with its own key: with guidance (two evaluations per step)
+  for the conditional model; with context, every other video given frames."""
+  num_videos = 16
   apply_fn, params = _tiny_dit(num_classes)
   config = _config(insertion=insertion, guidance_scale=2.0 if num_classes else 1.0)
   plain = _plain(apply_fn, config, num_videos, num_classes)
   staged = _staged(apply_fn, config, num_classes=num_classes)
   capacities = set()
-  for seed in (0, 1):
+  for seed in (0,):
     keys = jax.random.split(jax.random.key(seed), num_videos)
     kwargs = _context_inputs(num_videos, seed) if with_context else {}
     if num_classes:
