@@ -123,7 +123,8 @@ class VideoSampler:
     """The keys [num_videos] of the videos of a call with `key`: batch `i`'s key split."""
     noise_key = jax.random.split(key)[1]
     count = -(-num_videos // self.batch_size)
-    return jnp.concatenate([jax.random.split(jax.random.fold_in(noise_key, i), self.batch_size)
+    return jnp.concatenate([sampler_lib.video_keys(jax.random.fold_in(noise_key, i),
+                                                   self.batch_size)
                             for i in range(count)])[:num_videos]
 
   def random_labels(self, key: jax.Array, num_videos: int) -> np.ndarray | None:
