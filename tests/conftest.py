@@ -1,7 +1,9 @@
 """Test setup that must run before JAX or Grain is imported.
 
-XLA only reads `--xla_force_host_platform_device_count` when the CPU backend starts, so it is set
-here, first, to give the tests two fake CPU devices on which the sharding paths actually split data.
+XLA reads its flags when the CPU backend starts, so they are set here, first (and inherited by the
+commands the tests run): two fake CPU devices, on which the sharding paths actually split data, and
+no LLVM optimisation of the compiled code, since the tests' small programs take longer to compile
+than to run (a third less time for the suite; the numerics are XLA's either way).
 Grain's multiprocessing and other absl-using code read absl flags, which are only parsed inside
 `app.run`; the flags are parsed here so that such code also works under pytest. The fake object
 store (`fake_gcs.py`, fixture `fake_gcs`) is imported before any test imports TensorFlow, whose GCS
@@ -10,9 +12,10 @@ filesystem reads its cache settings when it starts.
 
 import os
 
-_DEVICE_FLAG = '--xla_force_host_platform_device_count=2'
-if _DEVICE_FLAG not in os.environ.get('XLA_FLAGS', ''):
-  os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {_DEVICE_FLAG}'.strip()
+_TEST_FLAGS = {'--xla_force_host_platform_device_count': '2', '--xla_backend_optimization_level': '0'}
+for _flag, _value in _TEST_FLAGS.items():
+  if _flag not in os.environ.get('XLA_FLAGS', ''):
+    os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {_flag}={_value}'.strip()
 
 from absl import flags  # pylint: disable=g-import-not-at-top
 

@@ -1,6 +1,7 @@
 """The learning-curve study: variants and budgets, end to end on a tiny config, resumption, curves
 and plots."""
 
+import copy
 import json
 import os
 import re
@@ -159,6 +160,16 @@ def test_a_rerun_of_another_definition_is_refused_before_any_training(tmp_path, 
   files.write_json(str(tmp_path / 'study.json'), dict(definition, runs=[]))
   with pytest.raises(ValueError, match='eval_spacing: not in study.json'):
     study.run_study(**same)
+  # A config field added to the code since the study was saved is not a difference: it resumes.
+  current = dict(definition, eval_spacing='linear')
+  saved = copy.deepcopy(current)
+  del saved['config']['sampler']['staged']
+  files.write_json(str(tmp_path / 'study.json'), dict(saved, runs=[]))
+  assert study._saved_study(str(tmp_path), current)['config'] == saved['config']
+  with pytest.raises(ValueError) as refusal:
+    study._saved_study(str(tmp_path), dict(current, evals=3))
+  assert 'evals: 2 in study.json, 3 now' in str(refusal.value)
+  assert 'staged' not in str(refusal.value)
   os.remove(tmp_path / 'study.json')
   (tmp_path / 'notes.txt').write_text('not a study')
   with pytest.raises(FileExistsError, match='no study.json; pass a new --output'):

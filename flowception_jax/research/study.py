@@ -377,12 +377,20 @@ def _saved_study(output: str, definition: dict) -> dict | None:
   """The study in `OUTPUT/study.json` to resume, None if `output` is new or empty.
 
   Refuses a saved study of another definition, naming the differences, and an output that holds
-  files but no study.
+  files but no study. Config fields the saved study predates are not differences.
   """
   path = os.path.join(output, 'study.json')
   if files.exists(path):
     study = json.loads(files.read_bytes(path))
     differences = _differences({k: study[k] for k in definition if k in study}, definition)
+    # Config fields added to the code since the study was saved: their defaults keep what the code
+    # did before they existed, so the study resumes (other differences refuse it).
+    added = [line for line in differences
+             if line.startswith('config.') and line.endswith(': not in study.json')]
+    if added:
+      logging.warning('%s predates the config fields %s; resuming with their values now', path,
+                      ', '.join(line.split(':')[0] for line in added))
+      differences = [line for line in differences if line not in added]
     if differences:
       raise ValueError(f'{path} holds a study of another definition ({"; ".join(differences)}); '
                        'run the command that started it to resume it, or pass a new --output')
