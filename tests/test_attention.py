@@ -1,5 +1,7 @@
-"""Attention kernels: the blockwise one equals the dense one, in values and gradients, and its
-memory grows linearly with the sequence."""
+"""Attention kernels: the blockwise and splash ones equal the dense one, in values and gradients,
+and the blockwise one's memory grows linearly with the sequence."""
+
+import re
 
 import flax.linen as nn
 import jax
@@ -8,9 +10,13 @@ import ml_collections
 import numpy as np
 import pytest
 
+from flowception_jax import datasets
 from flowception_jax.core import attention
 from flowception_jax.core import model as model_lib
+from flowception_jax.training import config as config_lib
 from flowception_jax.training import memory
+from flowception_jax.training import sharding
+from flowception_jax.training import train
 
 
 def _inputs(seed, b=2, frames=5, tokens=3, heads=2, dim=8):
@@ -22,10 +28,15 @@ def _inputs(seed, b=2, frames=5, tokens=3, heads=2, dim=8):
   return q, k, v, frame_mask, frame_attention
 
 
-def _value_and_grads(implementation, q, k, v, mask, block):
+def _value_and_grads(implementation, q, k, v, mask, block, rows=None):
+  """The output [B, S, H, D] and the gradients of q, k, v under a loss that reads the queries
+  `rows` (bool [B, S]; None: all)."""
   def loss(q, k, v):
     out = attention.attend(q, k, v, mask, implementation=implementation, block=block)
-    return jnp.sum(jnp.sin(out) * jnp.arange(out.size).reshape(out.shape) / out.size), out
+    weights = jnp.arange(out.size).reshape(out.shape) / out.size
+    if rows is not None:
+      weights = jnp.where(rows[:, :, None, None], weights, 0.0)
+    return jnp.sum(jnp.sin(out) * weights), out
   (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
   return out, grads
 
@@ -46,6 +57,26 @@ def test_blockwise_attention_equals_dense_in_values_and_gradients(block, with_fr
                          blockwise, atol=1e-3)
 
 
+def test_splash_attention_equals_dense_on_the_queries_a_loss_reads():
+  # 200 tokens: two blocks of 128, the second part padding; two padding frames in one example.
+  q, k, v, frame_mask, _ = _inputs(0, tokens=40)
+  mask = attention.FrameMask(frame_mask, None, 40)
+  real = jnp.repeat(frame_mask, 40, axis=1)  # Padding frames' queries are read by no loss.
+  dense, dense_grads = _value_and_grads('dense', q, k, v, mask, 128, rows=real)
+  # The examples split over two devices (a shard_map); one example alone is not split.
+  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=1, tensor=1)))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    splash, splash_grads = jax.jit(
+        lambda q, k, v: _value_and_grads('splash', q, k, v, mask, 128, rows=real))(q, k, v)
+    alone = jax.jit(lambda q, k, v: attention.attend(
+        q, k, v, attention.FrameMask(frame_mask[:1], None, 40), implementation='splash',
+        block=128))(q[:1], k[:1], v[:1])
+  np.testing.assert_allclose(splash[real], dense[real], atol=1e-5)
+  for got, want in zip(splash_grads, dense_grads):
+    np.testing.assert_allclose(got, want, atol=1e-5)
+  np.testing.assert_allclose(alone[real[:1]], dense[:1][real[:1]], atol=1e-5)
+
+
 def _model(implementation, block=7):
   config = ml_collections.ConfigDict(dict(size='tiny', patch_size=4, mlp_ratio=2.0,
                                           dtype='float32', attention=implementation,
@@ -53,9 +84,10 @@ def _model(implementation, block=7):
   return model_lib.build_model(config, channels=3, num_classes=0)
 
 
-def test_dit_with_blockwise_attention_equals_dense_with_padding_and_causal_masks():
+@pytest.mark.parametrize('implementation', ['blockwise', 'splash'])
+def test_dit_equals_dense_with_padding_and_causal_masks(implementation):
   b, f = 2, 4
-  dense, blockwise = _model('dense'), _model('blockwise')
+  dense, other = _model('dense'), _model(implementation)
   keys = jax.random.split(jax.random.key(0), 3)
   frames = jax.random.normal(keys[0], (b, f, 8, 8, 3))
   times = jax.random.uniform(keys[1], (b, f))
@@ -75,11 +107,12 @@ def test_dit_with_blockwise_attention_equals_dense_with_padding_and_causal_masks
     return jnp.sum(jnp.where(real, velocity, 0.0) ** 2) + jnp.sum(jnp.where(frame_mask, log_rate,
                                                                             0.0))
 
-  dense_fn, blockwise_fn = (jax.jit(jax.value_and_grad(lambda p, a, net=net: loss(p, net, a)))
-                            for net in (dense, blockwise))
-  for frame_attention in (None, causal):
+  dense_fn, other_fn = (jax.jit(jax.value_and_grad(lambda p, a, net=net: loss(p, net, a)))
+                        for net in (dense, other))
+  # Splash takes no frame-level mask.
+  for frame_attention in (None, causal) if implementation == 'blockwise' else (None,):
     want, want_grads = dense_fn(params, frame_attention)
-    got, got_grads = blockwise_fn(params, frame_attention)
+    got, got_grads = other_fn(params, frame_attention)
     np.testing.assert_allclose(got, want, rtol=1e-5)
     for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
       np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
@@ -107,6 +140,22 @@ def test_unknown_or_unavailable_kernels_are_refused_with_the_fix():
   if jax.default_backend() != 'gpu':
     with pytest.raises(ValueError, match='needs a GPU'):
       _model('cudnn')
+  q, k, v, frame_mask, frame_attention = _inputs(0)
+  with pytest.raises(ValueError, match='splash attention takes no frame-level mask.*dense or '
+                                       'blockwise'):
+    attention.attend(q, k, v, attention.FrameMask(frame_mask, frame_attention, 3),
+                     implementation='splash')
+  config = ml_collections.ConfigDict(dict(size='tiny', patch_size=4, mlp_ratio=2.0,
+                                          dtype='float32', attention='splash', attn_window=2))
+  with pytest.raises(ValueError, match='attn_window makes one; use dense or blockwise'):
+    model_lib.build_model(config, channels=3, num_classes=0)
+  info = datasets.SourceInfo(frame_shape=(8, 8, 3), max_frames=4, num_classes=0)
+  for method, packing in (('autoregressive', False), ('flowception', True)):
+    config = config_lib.base_config()
+    config.model.attention, config.method, config.data.packing = 'splash', method, packing
+    with pytest.raises(ValueError, match=re.escape(
+        f'makes one (method {method}, data.packing {packing}); use dense or blockwise')):
+      train.resolve(config, None, info)
 
 
 def test_the_memory_estimate_counts_the_kernel():
@@ -115,5 +164,6 @@ def test_the_memory_estimate_counts_the_kernel():
   # 145 frames of 256 tokens: the pixel-space long clip.
   dense, blockwise = estimate('dense', 145), estimate('blockwise', 145)
   assert blockwise < dense / 20
+  assert estimate('splash', 145) == blockwise
   assert estimate('dense', 290) > 3.5 * dense  # Quadratic.
   assert estimate('blockwise', 290) < 2.1 * blockwise  # Linear.

@@ -9,17 +9,24 @@ windowed attention, packed clips). The kernels:
              forward, and a backward pass that recomputes each block from the saved softmax
              statistics, so memory grows linearly with the sequence. Runs on every backend.
   cudnn      `jax.nn.dot_product_attention(implementation='cudnn')`, the fused GPU kernel.
-They agree to float rounding, in values and gradients. A query that may see no key (a padding
-frame's, which no loss reads) gets the mean of every token's value, as `jax.nn` computes it.
+  splash     the TPU Pallas splash-attention kernel (`jax.experimental.pallas.ops.tpu`), memory
+             linear in the sequence, in a shard_map under a mesh. Real frames only (segment ids),
+             no frame-level mask. Off TPU it runs in Pallas interpret mode: for tests only, slow.
+They agree to float rounding, in values and gradients, on every query a loss reads. A query that may
+see no key (a padding frame's, which no loss reads) gets the mean of every token's value, as
+`jax.nn` computes it; under splash it attends to the other padding tokens instead.
 """
 
 import functools
+import math
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu import splash_attention
 
-IMPLEMENTATIONS = ('dense', 'blockwise', 'cudnn')
+IMPLEMENTATIONS = ('dense', 'blockwise', 'cudnn', 'splash')
 
 
 @flax.struct.dataclass
@@ -45,7 +52,8 @@ class FrameMask:
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: FrameMask, *,
            implementation: str = 'dense', block: int = 512) -> jax.Array:
-  """Attention of q, k, v [B, S, H, D] under `mask`; returns [B, S, H, D]."""
+  """Attention of q, k, v [B, S, H, D] under `mask`; returns [B, S, H, D]. `block`: the key block
+  of the blockwise kernel, the query and key block of the splash kernel, in tokens."""
   if implementation == 'dense':
     return jax.nn.dot_product_attention(q, k, v, mask=mask.token_mask())
   if implementation == 'cudnn':
@@ -55,6 +63,11 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: FrameMask, *,
     if frame_attention is None:
       frame_attention = jnp.ones(mask.frame_mask.shape + mask.frame_mask.shape[-1:], bool)
     return _blockwise(q, k, v, mask.frame_mask, frame_attention, mask.tokens, block)
+  if implementation == 'splash':
+    if mask.frame_attention is not None:
+      raise ValueError('splash attention takes no frame-level mask (causal or windowed attention, '
+                       'packed clips); set --config.model.attention to dense or blockwise')
+    return _splash(q, k, v, mask.frame_mask, mask.tokens, block)
   raise ValueError(f'unknown attention {implementation!r}; set --config.model.attention to one of '
                    f'{", ".join(IMPLEMENTATIONS)}')
 
@@ -153,3 +166,58 @@ _blockwise.defvjp(
     lambda q, k, v, frame_mask, frame_attention, tokens, block: _blockwise_forward(
         q, k, v, frame_mask, frame_attention, tokens, block),
     _blockwise_backward)
+
+
+# The splash kernel tiles queries and keys in multiples of its 128 lanes.
+_SPLASH_LANES = 128
+
+
+def _splash(q, k, v, frame_mask, tokens, block):
+  """Splash attention of q, k, v [B, S, H, D] to the tokens of real frames (bool [B, F]); returns
+  [B, S, H, D].
+
+  A Mosaic kernel is not partitioned by the compiler, so under a mesh it runs in a shard_map that
+  splits the examples and heads as the logical axis rules split 'batch' and 'heads' (a split that
+  does not divide them, as at initialisation on one example, is dropped); without `check_vma`, which
+  the kernel's Pallas call does not support (its outputs do not say how they vary over the mesh).
+  """
+  shard = functools.partial(_splash_shard, tokens=tokens, block=block)
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return shard(q, k, v, frame_mask)
+
+  def dividing(name, size):
+    axes = nn.logical_to_mesh_axes((name,))[0]
+    ways = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
+    return axes if size % ways == 0 else None
+
+  batch = dividing('batch', q.shape[0])
+  spec = jax.P(batch, None, dividing('heads', q.shape[2]), None)
+  return jax.shard_map(shard, in_specs=(spec, spec, spec, jax.P(batch)), out_specs=spec,
+                       check_vma=False)(q, k, v, frame_mask)
+
+
+def _splash_shard(q, k, v, frame_mask, tokens, block):
+  """`_splash` on one device's examples and heads.
+
+  Real tokens are one segment, every other token (padding frames, and the padding of the sequence to
+  whole blocks) another, so every query sees at least itself. Blocks are `block` rounded up to a
+  multiple of 128 tokens, at most the sequence so rounded. The kernel takes one example [H, S, D],
+  so it is mapped over the batch, and does not scale q, so q is scaled here. Off TPU it runs in
+  Pallas interpret mode: for tests only, and slow.
+  """
+  _, s, h, d = q.shape
+  lanes = lambda n: -(-n // _SPLASH_LANES) * _SPLASH_LANES
+  size = min(lanes(block), lanes(s))
+  pad = -s % size
+  to_heads = lambda x: jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+  segments = jnp.pad(~jnp.repeat(frame_mask, tokens, axis=1), ((0, 0), (0, pad)),
+                     constant_values=True).astype(jnp.int32)  # [B, S + pad], 0 for real tokens.
+  block_sizes = splash_attention.BlockSizes(**dict.fromkeys(
+      ('block_q', 'block_kv', 'block_q_dkv', 'block_kv_dkv', 'block_q_dq', 'block_kv_dq'), size))
+  kernel = splash_attention.make_splash_mha_single_device(
+      splash_attention.MultiHeadMask([splash_attention.FullMask((s + pad, s + pad))] * h),
+      block_sizes=block_sizes, interpret=jax.default_backend() != 'tpu')
+  out = jax.vmap(kernel)(to_heads(q * jnp.asarray(d ** -0.5, q.dtype)), to_heads(k), to_heads(v),
+                         splash_attention.SegmentIds(segments, segments))
+  return out.transpose(0, 2, 1, 3)[:, :s]

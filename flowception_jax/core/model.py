@@ -178,7 +178,7 @@ class Attention(nn.Module):
   dtype: Any
   param_dtype: Any
   implementation: str = 'dense'
-  block: int = 512  # Key block of the blockwise kernel, in tokens.
+  block: int = 512  # Key block of the blockwise kernel, query and key block of splash, in tokens.
 
   @nn.compact
   def __call__(self, x: jax.Array, angles: jax.Array, mask: attention_lib.FrameMask) -> jax.Array:
@@ -300,7 +300,7 @@ class DiT(nn.Module):
   prediction: str = 'velocity'  # What the network outputs, a key of `PREDICTIONS`.
   local_mixing: bool = False  # The MLPs also mix neighbouring patches (`Block`).
   attention: str = 'dense'  # The attention kernel, a key of `attention_lib.IMPLEMENTATIONS`.
-  attention_block: int = 512  # Key block of the blockwise kernel, in tokens.
+  attention_block: int = 512  # Key block of blockwise, query and key block of splash, in tokens.
 
   @nn.compact
   def __call__(self, frames: jax.Array, context: jax.Array, frame_times: jax.Array,
@@ -442,6 +442,9 @@ def build_model(model_config, *, channels: int, num_classes: int) -> DiT:
     raise ValueError(f'--config.model.attention=cudnn needs a GPU and bfloat16 activations, and '
                      f'this run has {jax.default_backend()} and {model_config.dtype}; set '
                      '--config.model.dtype=bfloat16 on a GPU, or use dense or blockwise')
+  if implementation == 'splash' and attn_window:
+    raise ValueError('--config.model.attention=splash takes no frame-level mask, and '
+                     '--config.model.attn_window makes one; use dense or blockwise')
   prediction = model_config.get('prediction', 'velocity')
   if prediction not in PREDICTIONS:
     raise ValueError(f'unknown prediction target {prediction!r}; set --config.model.prediction '

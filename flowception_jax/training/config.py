@@ -99,9 +99,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.prediction = 'velocity'  # Network output: 'velocity', or 'data' (the clean frame).
   c.model.local_mixing = False  # MLPs mix patches with their 3x3 neighbours (frames of 2+ patches).
   # Attention kernel: 'dense' (XLA; memory grows with the square of the tokens), 'blockwise'
-  # (flash-style in plain JAX, any backend; memory grows linearly) or 'cudnn' (fused, GPU only).
+  # (flash-style in plain JAX, any backend; memory grows linearly), 'cudnn' (fused, GPU only) or
+  # 'splash' (Pallas, TPU; memory grows linearly; no causal, windowed or packed attention).
   c.model.attention = 'dense'
-  c.model.attention_block = 512  # Key block of the blockwise kernel, in tokens.
+  # Key block of blockwise, query and key block of splash (rounded up to 128), in tokens.
+  c.model.attention_block = 512
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 3e-4  # Peak AdamW learning rate.

@@ -65,22 +65,22 @@ def activation_bytes(model: model_lib.DiT, examples: float, frames: int, tokens_
   tensor axis where the model splits them) and activations of `model.dtype`: the block keeps about
   12 S D values outside the heads and MLP, 6 S D / t inside attention, 2 S M / t in the MLP, and
   2 H / t S K float32 attention logits and probabilities, K = S keys for the dense kernels and the
-  key block for the blockwise one (whose backward pass keeps no logits). 'full' remat keeps only
-  each block's input (S D) and recomputes one block at a time; 'dots' keeps the matrix products
-  (about 6 S D + S M / t, and H / t S^2 logits for the dense kernels); 'dots_no_batch' keeps those
-  of the weights only (about 6 S D + S M / t).
+  key block for the blockwise and splash ones (whose backward passes keep no logits). 'full' remat
+  keeps only each block's input (S D) and recomputes one block at a time; 'dots' keeps the matrix
+  products (about 6 S D + S M / t, and H / t S^2 logits for the dense kernels); 'dots_no_batch'
+  keeps those of the weights only (about 6 S D + S M / t).
   """
   s, d = frames * tokens_per_frame, model.hidden_size
   m, h = model.mlp_ratio * d, model.num_heads
   act = jax.numpy.dtype(model.dtype).itemsize
-  blockwise = model.attention == 'blockwise'
-  keys = min(s, model.attention_block) if blockwise else s
+  linear = model.attention in ('blockwise', 'splash')  # Memory linear in the sequence.
+  keys = min(s, model.attention_block) if linear else s
   attention_scores = 2 * (h / tensor) * s * keys * 4
   block = (12 * s * d + 6 * s * d / tensor + 2 * s * m / tensor) * act + attention_scores
   kept = {
       'none': block,
       'full': s * d * act,
-      'dots': (6 * s * d + s * m / tensor) * act + (0 if blockwise else (h / tensor) * s * s * act),
+      'dots': (6 * s * d + s * m / tensor) * act + (0 if linear else (h / tensor) * s * s * act),
       'dots_no_batch': (6 * s * d + s * m / tensor) * act,
   }[model.remat]
   working = 0 if model.remat == 'none' else block  # One block recomputed during the backward pass.
@@ -129,7 +129,7 @@ def check_fits(result: MemoryEstimate, limit: int) -> None:
       f'{gib(result.activations)} for {result.examples_per_chip:g} examples of '
       f'{result.frames} frames) but a device holds {gib(limit)}: it would run out of memory. Use '
       'more devices or split the state over them (--config.mesh.fsdp=-1), recompute activations '
-      '(--config.model.remat=full), use --config.model.attention=blockwise, or lower '
-      '--config.batch_size or raise --config.grad_accum_steps; python -m '
+      '(--config.model.remat=full), use --config.model.attention=blockwise (or splash on a TPU), '
+      'or lower --config.batch_size or raise --config.grad_accum_steps; python -m '
       'flowception_jax.research.memory_estimate gives the figures for any mesh. '
       '--config.check_memory=False compiles anyway')

@@ -258,6 +258,12 @@ def resolve(config: ml_collections.ConfigDict, source, info: datasets.SourceInfo
   full-sequence method the data's length distribution, which its sampler draws from); checked."""
   baselines.check_method(config)
   baselines.check_context_patterns(config)
+  packed = config.data.get('packing', False)
+  if config.model.get('attention') == 'splash' and (
+      packed or config.method in baselines.AUTOREGRESSIVE_METHODS):
+    raise ValueError('--config.model.attention=splash takes no frame-level mask, and this run '
+                     f'makes one (method {config.method}, data.packing {packed}); use dense or '
+                     'blockwise')
   config = ml_collections.ConfigDict(config.to_dict())
   config.num_classes = info.num_classes
   config.pixels = info.pixels
