@@ -234,7 +234,8 @@ def test_bad_arguments_are_refused():
 
 def test_video_sampler_stages_when_the_config_asks():
   """`sampler.staged` switches `inference.VideoSampler` to the staged sampler, which makes the
-  videos of the plain one in batches (the last one short), labels and context included."""
+  videos of the plain one in batches (the last one short), labels and context included; a call of
+  one batch is sampled plain."""
   num_classes, num_videos = 3, 7
   model = model_lib.DiT(patch_size=2, channels=1, hidden_size=16, depth=1, num_heads=2,
                         num_classes=num_classes)
@@ -252,3 +253,9 @@ def test_video_sampler_stages_when_the_config_asks():
     assert sampler.staged == staged
     outs[staged] = sampler(params, jax.random.key(7), num_videos, inputs=inputs)
   _assert_same_videos(outs[True], outs[False])
+  sampler.fn = None  # The staged sampler: a call of one batch must not reach it.
+  first = _take(outs[False], slice(0, 3))
+  one_batch = sampler(params, jax.random.key(7), 3,
+                      labels=sampler.random_labels(jax.random.key(7), num_videos)[:3],
+                      inputs={k: v[:3] for k, v in inputs.items()})
+  _assert_same_videos(one_batch.replace(num_iterations=first.num_iterations), first)

@@ -95,9 +95,11 @@ class VideoSampler:
   when there are several. The randomness of a call is one key: `label_key, noise_key = split(key)`; class
   labels, where not given, are drawn for every video from `label_key`, and batch `i` draws from
   `fold_in(noise_key, i)`, split into its videos' keys (`video_keys`). The same key, weights and
-  inputs give the same videos, on any number of processes, staged (`sampler.staged`: all videos
-  go to the staged sampler at once, each with the key it has in its batch) or not. Outputs are
-  NumPy arrays, whole on every process (`to_host`).
+  inputs give the same videos, on any number of processes, staged or not. With `sampler.staged`,
+  a call of more videos than one batch sends them all to the staged sampler at once, each with the
+  key it has in its batch; one batch is sampled plain, since compiling a dozen stage loops costs
+  more than they save on one batch (`docs/benchmark.md#staged-sampling`). Outputs are NumPy
+  arrays, whole on every process (`to_host`).
   """
 
   def __init__(self, model: model_lib.DiT, config: ml_collections.ConfigDict,
@@ -107,6 +109,11 @@ class VideoSampler:
     over its batch axes); without one, in whatever mesh context the caller set (the trainer's)."""
     self.config, self.info, self.batch_size, self.mesh = config, info, batch_size, mesh
     self.fn = _batch_sampler(model, config, info, batch_size)
+    self.batch_fn = self.fn  # The sampler of one batch.
+    if self.staged:
+      plain = ml_collections.ConfigDict(config.to_dict())
+      plain.sampler.staged = False
+      self.batch_fn = _batch_sampler(model, plain, info, batch_size)
 
   @property
   def staged(self) -> bool:
@@ -119,7 +126,7 @@ class VideoSampler:
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
       return fn(*args, **kwargs)
 
-  def video_keys(self, key: jax.Array, num_videos: int) -> jax.Array:
+  def keys_by_batch(self, key: jax.Array, num_videos: int) -> jax.Array:
     """The keys [num_videos] of the videos of a call with `key`: batch `i`'s key split."""
     noise_key = jax.random.split(key)[1]
     count = -(-num_videos // self.batch_size)
@@ -153,9 +160,9 @@ class VideoSampler:
     """
     if labels is None:
       labels = self.random_labels(key, num_videos)
-    if self.staged:
+    if self.staged and num_videos > self.batch_size:
       start = time.perf_counter()
-      out = self._in_mesh(self.fn, params, self.video_keys(key, num_videos), labels=labels,
+      out = self._in_mesh(self.fn, params, self.keys_by_batch(key, num_videos), labels=labels,
                           **(inputs or {}))
       logging.info('sampled %d videos in %s (staged)', num_videos,
                    run_log.format_duration(time.perf_counter() - start))
@@ -170,7 +177,7 @@ class VideoSampler:
     for i in range(count):
       part = slice(i * size, (i + 1) * size)
       outs.append(to_host(self._in_mesh(
-          self.fn, params, jax.random.fold_in(noise_key, i),
+          self.batch_fn, params, jax.random.fold_in(noise_key, i),
           labels=None if labels is None else labels[part],
           **{k: v[part] for k, v in inputs.items()})))
       if count > 1:

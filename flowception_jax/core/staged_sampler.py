@@ -127,10 +127,10 @@ def _unstack(batch: sampler_lib.SamplerState, count: int) -> list[sampler_lib.Sa
   return [jax.tree.map(lambda x, i=i: x[i], batch) for i in range(count)]
 
 
-def _stage_loop(params, state: sampler_lib.SamplerState, labels, min_running: jax.Array, *,
+def _stage_loop(params, state: sampler_lib.SamplerState, labels, stop_below: jax.Array, *,
                 capacity: int, max_frames: int, config: sampler_lib.SamplerConfig,
                 **step_kwargs) -> tuple[sampler_lib.SamplerState, jax.Array, jax.Array, jax.Array]:
-  """Steps the videos of `state` [B, capacity] until fewer than `min_running` of them run.
+  """Steps the videos of `state` [B, capacity] until fewer than `stop_below` (a count) of them run.
 
   `state.key` is raw key data uint32 [B, ...], on the way in and out. A video stops running when it
   finishes or, below `max_frames`, when its next iteration would need more than `capacity` slots
@@ -145,7 +145,7 @@ def _stage_loop(params, state: sampler_lib.SamplerState, labels, min_running: ja
 
   def go_on(carry):
     count = jnp.sum(active(*carry[:2]))
-    return (count > 0) & (count >= min_running)
+    return (count > 0) & (count >= stop_below)
 
   def body(carry):
     state, needed, loops = carry
@@ -230,7 +230,7 @@ class StagedSampler:
     self._outputs([self._inert[self.capacity]])
     self._compiled.add(labeled)
 
-  def _run_batch(self, params, stage: int, videos: list[_Video], labels, min_running: int):
+  def _run_batch(self, params, stage: int, videos: list[_Video], labels, stop_below: int):
     """One loop of `stage` over `videos` padded to the batch size with inert ones."""
     capacity = self.stages[stage]
     states = [v.state for v in videos]
@@ -240,7 +240,7 @@ class StagedSampler:
       batch_labels = np.zeros(self.batch_size, np.int32)
       batch_labels[:len(videos)] = labels[[v.index for v in videos]]
     return self.fetch(self._loops[capacity](params, _stack(states), batch_labels,
-                                            np.int32(min_running)))
+                                            np.int32(stop_below)))
 
   def _initial_states(self, key_data, labels, **given) -> sampler_lib.SamplerState:
     """`sampler.initial_state` of one batch: key data uint32 [B, ...], the task arrays [B, ...]."""
@@ -283,9 +283,10 @@ class StagedSampler:
     return jax.tree.map(
         lambda *xs: np.concatenate(xs)[:len(states)] if np.ndim(xs[0]) else max(xs), *parts)
 
-  def _min_running(self, stage: int, videos: int, refills: int) -> int:
-    """When a loop of `stage` with `videos` real videos returns: when the pool can refill it, at
-    the refill threshold; else when the rest would move up; in the last stage, at the end."""
+  def _stop_below(self, stage: int, videos: int, refills: int) -> int:
+    """The count of running videos below which a loop of `stage` with `videos` real videos
+    returns: the refill threshold when the pool can refill it; else the count below which the
+    rest move up; in the last stage, 1 (the end)."""
     if refills:
       threshold = self._refill_threshold
     elif stage < len(self.stages) - 1:
@@ -344,7 +345,7 @@ class StagedSampler:
       pool = sorted(pools[stage], key=lambda v: int(v.state.iteration))
       videos, pools[stage] = pool[:self.batch_size], pool[self.batch_size:]
       results = self._run_batch(params, stage, videos, labels,
-                                self._min_running(stage, len(videos), len(pools[stage])))
+                                self._stop_below(stage, len(videos), len(pools[stage])))
       calls.append(self._sort_out(stage, videos, results, pools, finished))
       if len(finished) >= logged + self.batch_size:  # A progress line per batch's worth.
         logged = len(finished)

@@ -593,7 +593,7 @@ def compare_samplers(trained: inference.TrainedModel, config: ml_collections.Con
     runs['plain_s'].append(wall)
     runs['plain_cpu_s'].append(cpu)
     wall, cpu, (out, calls) = _wall_and_cpu_seconds(
-        lambda: staged.fn.run(params, staged.video_keys(key, num_videos), labels))
+        lambda: staged.fn.run(params, staged.keys_by_batch(key, num_videos), labels))
     runs['staged_s'].append(wall)
     runs['staged_cpu_s'].append(cpu)
     logging.info('repeat %d: plain %.1f s, staged %.1f s', repeat, runs['plain_s'][-1], wall)

@@ -123,7 +123,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.sampler.rate_guidance = 1.0  # Guidance on insertion log-rates (1 is off).
   c.sampler.order = 'learned'  # Insertion positions: 'learned' or a prescribed order (orders.py).
   # Flowception: run each video in the smallest of a few buffer capacities that holds its frames
-  # (staged_sampler.py): the same videos as the plain sampler for about half the compute.
+  # (staged_sampler.py): the same videos as the plain sampler for about half the compute. Calls of
+  # one batch are sampled plain (compiling the stages costs more than they save there).
   c.sampler.staged = True
   c.sampler.stages = ()  # Capacities of the staged sampler (empty: staged_sampler.default_stages).
   c.sampler.min_running = 1.0  # Staged: share of a batch still running below which it is refilled.
