@@ -66,6 +66,7 @@ def get_config(arg=None):
     c.sampler.num_steps = 2
     c.sampler.stages = (4,)  # One staged loop to compile.
     c.bench.train_batches = 2
+    c.bench.train_passes = 2
     c.bench.repeats = 2
     c.bench.sample_videos = 2
     c.bench.data_batches = 2

@@ -10,8 +10,9 @@ network evaluations) with their evaluations and FLOPs per generated frame, and t
 the paper's latent setting; the Grain pipeline alone; and the expected cost of the extended-time
 recipe for every insertion scheduler and global-time law, by numerical integration and from drawn
 examples. With `--workdir`, it instead times a trained model's plain against its staged sampler
-(`compare_samplers`, sized by `configs/bench.py:staged`). Times are wall-clock seconds between blocking fetches, after compilation
-(reported apart), the median over `bench.repeats` passes. On a shared machine absolute times are
+(`compare_samplers`, sized by `configs/bench.py:staged`). Times are wall-clock seconds between
+blocking fetches, after compilation (reported apart), the median over `bench.train_passes` train
+passes or `bench.repeats` sampler runs. On a shared machine absolute times are
 inflated; the ratios, taken side by side in one run, are what to read. Prints a table and writes
 every figure to `--output` as JSON (keys documented in `docs/benchmark.md`).
 """
@@ -455,7 +456,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   passes = {m: [] for m in methods}
   ceilings = []  # The Flowception step's own matrix products alone, probed like the peak.
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-    for _ in range(bench.repeats):
+    for _ in range(bench.train_passes):
       for m in methods:
         passes[m].append(train_pass(benches[m]))
       peaks += peak_flops(bench.peak_size, 1)  # Between the passes, under the same load.

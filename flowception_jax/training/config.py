@@ -140,7 +140,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.bench = ml_collections.ConfigDict()  # `python -m flowception_jax.research.bench` (bench.py).
   c.bench.train_batches = 8  # Batches of each method's pipeline timed per pass.
-  c.bench.repeats = 3  # Timed passes (and sampler runs, matmuls); the median is reported.
+  c.bench.train_passes = 9  # Timed train passes per method, each followed by a peak probe.
+  c.bench.repeats = 3  # Timed sampler runs (and the first peak probes); the median is reported.
   c.bench.sample_videos = 8  # Videos each sampler generates per run.
   c.bench.sample_batch = 64  # Videos per batch when a trained model's samplers are compared.
   c.bench.latent_videos = 4096  # Clips drawn for the paper's latent-setting sampling cost.
