@@ -3,7 +3,7 @@
 XLA reads its flags when the CPU backend starts, so they are set here, first (and inherited by the
 commands the tests run): two fake CPU devices, on which the sharding paths actually split data, and
 no LLVM optimisation of the compiled code, since the tests' small programs take longer to compile
-than to run (a third less time for the suite; the numerics are XLA's either way).
+than to run (a quarter less time for the suite; the numerics are XLA's either way).
 Grain's multiprocessing and other absl-using code read absl flags, which are only parsed inside
 `app.run`; the flags are parsed here so that such code also works under pytest. The fake object
 store (`fake_gcs.py`, fixture `fake_gcs`) is imported before any test imports TensorFlow, whose GCS
