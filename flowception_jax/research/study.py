@@ -356,9 +356,9 @@ def study_definition(config: ml_collections.ConfigDict, variants: list[Variant],
       'calibration_steps': None if minutes is None else calibration_steps})
 
 
-def _differences(saved, current, path: str = '') -> list[str]:
+def _differences(saved, current, path: str = '', added: list[str] | None = None) -> list[str]:
   """Where two JSON values differ, one line per dotted field (dicts are compared field by
-  field, other values whole)."""
+  field, other values whole). With `added`, fields only in `current` go there instead."""
   if not (isinstance(saved, dict) and isinstance(current, dict)):
     return [] if saved == current else [f'{path}: {saved!r} in study.json, {current!r} now']
   lines = []
@@ -367,9 +367,12 @@ def _differences(saved, current, path: str = '') -> list[str]:
     if key not in current:
       lines.append(f'{field}: only in study.json')
     elif key not in saved:
-      lines.append(f'{field}: not in study.json')
+      if added is None:
+        lines.append(f'{field}: not in study.json')
+      else:
+        added.append(field)
     else:
-      lines += _differences(saved[key], current[key], field)
+      lines += _differences(saved[key], current[key], field, added)
   return lines
 
 
@@ -382,15 +385,16 @@ def _saved_study(output: str, definition: dict) -> dict | None:
   path = os.path.join(output, 'study.json')
   if files.exists(path):
     study = json.loads(files.read_bytes(path))
-    differences = _differences({k: study[k] for k in definition if k in study}, definition)
+    others = lambda d: {k: v for k, v in d.items() if k != 'config'}
     # Config fields added to the code since the study was saved: their defaults keep what the code
     # did before they existed, so the study resumes (other differences refuse it).
-    added = [line for line in differences
-             if line.startswith('config.') and line.endswith(': not in study.json')]
+    added = []
+    differences = (_differences(others({k: study[k] for k in definition if k in study}),
+                                others(definition))
+                   + _differences(study.get('config'), definition['config'], 'config', added))
     if added:
       logging.warning('%s predates the config fields %s; resuming with their values now', path,
-                      ', '.join(line.split(':')[0] for line in added))
-      differences = [line for line in differences if line not in added]
+                      ', '.join(added))
     if differences:
       raise ValueError(f'{path} holds a study of another definition ({"; ".join(differences)}); '
                        'run the command that started it to resume it, or pass a new --output')
