@@ -8,11 +8,11 @@ paths (from the repository root) exist; `--config=configs/X.py[:variant]` loads 
 `--config.a.b=v` overrides parse as the command parses them; a study's `--variant`s override
 fields of that config. A command's flags are those it reports with `--helpxml`, which runs its
 `__main__` block up to the parsing of the flags (flags defined at import, in `_define_flags()`, by
-`jax.config.config_with_absl()`, ...): one process per module. The short commands of the fenced
-blocks (no training, no sampling) are run as written.
+`jax.config.config_with_absl()`, ...): one process per module, forked from one that has imported
+the library once. The short commands of the fenced blocks (no training, no sampling) are run as
+written.
 """
 
-import concurrent.futures
 import glob
 import importlib.util
 import os
@@ -111,22 +111,47 @@ def test_the_docs_show_the_commands():
              for _, _, words in COMMANDS)
 
 
-def _flags_of(module: str) -> dict[str, dict]:
-  """The flags `python -m module` takes: name -> {'type': ..., 'choices': [...]}."""
-  result = subprocess.run([sys.executable, '-m', module, '--helpxml'], cwd=_ROOT,
-                          capture_output=True, text=True, timeout=300, check=False)
-  if '<AllFlags>' not in result.stdout:
-    raise AssertionError(f'python -m {module} --helpxml failed:\n{result.stderr[-3000:]}')
+# Runs `python -m MODULE --helpxml > OUT` for each (MODULE, OUT) of its arguments, each in a child
+# forked after the imports the commands share, which then cost one process rather than each.
+_HELPXML_ALL = """
+import os, runpy, sys
+import flowception_jax.core.inference, flowception_jax.datasets, flowception_jax.training.train
+for module, out in zip(sys.argv[1::2], sys.argv[2::2]):
+  pid = os.fork()
+  if not pid:
+    os.dup2(os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 1)
+    sys.argv = [module, '--helpxml']
+    try:
+      runpy.run_module(module, run_name='__main__', alter_sys=True)
+    finally:
+      sys.stdout.flush()
+      os._exit(0)
+  os.waitpid(pid, 0)
+"""
+
+
+def _parse_helpxml(module: str, text: str, stderr: str) -> dict[str, dict]:
+  """The flags of `module`'s `--helpxml` output: name -> {'type': ..., 'choices': [...]}."""
+  assert '<AllFlags>' in text, f'python -m {module} --helpxml printed no flags:\n{stderr[-3000:]}'
   return {flag.findtext('name'): {'type': flag.findtext('type'),
                                   'choices': [e.text for e in flag.iter('enum_value')]}
-          for flag in ElementTree.fromstring(result.stdout).iter('flag')}
+          for flag in ElementTree.fromstring(text).iter('flag')}
 
 
 @pytest.fixture(scope='module')
-def command_flags() -> dict[str, dict[str, dict]]:
+def command_flags(tmp_path_factory) -> dict[str, dict[str, dict]]:
+  """The flags every command of the docs takes."""
   modules = sorted({words[2] for _, _, words in COMMANDS if importlib.util.find_spec(words[2])})
-  with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
-    return dict(zip(modules, pool.map(_flags_of, modules)))
+  outputs = [str(tmp_path_factory.mktemp('helpxml') / f'{module}.xml') for module in modules]
+  result = subprocess.run(
+      [sys.executable, '-c', _HELPXML_ALL, *[a for pair in zip(modules, outputs) for a in pair]],
+      cwd=_ROOT, capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  flags_of = {}
+  for module, output in zip(modules, outputs):
+    with open(output) as f:
+      flags_of[module] = _parse_helpxml(module, f.read(), result.stderr)
+  return flags_of
 
 
 def _check_value(where: str, name: str, value: str | None, flag: dict) -> None:

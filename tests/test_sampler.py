@@ -249,9 +249,10 @@ def _posterior_rate(lengths, use_count=True):
 def test_posterior_mean_rates_reproduce_the_length_distribution():
   """The method's claim: rates equal to the posterior mean of the missing count generate the data's
   lengths; a rate right only on average does not."""
-  b, lengths = 2000, (3, 9)
+  lengths = (3, 9)
   shares = {}
-  for use_count in (True, False):
+  # 1000 videos put a share within 0.05 (3 standard errors) of its law; the wrong rate misses by far.
+  for use_count, b in ((True, 1000), (False, 250)):
     out = _sampler(_fake_model(log_rate=_posterior_rate(lengths, use_count)), batch_size=b,
                    capacity=12, num_steps=100, num_start_frames=1, insertion='poisson')(
                        None, jax.random.key(11))
