@@ -14,6 +14,7 @@ import pytest
 
 from configs import coloring
 from flowception_jax.core import baselines
+from flowception_jax.core import flowception
 from flowception_jax.core import inference
 from flowception_jax.core import model as model_lib
 from flowception_jax.core import sampler as sampler_lib
@@ -306,12 +307,27 @@ def _autoregressive_model(end_logit, calls=None, causal=True):
   """Frame s goes to `frames[s - 1] + 1` (0.5 for s = 0), so the results show that each frame is
   made from its finished predecessor; the end logit is `end_logit(seen)` of the number of frames
   each frame sees. Velocities are NaN unless the real frames attend as the method trains them to
-  (`train.frame_attention_of` on the sampler's sequence: the frame being made is the noisy one)."""
+  (`train.frame_attention_of` on the sampler's sequence: the frame being made is the noisy one).
 
-  def apply_fn(params, frames, context, times, positions, mask, labels, frame_attention=None):
+  Its cache (`return_kv`) is the sequence itself: a call on one frame with it (`past`) reads the
+  predecessor there, and is NaN unless the frame sees exactly the clean frames before it and itself.
+  """
+
+  def apply_fn(params, frames, context, times, positions, mask, labels, frame_attention=None,
+               past=None, return_kv=False):
     del params, context, labels
     if calls is not None:
       calls.append(frames.shape)
+    t = times[..., None, None, None]
+    if past is not None:
+      current = positions[:, 0]
+      sees = jnp.concatenate([past['positions'] < current[:, None], mask], axis=1)
+      previous = jnp.take_along_axis(past['frames'], jnp.maximum(current - 1, 0)[
+          :, None, None, None, None], axis=1)
+      previous = jnp.where((current > 0)[:, None, None, None, None], previous, -0.5)
+      velocity = jnp.where(t < 1, (previous + 1 - frames) / jnp.maximum(1 - t, 1e-6), 0.0)
+      as_trained = jnp.all(frame_attention[:, 0] == sees)
+      return jnp.where(as_trained, velocity, jnp.nan), jnp.zeros(times.shape)
     batch = {'positions': positions, 'flow_mask': mask & (times < 1),
              'segment_ids': mask.astype(jnp.int32)}
     trained = train.frame_attention_of(
@@ -319,10 +335,10 @@ def _autoregressive_model(end_logit, calls=None, causal=True):
     real = mask[:, :, None] & mask[:, None, :]
     as_trained = jnp.all((frame_attention == trained) | ~real)
     previous = jnp.concatenate([frames[:, :1] * 0 - 0.5, frames[:, :-1]], axis=1)
-    t = times[..., None, None, None]
     velocity = jnp.where(t < 1, (previous + 1 - frames) / jnp.maximum(1 - t, 1e-6), 0.0)
     seen = jnp.sum(frame_attention & mask[:, None, :], axis=-1)
-    return jnp.where(as_trained, velocity, jnp.nan), end_logit(seen)
+    outputs = jnp.where(as_trained, velocity, jnp.nan), end_logit(seen)
+    return outputs + ({'frames': frames, 'positions': positions},) if return_kv else outputs
 
   return apply_fn
 
@@ -336,7 +352,7 @@ def test_autoregressive_sampler_makes_frames_in_order_and_stops_by_the_end_decis
   chex.clear_trace_counter()
   apply_fn = _autoregressive_model(lambda seen: jnp.where(seen == 4, 30.0, -30.0), calls, causal)
   sample_fn = baselines.make_autoregressive_sampler(  # Traced once: new keys reuse it.
-      chex.assert_max_traces(apply_fn, n=1), config=_sampler_config(snr_shift=shift),
+      chex.assert_max_traces(apply_fn, n=2), config=_sampler_config(snr_shift=shift),
       batch_size=3, capacity=capacity, frame_shape=FRAME, causal=causal)
   out = sample_fn(None, jax.random.key(0))
   np.testing.assert_array_equal(out.lengths, 4)
@@ -346,7 +362,8 @@ def test_autoregressive_sampler_makes_frames_in_order_and_stops_by_the_end_decis
   np.testing.assert_array_equal(out.insert_step[0], [0, 4, 8, 12, -1, -1, -1])
   assert int(out.num_iterations) == 4 * 4 + 1  # The evaluation that decides the end of frame 3.
   sample_fn(None, jax.random.key(1))
-  assert len(calls) == 1
+  # One trace of each evaluation: on the whole sequence, and on the frame being made alone.
+  assert calls == [(3, capacity) + FRAME, (3, 1) + FRAME]
 
 
 @pytest.mark.parametrize('causal', [True, False])
@@ -414,8 +431,8 @@ def test_autoregressive_sampler_continues_a_given_prefix(causal):
 
   def apply_fn(params, frames, context, *args, **kwargs):
     # The prefix is clean past frames, as in teacher forcing; the context channel stays empty.
-    velocity, logits = model(params, frames, context, *args, **kwargs)
-    return jnp.where(jnp.any(context != 0), jnp.nan, velocity), logits
+    velocity, *rest = model(params, frames, context, *args, **kwargs)
+    return jnp.where(jnp.any(context != 0), jnp.nan, velocity), *rest
 
   sample_fn = baselines.make_autoregressive_sampler(
       apply_fn, config=_sampler_config(), batch_size=3, capacity=capacity, frame_shape=FRAME,
@@ -429,6 +446,77 @@ def test_autoregressive_sampler_continues_a_given_prefix(causal):
   np.testing.assert_allclose(frames[1, :5], [10, 11, 12, 13, 14], atol=1e-4)  # 11 + 1, ...
   np.testing.assert_allclose(frames[2], 10.0 + np.arange(7), atol=1e-4)
   np.testing.assert_array_equal(out.insert_step[1, :5], [0, 0, 0, 4, 8])
+
+
+def _reference_autoregressive(apply_fn, params, key, labels, config, prefix_inputs, causal):
+  """The autoregressive sampler without a cache: every step evaluates the whole sequence."""
+  frames, given = prefix_inputs['init_frames'], prefix_inputs['context_mask']
+  (b, n), steps, shift = given.shape, config.num_steps, config.snr_shift
+  slots = np.broadcast_to(np.arange(n), (b, n))
+  evaluate = jax.jit(lambda frames, times, mask, attention: sampler_lib.guided_apply(
+      apply_fn, params, (frames, jnp.zeros_like(frames), times, slots, mask), labels, config,
+      num_classes=3, frame_attention=attention))
+  noise_key, key = jax.random.split(key)
+  frames = np.where(given[..., None, None, None], frames, jax.random.normal(noise_key, frames.shape))
+  prefix, lengths, iteration = given.sum(axis=1), np.full(b, n), 0
+  while np.any((prefix + iteration // steps < n) & (lengths > prefix + iteration // steps)):
+    current, k = prefix + iteration // steps, iteration % steps
+    made = slots == current[:, None]
+    times = flowception.snr_shift(np.where(slots < current[:, None], 1.0, made * k / steps), shift)
+    attention = (model_lib.causal_attention(slots) if causal
+                 else model_lib.noncausal_attention(jnp.asarray(made)))
+    velocity, end_logit = evaluate(frames, times, slots <= current[:, None], attention)
+    if k == 0:
+      key, end_key = jax.random.split(key)
+      previous = np.asarray(end_logit)[np.arange(b), np.clip(current - 1, 0, n - 1)]
+      ends = (current > 0) & np.asarray(jax.random.bernoulli(end_key, jax.nn.sigmoid(previous)))
+      lengths = np.where((lengths == n) & ends, np.minimum(current, n), lengths)
+    dt = flowception.snr_shift((k + 1) / steps, shift) - flowception.snr_shift(k / steps, shift)
+    frames = frames + np.where(made[..., None, None, None], dt * np.asarray(velocity), 0.0)
+    iteration += 1
+  lengths = np.maximum(lengths, prefix)
+  alive = slots < lengths[:, None]
+  return lengths, np.where(alive[..., None, None, None], frames, 0.0), iteration
+
+
+@pytest.mark.parametrize('causal', [True, False])
+def test_autoregressive_sampler_with_its_cache_makes_the_videos_of_whole_sequence_steps(causal):
+  """A random class-conditional DiT under guidance, videos given 0 to 2 frames: the frames the
+  cached keys and values stand for are the ones a whole-sequence evaluation would compute."""
+  capacity, b, frame = 5, 4, (4, 4, 1)
+  net = model_lib.DiT(patch_size=2, channels=1, hidden_size=16, depth=2, num_heads=2,
+                      num_classes=3)
+
+  @jax.jit
+  def init(key):
+    params = nn.unbox(net.init(key, *model_lib.init_inputs(frame, 2, 3)))['params']
+    leaves, tree = jax.tree.flatten(params)  # Off adaLN-Zero's identity, so every frame counts.
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    return jax.tree.unflatten(
+        tree, [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+  def apply_fn(params, *inputs, **kwargs):
+    return net.apply({'params': params}, *inputs, **kwargs)
+
+  params = init(jax.random.key(0))
+  config = _sampler_config(num_steps=3, snr_shift=2.0, guidance_scale=2.0)
+  given = np.arange(capacity)[None, :] < np.array([0, 1, 2, 0])[:, None]
+  rng = np.random.default_rng(0)
+  inputs = {'init_frames': np.where(given[..., None, None, None],
+                                    rng.normal(size=(b, capacity) + frame), 0).astype(np.float32),
+            'context_mask': given}
+  labels = np.array([0, 1, 2, 0], np.int32)
+  sample_fn = baselines.make_autoregressive_sampler(
+      apply_fn, config=config, batch_size=b, capacity=capacity, frame_shape=frame, num_classes=3,
+      causal=causal)
+  for seed in range(2):
+    out = sample_fn(params, jax.random.key(seed), labels=labels, **inputs)
+    lengths, frames, iterations = _reference_autoregressive(
+        apply_fn, params, jax.random.key(seed), labels, config, inputs, causal)
+    np.testing.assert_array_equal(out.lengths, lengths)
+    np.testing.assert_allclose(out.frames, frames, rtol=1e-4, atol=1e-4)  # Float rounding.
+    assert int(out.num_iterations) == iterations
+  assert len(set(np.asarray(out.lengths))) > 1  # The model's end decisions vary.
 
 
 def test_full_sequence_refuses_context_patterns_it_cannot_take():

@@ -218,6 +218,11 @@ def make_autoregressive_sampler(apply_fn: Callable[..., Any], *,
   there with probability `sigmoid(logit)`, or at the capacity. A video given frames 0..K-1 starts
   at frame K. The loop runs until every video has ended, one evaluation per iteration;
   `insert_step` is the iteration at which each frame began (0 for given frames).
+
+  Under either mask the clean frames never see frame i, so their keys and values stay the same
+  while it is made: the first evaluation of frame i, on the whole sequence, returns them
+  (`apply_fn(..., return_kv=True)`, a `model.KVCache`), and the other steps evaluate frame i
+  alone against them (`past`), at about 1 / capacity of the cost.
   """
   _check_learned_order(config, 'autoregressive' if causal else 'autoregressive_noncausal')
   b, n, frame_shape = batch_size, capacity, tuple(frame_shape)
@@ -236,33 +241,51 @@ def make_autoregressive_sampler(apply_fn: Callable[..., Any], *,
     empty = jnp.zeros_like(context)  # Training shows the prefix as clean past frames.
     noise_key, key = jax.random.split(key)
 
-    def step(state):
-      iteration, frames, lengths, key = state
-      # Each video makes frame `current` (after its prefix) at its step k.
-      current, k = prefix + iteration // steps, iteration % steps
-      t_now, t_next = k / steps, (k + 1) / steps
-      made = slots == current[:, None]
-      times = jnp.where(slots < current[:, None], 1.0, jnp.where(made, t_now, 0.0))
-      inputs = (frames, empty, flowception.snr_shift(times, config.snr_shift), slots,
-                slots <= current[:, None])
-      velocity, end_logit = sampler_lib.guided_apply(apply_fn, params, inputs, labels, config,
-                                                     num_classes, frame_attention=attention(made))
-      key, end_key = jax.random.split(key)
-      previous = jnp.take_along_axis(end_logit, jnp.maximum(current - 1, 0)[:, None], axis=1)[:, 0]
-      ends = (k == 0) & (current > 0) & jax.random.bernoulli(end_key, jax.nn.sigmoid(previous))
-      lengths = jnp.where((lengths == n) & ends, jnp.minimum(current, n), lengths)  # n: going.
-      frames = _euler(frames, velocity, made, t_now, t_next, config.snr_shift)
-      return iteration + 1, frames, lengths, key
+    def evaluate(inputs, **kwargs):
+      return sampler_lib.guided_apply(apply_fn, params, inputs, labels, config, num_classes,
+                                      **kwargs)
 
-    def running(state):
-      iteration, _, lengths, _ = state
+    def running(iteration, lengths):
       current = prefix + iteration // steps
       return jnp.any((current < n) & (lengths > current))
+
+    def make_frame(state):
+      """Every video's frame `current`: its first step on the whole sequence, which also says
+      whether the video ended before it; its other steps on it alone."""
+      iteration, frames, lengths, key = state
+      current = prefix + iteration // steps
+      made = slots == current[:, None]
+      times = flowception.snr_shift(jnp.where(slots < current[:, None], 1.0, 0.0), config.snr_shift)
+      inputs = (frames, empty, times, slots, slots <= current[:, None])
+      velocity, end_logit, past = evaluate(inputs, frame_attention=attention(made),
+                                           return_kv=True)
+      key, end_key = jax.random.split(key)
+      previous = jnp.take_along_axis(end_logit, jnp.maximum(current - 1, 0)[:, None], axis=1)[:, 0]
+      ends = (current > 0) & jax.random.bernoulli(end_key, jax.nn.sigmoid(previous))
+      lengths = jnp.where((lengths == n) & ends, jnp.minimum(current, n), lengths)  # n: going.
+      frames = _euler(frames, velocity, made, 0.0, 1 / steps, config.snr_shift)
+
+      at = jnp.minimum(current, n - 1)[:, None, None, None, None]
+      sees = jnp.concatenate([slots < current[:, None], jnp.ones((b, 1), bool)], axis=1)[:, None]
+
+      def step(k, frames):
+        t_now = k / steps
+        frame = jnp.take_along_axis(frames, at, axis=1)
+        times = jnp.full((b, 1), flowception.snr_shift(t_now, config.snr_shift))
+        inputs = (frame, empty[:, :1], times, current[:, None], jnp.ones((b, 1), bool))
+        velocity, _ = evaluate(inputs, frame_attention=sees, past=past)
+        return _euler(frames, velocity, made, t_now, (k + 1) / steps, config.snr_shift)
+
+      going = running(iteration + 1, lengths)  # Else the loop stops after this first step.
+      frames = jax.lax.cond(going, lambda f: jax.lax.fori_loop(1, steps, step, f), lambda f: f,
+                            frames)
+      return iteration + jnp.where(going, steps, 1), frames, lengths, key
 
     noise = jax.random.normal(noise_key, (b, n) + frame_shape, jnp.float32)
     frames = jnp.where(given[..., None, None, None], context, noise)
     state = (jnp.int32(0), frames, jnp.full((b,), n, jnp.int32), key)
-    iterations, frames, lengths, _ = jax.lax.while_loop(running, step, state)
+    iterations, frames, lengths, _ = jax.lax.while_loop(lambda s: running(s[0], s[2]), make_frame,
+                                                        state)
     lengths = jnp.maximum(lengths, prefix)
     alive = slots < lengths[:, None]
     return sampler_lib.SampleOutput(

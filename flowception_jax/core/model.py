@@ -20,6 +20,7 @@ import math
 from typing import Any
 
 import chex
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -171,9 +172,23 @@ def window_attention(positions: jax.Array, window: int) -> jax.Array:
   return jnp.abs(positions[:, None, :] - positions[:, :, None]) <= window
 
 
+@flax.struct.dataclass
+class KVCache:
+  """What a call of the DiT on a few frames attends to besides them: the keys and values of frames
+  an earlier call computed (`DiT.__call__`'s `return_kv`, `past`).
+
+  keys, values: one [B, S, H, D_head] per block (S = frames x tokens; keys after their QK-norm and
+  rotary embedding); positions: int [B, F] those frames' slots.
+  """
+  keys: tuple[jax.Array, ...]
+  values: tuple[jax.Array, ...]
+  positions: jax.Array
+
+
 class Attention(nn.Module):
   """Multi-head self-attention with QK normalisation, rotary embeddings and a frame-level mask,
-  computed by the kernel `implementation` names (`attention_lib.IMPLEMENTATIONS`)."""
+  computed by the kernel `implementation` names (`attention_lib.IMPLEMENTATIONS`); also the keys
+  and values, for a `KVCache`."""
   num_heads: int
   dtype: Any
   param_dtype: Any
@@ -181,8 +196,15 @@ class Attention(nn.Module):
   block: int = 512  # Key block of the blockwise kernel, query and key block of splash, in tokens.
 
   @nn.compact
-  def __call__(self, x: jax.Array, angles: jax.Array, mask: attention_lib.FrameMask) -> jax.Array:
-    """x [B, S, D], angles [B, S, D_head / 2] -> [B, S, D]."""
+  def __call__(self, x: jax.Array, angles: jax.Array, mask: attention_lib.FrameMask,
+               past: tuple[jax.Array, jax.Array, jax.Array] | None = None
+               ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """x [B, S, D], angles [B, S, D_head / 2] -> [B, S, D], and the keys and values [B, S, H, D_head].
+
+    With `past` (keys and values [B, S_past, H, D_head] and the token-level mask bool
+    [B, 1, S, S_past + S] of the past then these tokens as keys), the queries attend to both, densely:
+    the queries are a few frames' then.
+    """
     b, s, d = x.shape
     h, head_dim = self.num_heads, d // self.num_heads
     # Kernels are declared in their head layout (not through DenseGeneral, which initialises a
@@ -199,7 +221,13 @@ class Attention(nn.Module):
     k = nn.RMSNorm(dtype=self.dtype, param_dtype=self.param_dtype, name='k_norm')(k)
     q, k = apply_rotary(q, angles), apply_rotary(k, angles)
     q, k, v = _constrain_heads(q), _constrain_heads(k), _constrain_heads(v)
-    out = attention_lib.attend(q, k, v, mask, implementation=self.implementation, block=self.block)
+    if past is None:
+      out = attention_lib.attend(q, k, v, mask, implementation=self.implementation,
+                                 block=self.block)
+    else:
+      past_k, past_v, token_mask = past
+      out = jax.nn.dot_product_attention(q, jnp.concatenate([past_k, k], axis=1),
+                                         jnp.concatenate([past_v, v], axis=1), mask=token_mask)
     out = _constrain_heads(out)
     out_kernel = self.param('out_kernel', nn.with_logical_partitioning(
         _fan_avg_uniform(in_axis=(0, 1), out_axis=2), ('heads', 'kv', 'embed')),
@@ -207,7 +235,7 @@ class Attention(nn.Module):
     out_bias = self.param('out_bias', nn.with_logical_partitioning(
         nn.initializers.zeros_init(), ('embed',)), (d,), self.param_dtype)
     out = jnp.einsum('bshk,hkd->bsd', out, out_kernel.astype(self.dtype))
-    return out + out_bias.astype(self.dtype)
+    return out + out_bias.astype(self.dtype), (k, v)
 
 
 class Block(nn.Module):
@@ -227,8 +255,10 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, cond: jax.Array, angles: jax.Array,
-               mask: attention_lib.FrameMask) -> jax.Array:
-    """x [B, F, T, D] tokens of F frames, cond [B, F, D] -> [B, F, T, D]."""
+               mask: attention_lib.FrameMask, past: tuple | None = None
+               ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """x [B, F, T, D] tokens of F frames, cond [B, F, D] -> [B, F, T, D], and the attention's keys
+    and values (`Attention`, which takes `past`)."""
     b, f, t, d = x.shape
     mod = _dense(6 * d, ('embed', 'mlp'), 'adaln', self.dtype, self.param_dtype,
                  zero=True)(nn.silu(cond))
@@ -236,8 +266,8 @@ class Block(nn.Module):
     norm = lambda name: nn.LayerNorm(use_bias=False, use_scale=False, dtype=self.dtype, name=name)
 
     h = _modulate(norm('norm1')(x), shift1, scale1).reshape(b, f * t, d)
-    h = Attention(self.num_heads, self.dtype, self.param_dtype, self.attention,
-                  self.attention_block, name='attn')(_constrain(h), angles, mask)
+    h, kv = Attention(self.num_heads, self.dtype, self.param_dtype, self.attention,
+                      self.attention_block, name='attn')(_constrain(h), angles, mask, past)
     x = x + gate1[:, :, None, :] * h.reshape(b, f, t, d)
 
     h = _modulate(norm('norm2')(x), shift2, scale2)
@@ -246,7 +276,7 @@ class Block(nn.Module):
     if self.grid is not None:
       h = h + self._local_mixing(h)
     h = _dense(d, ('mlp', 'embed'), 'mlp_out', self.dtype, self.param_dtype)(nn.gelu(h))
-    return x + gate2[:, :, None, :] * h
+    return x + gate2[:, :, None, :] * h, kv
 
   def _local_mixing(self, h: jax.Array) -> jax.Array:
     """Depthwise 3x3 convolution of the patch tokens of h [B, F, T, M] over their grid."""
@@ -305,8 +335,8 @@ class DiT(nn.Module):
   @nn.compact
   def __call__(self, frames: jax.Array, context: jax.Array, frame_times: jax.Array,
                positions: jax.Array, frame_mask: jax.Array,
-               labels: jax.Array | None = None,
-               frame_attention: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+               labels: jax.Array | None = None, frame_attention: jax.Array | None = None,
+               past: KVCache | None = None, return_kv: bool = False) -> tuple[jax.Array, ...]:
     """Velocity and log-rate of every frame slot.
 
     Args:
@@ -319,11 +349,16 @@ class DiT(nn.Module):
         none; ignored if `num_classes == 0`.
       frame_attention: bool [B, F, F], True where query frame q may attend to key frame k (e.g.
         `causal_attention`); None lets every frame see every real frame. `attn_window` further
-        restricts it.
+        restricts it. With `past` of F_past frames: bool [B, F, F_past + F], the past frames first
+        (None: all of them).
+      past: the keys and values of frames computed before (`return_kv`), which these frames also
+        attend to: a sampler that makes a few frames at a time computes the others once.
+      return_kv: also return the `KVCache` of these frames.
 
     Returns:
-      velocity float32 [B, F, H, W, C] and log_rate float32 [B, F]. With `prediction='data'` the
-      network predicts the clean frames and the velocity is the one they imply (`PREDICTIONS`).
+      velocity float32 [B, F, H, W, C] and log_rate float32 [B, F]; with `return_kv`, the
+      `KVCache` too. With `prediction='data'` the network predicts the clean frames and the
+      velocity is the one they imply (`PREDICTIONS`).
     """
     b, f, hgt, wid, c = frames.shape
     p, d = self.patch_size, self.hidden_size
@@ -369,20 +404,28 @@ class DiT(nn.Module):
         jnp.broadcast_to(positions[:, :, None, None], (b, f, tokens, 1)),
         jnp.broadcast_to(spatial, (b, f, tokens, 2))], axis=-1).reshape(b, f * tokens, 3)
     angles = rotary_angles(coords, d // self.num_heads, self.rope_theta)
-    if self.attn_window:
-      band = window_attention(positions, self.attn_window)
-      frame_attention = band if frame_attention is None else frame_attention & band
-    mask = attention_lib.FrameMask(frame_mask, frame_attention, tokens)
+    if past is None:
+      if self.attn_window:
+        band = window_attention(positions, self.attn_window)
+        frame_attention = band if frame_attention is None else frame_attention & band
+      mask = attention_lib.FrameMask(frame_mask, frame_attention, tokens)
+      past_masks = [None] * self.depth
+    else:
+      past_masks = self._past_masks(past, positions, frame_mask, frame_attention, tokens)
+      mask = None
 
     block = Block
     if self.remat != 'none':
       block = nn.remat(Block, policy=REMAT_POLICIES[self.remat])
-    for i in range(self.depth):
-      x = block(self.num_heads, self.mlp_ratio, self.dtype, self.param_dtype,
-                grid=(gh, gw) if self.local_mixing and tokens > gh * gw else None,
-                attention=self.attention,
-                attention_block=self.attention_block, name=f'block_{i}')(
-                    x, cond, angles, mask)
+    keys, values = [], []
+    for i, past_mask in enumerate(past_masks):
+      x, (k, v) = block(self.num_heads, self.mlp_ratio, self.dtype, self.param_dtype,
+                        grid=(gh, gw) if self.local_mixing and tokens > gh * gw else None,
+                        attention=self.attention,
+                        attention_block=self.attention_block, name=f'block_{i}')(
+                            x, cond, angles, mask, past_mask)
+      keys.append(k)
+      values.append(v)
 
     # ---- Heads: velocity from patch tokens, log-rate from the rate token -------------------------
     # Both heads read the tokens split over the batch only. Without this constraint (and the one
@@ -406,7 +449,25 @@ class DiT(nn.Module):
     r = _dense(d, ('embed', 'mlp'), 'rate_hidden', self.dtype, self.param_dtype)(r)
     log_rate = _dense(1, ('mlp', None), 'rate_out', self.dtype, self.param_dtype,
                       zero=True)(nn.silu(r))[..., 0]
+    if return_kv:
+      return velocity, log_rate.astype(jnp.float32), KVCache(tuple(keys), tuple(values), positions)
     return velocity, log_rate.astype(jnp.float32)
+
+  def _past_masks(self, past: KVCache, positions: jax.Array, frame_mask: jax.Array,
+                  frame_attention: jax.Array | None, tokens: int) -> list[tuple]:
+    """Each block's `Attention` past: keys, values and the token-level mask [B, 1, S, S_past + S]."""
+    b, f = frame_mask.shape
+    key_positions = jnp.concatenate([past.positions, positions], axis=1)
+    chex.assert_shape(past.keys[0], (b, past.positions.shape[1] * tokens, None, None))
+    allowed = jnp.ones((b, f, key_positions.shape[1]), bool)
+    if frame_attention is not None:
+      chex.assert_shape(frame_attention, allowed.shape)
+      allowed = frame_attention
+    if self.attn_window:
+      allowed &= jnp.abs(key_positions[:, None, :] - positions[:, :, None]) <= self.attn_window
+    allowed &= jnp.concatenate([jnp.ones_like(past.positions, bool), frame_mask], axis=1)[:, None]
+    token_mask = jnp.repeat(jnp.repeat(allowed, tokens, axis=1), tokens, axis=2)[:, None]
+    return [(k, v, token_mask) for k, v in zip(past.keys, past.values)]
 
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}

@@ -223,13 +223,15 @@ def initial_state(keys: jax.Array, config: SamplerConfig, frame_shape, init_fram
 
 def guided_apply(apply_fn: ApplyFn, params, inputs: tuple, labels, config: SamplerConfig,
                  num_classes: int, **kwargs) -> tuple[jax.Array, jax.Array]:
-  """The model's two outputs on `inputs`, with classifier-free guidance where the config asks.
+  """The model's outputs on `inputs`, with classifier-free guidance where the config asks.
 
   `apply_fn(params, *inputs, labels, **kwargs)` returns the velocity [B, N, H, W, C] and a second
-  head [B, N] (Flowception's insertion log-rates, the autoregressive end logits). With labels of a
-  conditional model and a guidance scale other than 1, the batch is run twice, with the labels and
-  with the null class `num_classes`: the velocity is `v_u + w (v_c - v_u)` (`guidance_scale`) and
-  the second head `w_s h_c + (1 - w_s) h_u` (`rate_guidance`).
+  head [B, N] (Flowception's insertion log-rates, the autoregressive end logits), then anything
+  else it returns (a `model.KVCache` with `return_kv`). With labels of a conditional model and a
+  guidance scale other than 1, the batch is run twice, with the labels and with the null class
+  `num_classes`: the velocity is `v_u + w (v_c - v_u)` (`guidance_scale`) and the second head
+  `w_s h_c + (1 - w_s) h_u` (`rate_guidance`). Array arguments are doubled with the batch, except
+  `past`, which holds the rows of an earlier evaluation (both halves), as returned.
   """
   guided = (num_classes > 0 and labels is not None
             and (config.guidance_scale != 1.0 or config.rate_guidance != 1.0))
@@ -238,11 +240,12 @@ def guided_apply(apply_fn: ApplyFn, params, inputs: tuple, labels, config: Sampl
   b = labels.shape[0]
   doubled = [jnp.concatenate([x, x]) for x in inputs]
   both_labels = jnp.concatenate([labels, jnp.full_like(labels, num_classes)])
-  kwargs = {k: jnp.concatenate([v, v]) for k, v in kwargs.items()}
-  velocity, head = apply_fn(params, *doubled, both_labels, **kwargs)
+  kwargs = {k: jnp.concatenate([v, v]) if k != 'past' and isinstance(v, jax.Array) else v
+            for k, v in kwargs.items()}
+  velocity, head, *rest = apply_fn(params, *doubled, both_labels, **kwargs)
   w, w_s = config.guidance_scale, config.rate_guidance
   return (velocity[b:] + w * (velocity[:b] - velocity[b:]),
-          w_s * head[:b] + (1.0 - w_s) * head[b:])
+          w_s * head[:b] + (1.0 - w_s) * head[b:], *rest)
 
 
 def _evaluate(apply_fn: ApplyFn, params, state: SamplerState, labels, config: SamplerConfig,
