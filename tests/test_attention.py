@@ -1,6 +1,7 @@
 """Attention kernels: the blockwise and splash ones equal the dense one, in values and gradients,
 and the blockwise one's memory grows linearly with the sequence."""
 
+import functools
 import re
 
 import flax.linen as nn
@@ -17,6 +18,7 @@ from flowception_jax.training import config as config_lib
 from flowception_jax.training import memory
 from flowception_jax.training import sharding
 from flowception_jax.training import train
+from tests import tiny_params
 
 
 def _inputs(seed, b=2, frames=5, tokens=3, heads=2, dim=8):
@@ -28,9 +30,10 @@ def _inputs(seed, b=2, frames=5, tokens=3, heads=2, dim=8):
   return q, k, v, frame_mask, frame_attention
 
 
+@functools.partial(jax.jit, static_argnums=(0, 5))
 def _value_and_grads(implementation, q, k, v, mask, block, rows=None):
   """The output [B, S, H, D] and the gradients of q, k, v under a loss that reads the queries
-  `rows` (bool [B, S]; None: all)."""
+  `rows` (bool [B, S]; None: all). Compiled once per kernel, block and shapes."""
   def loss(q, k, v):
     out = attention.attend(q, k, v, mask, implementation=implementation, block=block)
     weights = jnp.arange(out.size).reshape(out.shape) / out.size
@@ -53,8 +56,8 @@ def test_blockwise_attention_equals_dense_in_values_and_gradients(block, with_fr
     np.testing.assert_allclose(got, want, atol=1e-5)
   # The mask matters: a key frame taken away changes what its queries see.
   changed = attention.FrameMask(frame_mask.at[1, 0].set(False), mask.frame_attention, 3)
-  assert not np.allclose(attention.attend(q, k, v, changed, implementation='blockwise', block=block),
-                         blockwise, atol=1e-3)
+  assert not np.allclose(_value_and_grads('blockwise', q, k, v, changed, block)[0], blockwise,
+                         atol=1e-3)
 
 
 def test_splash_attention_equals_dense_on_the_queries_a_loss_reads():
@@ -84,35 +87,38 @@ def _model(implementation, block=7):
   return model_lib.build_model(config, channels=3, num_classes=0)
 
 
-@pytest.mark.parametrize('implementation', ['blockwise', 'splash'])
-def test_dit_equals_dense_with_padding_and_causal_masks(implementation):
-  b, f = 2, 4
-  dense, other = _model('dense'), _model(implementation)
-  keys = jax.random.split(jax.random.key(0), 3)
-  frames = jax.random.normal(keys[0], (b, f, 8, 8, 3))
-  times = jax.random.uniform(keys[1], (b, f))
-  positions = jnp.broadcast_to(jnp.arange(f), (b, f))
-  frame_mask = jnp.array([[True, True, True, False], [True] * f])
-  causal = model_lib.causal_attention(positions)
-  params = nn.unbox(dense.init(keys[2], *model_lib.init_inputs((8, 8, 3), f, 0)))
-  # adaLN-Zero starts every block as the identity: move the weights off it.
-  leaves, tree = jax.tree.flatten(params)
-  params = jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(jax.random.key(i), x.shape)
-                                     for i, x in enumerate(leaves)])
+@functools.partial(jax.jit, static_argnums=0)
+def _dit_loss_and_grads(net, params, inputs, frame_attention):
+  """A loss of `net`'s outputs on the real frames of `inputs`, and its parameter gradients."""
+  frames, times, positions, frame_mask = inputs
 
-  def loss(params, net, frame_attention):
+  def loss(params):
     velocity, log_rate = net.apply(params, frames, jnp.zeros_like(frames), times, positions,
                                    frame_mask, frame_attention=frame_attention)
     real = frame_mask[:, :, None, None, None]
     return jnp.sum(jnp.where(real, velocity, 0.0) ** 2) + jnp.sum(jnp.where(frame_mask, log_rate,
                                                                             0.0))
 
-  dense_fn, other_fn = (jax.jit(jax.value_and_grad(lambda p, a, net=net: loss(p, net, a)))
-                        for net in (dense, other))
+  return jax.value_and_grad(loss)(params)
+
+
+@pytest.mark.parametrize('implementation', ['blockwise', 'splash'])
+def test_dit_equals_dense_with_padding_and_causal_masks(implementation):
+  b, f = 2, 4
+  dense, other = _model('dense'), _model(implementation)
+  keys = jax.random.split(jax.random.key(0), 2)
+  frames = jax.random.normal(keys[0], (b, f, 8, 8, 3))
+  times = jax.random.uniform(keys[1], (b, f))
+  positions = jnp.broadcast_to(jnp.arange(f), (b, f))
+  frame_mask = jnp.array([[True, True, True, False], [True] * f])
+  causal = model_lib.causal_attention(positions)
+  # adaLN-Zero starts every block as the identity: the weights are moved off it.
+  params = tiny_params.perturbed_init(dense, *model_lib.init_inputs((8, 8, 3), f, 0))
+  inputs = (frames, times, positions, frame_mask)
   # Splash takes no frame-level mask.
   for frame_attention in (None, causal) if implementation == 'blockwise' else (None,):
-    want, want_grads = dense_fn(params, frame_attention)
-    got, got_grads = other_fn(params, frame_attention)
+    want, want_grads = _dit_loss_and_grads(dense, params, inputs, frame_attention)
+    got, got_grads = _dit_loss_and_grads(other, params, inputs, frame_attention)
     np.testing.assert_allclose(got, want, rtol=1e-5)
     for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
       np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)

@@ -10,6 +10,7 @@ import pytest
 
 from flowception_jax.core import model as model_lib
 from flowception_jax.training import sharding
+from tests import tiny_params
 
 B, F, H, W, C = 2, 5, 8, 8, 3
 
@@ -30,18 +31,14 @@ def _inputs(seed=0):
   return frames, context, times, positions, mask
 
 
-def _params(net, inputs, labels=None):
+def _params(net, inputs, *labels):
   """Initialised parameters, perturbed so the zero-initialised heads and gates are active."""
-  params = nn.unbox(net.init(jax.random.key(0), *inputs, labels))
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  return jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape, x.dtype)
-                                   for x, k in zip(leaves, keys)])
+  return tiny_params.perturbed_init(net, *inputs, *labels)
 
 
 def test_output_shapes_and_zero_initialised_heads():
   net, inputs = _model(), _inputs()
-  velocity, log_rate = net.apply(nn.unbox(net.init(jax.random.key(0), *inputs)), *inputs)
+  velocity, log_rate = tiny_params.apply(net, tiny_params.init(net, *inputs), *inputs)
   assert velocity.shape == (B, F, H, W, C) and velocity.dtype == jnp.float32
   assert log_rate.shape == (B, F) and log_rate.dtype == jnp.float32
   # adaLN-Zero and zero-initialised output layers: the untrained model predicts v = 0, rate 1.
@@ -57,8 +54,8 @@ def test_padded_slots_do_not_change_real_frames():
   noise = jax.random.normal(jax.random.key(3), frames.shape)
   changed = (jnp.where(pad, noise, frames), jnp.where(pad, noise, context),
              jnp.where(mask, times, 0.77), jnp.where(mask, positions, 11), mask)
-  v1, r1 = net.apply(params, *inputs)
-  v2, r2 = net.apply(params, *changed)
+  v1, r1 = tiny_params.apply(net, params, *inputs)
+  v2, r2 = tiny_params.apply(net, params, *changed)
   real = np.asarray(mask)
   np.testing.assert_allclose(np.asarray(v1)[real], np.asarray(v2)[real], atol=1e-5)
   np.testing.assert_allclose(np.asarray(r1)[real], np.asarray(r2)[real], atol=1e-5)
@@ -69,13 +66,13 @@ def test_only_relative_slot_positions_matter():
   net, inputs = _model(), _inputs()
   params = _params(net, inputs)
   frames, context, times, positions, mask = inputs
-  v1, r1 = net.apply(params, *inputs)
-  v2, r2 = net.apply(params, frames, context, times, positions + 7, mask)
+  v1, r1 = tiny_params.apply(net, params, *inputs)
+  v2, r2 = tiny_params.apply(net, params, frames, context, times, positions + 7, mask)
   np.testing.assert_allclose(v1, v2, atol=2e-4)
   np.testing.assert_allclose(r1, r2, atol=2e-4)
   # Swapping two slots' positions is not a no-op: order is visible to the model.
   swapped = positions.at[:, 0].set(1).at[:, 1].set(0)
-  v3, _ = net.apply(params, frames, context, times, swapped, mask)
+  v3, _ = tiny_params.apply(net, params, frames, context, times, swapped, mask)
   assert not np.allclose(v1, v3, atol=1e-3)
 
 
@@ -83,8 +80,8 @@ def test_time_conditioning_is_per_frame():
   net, inputs = _model(), _inputs()
   params = _params(net, inputs)
   frames, context, times, positions, mask = inputs
-  v1, _ = net.apply(params, *inputs)
-  v2, _ = net.apply(params, frames, context, times.at[:, 2].add(0.3), positions, mask)
+  v1, _ = tiny_params.apply(net, params, *inputs)
+  v2, _ = tiny_params.apply(net, params, frames, context, times.at[:, 2].add(0.3), positions, mask)
   delta = np.abs(np.asarray(v1 - v2)).reshape(B, F, -1).max(-1)
   # Frame 2's own modulation changes; the others change only through attention, much less.
   assert delta[0, 2] > 0
@@ -96,21 +93,22 @@ def test_context_channels_and_labels_condition_the_output():
   inputs = _inputs()
   params = _params(net, inputs, jnp.zeros((B,), jnp.int32))
   frames, context, times, positions, mask = inputs
-  base, _ = net.apply(params, *inputs, jnp.array([0, 1]))
-  other, _ = net.apply(params, *inputs, jnp.array([2, 1]))
-  null, _ = net.apply(params, *inputs)  # No labels: the null class.
-  explicit_null, _ = net.apply(params, *inputs, jnp.array([4, 4]))
+  base, _ = tiny_params.apply(net, params, *inputs, jnp.array([0, 1]))
+  other, _ = tiny_params.apply(net, params, *inputs, jnp.array([2, 1]))
+  null, _ = tiny_params.apply(net, params, *inputs)  # No labels: the null class.
+  explicit_null, _ = tiny_params.apply(net, params, *inputs, jnp.array([4, 4]))
   np.testing.assert_allclose(null, explicit_null, atol=1e-6)
   assert not np.allclose(base[0], other[0]) and np.allclose(base[1], other[1], atol=1e-6)
-  with_context, _ = net.apply(params, frames, frames, times, positions, mask, jnp.array([0, 1]))
+  with_context, _ = tiny_params.apply(net, params, frames, frames, times, positions, mask,
+                                      jnp.array([0, 1]))
   assert not np.allclose(base, with_context)
 
 
 def test_bfloat16_activations_keep_float32_parameters_and_outputs():
   net, inputs = _model(dtype='bfloat16'), _inputs()
-  params = nn.unbox(net.init(jax.random.key(0), *inputs))
+  params = tiny_params.init(net, *inputs)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
-  velocity, log_rate = net.apply(params, *inputs)
+  velocity, log_rate = tiny_params.apply(net, params, *inputs)
   assert velocity.dtype == jnp.float32 and log_rate.dtype == jnp.float32
 
 
@@ -140,10 +138,10 @@ def test_per_frame_labels_equal_per_video_labels_broadcast():
   net = _model(num_classes=4)
   inputs = _inputs()
   params = _params(net, inputs, jnp.zeros((B,), jnp.int32))
-  per_video, _ = net.apply(params, *inputs, jnp.array([0, 3]))
-  per_frame, _ = net.apply(params, *inputs, jnp.array([[0] * F, [3] * F]))
+  per_video, _ = tiny_params.apply(net, params, *inputs, jnp.array([0, 3]))
+  per_frame, _ = tiny_params.apply(net, params, *inputs, jnp.array([[0] * F, [3] * F]))
   np.testing.assert_allclose(per_video, per_frame, atol=1e-6)
-  mixed, _ = net.apply(params, *inputs, jnp.array([[0, 2, 0, 0, 0], [3, 3, 3, 1, 1]]))
+  mixed, _ = tiny_params.apply(net, params, *inputs, jnp.array([[0, 2, 0, 0, 0], [3, 3, 3, 1, 1]]))
   assert not np.allclose(np.asarray(per_video)[0, 1], np.asarray(mixed)[0, 1], atol=1e-6)
   # Row 1's last two slots are padding: their labels reach no real frame.
   np.testing.assert_allclose(np.asarray(per_video)[1, :3], np.asarray(mixed)[1, :3], atol=1e-6)
@@ -160,9 +158,10 @@ def test_data_prediction_implies_the_straight_path_velocity():
                                           dtype='float32', prediction='data'))
   net = model_lib.build_model(config, channels=C, num_classes=0)
   inputs = _inputs()
-  params = nn.unbox(net.init(jax.random.key(0), *inputs))
+  params = tiny_params.init(net, *inputs)
   frames, _, times, *_ = inputs
-  velocity, _ = net.apply(params, *inputs)  # Zero-initialised head: the clean frame is 0.
+  # Zero-initialised head: the clean frame is 0.
+  velocity, _ = tiny_params.apply(net, params, *inputs)
   np.testing.assert_allclose(velocity, model_lib.velocity_of_data(jnp.zeros_like(frames), frames,
                                                                   times), atol=1e-5)
   with pytest.raises(ValueError, match='--config.model.prediction'):
@@ -184,8 +183,9 @@ def test_local_mixing_reaches_grid_neighbours_only():
     adaln['kernel'] = adaln['kernel'].at[:, 2 * d:3 * d].set(0)
     adaln['bias'] = adaln['bias'].at[2 * d:3 * d].set(0)
   frames, context, times, positions, mask = inputs
-  v1, _ = net.apply(params, *inputs)
-  v2, _ = net.apply(params, frames.at[:, 0, :2, :2].add(1.0), context, times, positions, mask)
+  v1, _ = tiny_params.apply(net, params, *inputs)
+  v2, _ = tiny_params.apply(net, params, frames.at[:, 0, :2, :2].add(1.0), context, times,
+                            positions, mask)
   change = np.abs(np.asarray(v1 - v2))[:, 0].reshape(B, 4, 2, 4, 2, C).max(axis=(0, 2, 4, 5))
   assert change[0, 0] > 0 and change[1, 1] > 0  # Its own patch and a diagonal neighbour.
   assert change[2, 2] > 0  # Two blocks of 3x3 mixing reach two patches away.
@@ -235,14 +235,15 @@ def test_a_single_patch_frame_is_one_token_that_gives_velocity_and_rate():
   net = _model(patch_size=8)  # 8x8 frames: one patch each.
   inputs = _inputs()
   params = _params(net, inputs)
-  assert 'rate_token' not in params['params'] and 'rate_token' in _params(_model(), inputs)['params']
-  lowered = jax.jit(lambda p, *x: net.apply(p, *x)).lower(params, *inputs)
+  assert 'rate_token' not in params['params']
+  assert 'rate_token' in jax.eval_shape(_model().init, jax.random.key(0), *inputs)['params']
+  lowered = tiny_params.apply.lower(net, params, *inputs)
   assert f'{B}x{F}x' in lowered.as_text() and f'{B}x{F * 2}x' not in lowered.as_text()
-  velocity, log_rate = net.apply(params, *inputs)
+  velocity, log_rate = tiny_params.apply(net, params, *inputs)
   assert velocity.shape == (B, F, H, W, C) and log_rate.shape == (B, F)
   # The rate reads the frame's own token: its pixels move it.
   frames = inputs[0].at[:, 1].add(1.0)
-  _, moved = net.apply(params, frames, *inputs[1:])
+  _, moved = tiny_params.apply(net, params, frames, *inputs[1:])
   assert np.all(np.abs(np.asarray(moved - log_rate))[:, 1] > 1e-4)
   assert [tuple(cell) for cell in model_lib.token_grid(1, 1)] == [(0, 0)]
   assert [tuple(cell) for cell in model_lib.token_grid(2, 1)] == [(0, 0), (1, 0), (2, 1)]

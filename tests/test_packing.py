@@ -2,7 +2,6 @@
 
 import itertools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -13,6 +12,7 @@ from flowception_jax.core import flowception
 from flowception_jax.core import model as model_lib
 from flowception_jax.training import input_pipeline
 from flowception_jax.training import train
+from tests import tiny_params
 
 BUCKETS = (4, 8, 12)
 MAX_FRAMES = 12
@@ -110,20 +110,6 @@ def test_resume_is_exact(num_threads):
       np.testing.assert_array_equal(got[key], want[key], err_msg=key)
 
 
-def _perturbed_params(net, inputs):
-  """Initialised parameters, perturbed so the zero-initialised heads and gates carry signal."""
-
-  @jax.jit
-  def perturbed(init_key, noise_key):
-    params = nn.unbox(net.init(init_key, *inputs))['params']
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(noise_key, len(leaves))
-    return jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape)
-                                     for x, k in zip(leaves, keys)])
-
-  return perturbed(jax.random.key(0), jax.random.key(1))
-
-
 @pytest.mark.parametrize('local_mixing', [False, True])
 def test_a_packed_row_gives_each_clip_the_loss_it_gets_alone(local_mixing):
   batch = next(b for b in iter(_dataset(batch_size=2))
@@ -150,13 +136,14 @@ def test_a_packed_row_gives_each_clip_the_loss_it_gets_alone(local_mixing):
                                   segments),
         flowception.rate_loss(log_rate, rows['insert_targets'], rows['rate_mask'], segments))
 
-  params = _perturbed_params(net, model_lib.init_inputs((H, W, C), 4, 3))
-  velocity, log_rate, packed = losses(params, batch, x0)
+  # Perturbed, so the zero-initialised heads and gates carry signal.
+  params = tiny_params.perturbed_init(net, *model_lib.init_inputs((H, W, C), 4, 3))['params']
+  velocity, log_rate, packed = jax.device_get(losses(params, batch, x0))
   alone = []
   for b, slots in _clips(batch):
     row = {k: v[b:b + 1, slots] for k, v in batch.items()}
     row['segment_ids'] = np.ones_like(row['segment_ids'])
-    v, r, clip_losses = losses(params, row, x0[b:b + 1, slots])
+    v, r, clip_losses = jax.device_get(losses(params, row, x0[b:b + 1, slots]))
     np.testing.assert_allclose(v[0], velocity[b, slots], atol=1e-5)
     np.testing.assert_allclose(r[0], log_rate[b, slots], atol=1e-5)
     alone.append(clip_losses)
@@ -167,12 +154,12 @@ def test_a_packed_row_gives_each_clip_the_loss_it_gets_alone(local_mixing):
                if batch[masks][b, slots].any()]
     np.testing.assert_allclose(float(got), np.mean(counted), rtol=1e-5)
   # Without the segment mask, clips would see each other.
-  leaky = net.apply({'params': params}, *train.model_inputs(
-      batch, batch['frames'], batch['frame_times'], jnp.asarray(batch['label'])))[0]
-  assert np.abs(np.asarray(leaky) - np.asarray(net.apply({'params': params}, *train.model_inputs(
-      batch, batch['frames'], batch['frame_times'], jnp.asarray(batch['label'])),
-      frame_attention=train.frame_attention_of(batch, method='flowception',
-                                               packed=True))[0])).max() > 1e-4
+  inputs = train.model_inputs(batch, batch['frames'], batch['frame_times'],
+                              jnp.asarray(batch['label']))
+  leaky = tiny_params.apply(net, {'params': params}, *inputs)[0]
+  assert np.abs(np.asarray(leaky) - np.asarray(tiny_params.apply(
+      net, {'params': params}, *inputs, frame_attention=train.frame_attention_of(
+          batch, method='flowception', packed=True))[0])).max() > 1e-4
 
 
 def test_masked_mean_per_clip_matches_brute_force():

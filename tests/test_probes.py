@@ -1,11 +1,11 @@
 """Model diagnostics against models whose answers are known: blind attention, frozen attention."""
 
+import functools
 import json
 import os
 import subprocess
 import sys
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -14,6 +14,7 @@ from configs import shapes as shapes_config
 from flowception_jax.core import model as model_lib
 from flowception_jax.research import probes
 from flowception_jax.training import train
+from tests import tiny_params
 
 F = 3
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,22 +24,40 @@ def _clips():
   return probes.data_clips(shapes_config.get_config('tiny').data, num_clips=2, frames=F)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _compiled_apply(net, capture_intermediates, mutable, variables, *args):
+  """`net.apply`, compiled once per module, intermediates setting and argument shapes."""
+  return net.apply(variables, *args, capture_intermediates=capture_intermediates, mutable=mutable)
+
+
+class _CompiledDiT:
+  """A DiT whose `apply` runs as one compiled program (the probes call it eagerly, which compiles
+  op by op); its other attributes are the DiT's."""
+
+  def __init__(self, net: model_lib.DiT):
+    self.net = net
+
+  def __getattr__(self, name):
+    return getattr(self.net, name)
+
+  def apply(self, variables, *args, capture_intermediates=False, mutable=False):
+    mutable = tuple(mutable) if isinstance(mutable, list) else mutable
+    return _compiled_apply(self.net, capture_intermediates, mutable, variables, *args)
+
+
 def _net():
-  return model_lib.DiT(patch_size=4, channels=3, hidden_size=32, depth=2, num_heads=2)
+  return _CompiledDiT(model_lib.DiT(patch_size=4, channels=3, hidden_size=32, depth=2,
+                                    num_heads=2))
 
 
 def _params(net, scale=0.1, edit=None):
   """Perturbed initial parameters (so gates and heads carry signal); `edit(path, x)` rewrites
   leaves."""
-  params = nn.unbox(net.init(jax.random.key(0), *model_lib.init_inputs((16, 16, 3), F, 0)))
-  params = params['params']
-  leaves, tree = jax.tree.flatten_with_path(params)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  new = []
-  for (path, x), k in zip(leaves, keys):
-    x = x + scale * jax.random.normal(k, x.shape)
-    new.append(edit(jax.tree_util.keystr(path), x) if edit else x)
-  return jax.tree.unflatten(jax.tree.structure(params), new)
+  params = tiny_params.perturbed_init(net.net, *model_lib.init_inputs((16, 16, 3), F, 0),
+                                      scale=scale)['params']
+  if edit is None:
+    return params
+  return jax.tree.map_with_path(lambda path, x: edit(jax.tree_util.keystr(path), x), params)
 
 
 def test_uniform_attention_reads_as_uniform():

@@ -15,9 +15,11 @@ import pytest
 
 from configs import coloring
 from flowception_jax import datasets
+from flowception_jax.core import model as model_lib
 from flowception_jax.training import input_pipeline
 from flowception_jax.training import sharding
 from flowception_jax.training import train
+from tests import tiny_params
 
 _TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -88,14 +90,20 @@ def _step_setup(**overrides):
   return config, info, batch
 
 
+def _initial_params(model, config, info):
+  """The parameters `train.build`'s `init_fn(key(0))` starts from, compiled whole."""
+  inputs = model_lib.init_inputs(info.frame_shape, min(config.data.buckets), info.num_classes)
+  return tiny_params.init(model, *inputs)['params']
+
+
 def test_gradient_accumulation_equals_the_whole_batch():
   config, info, batch = _step_setup()
   # The microbatches (examples i, i + 4, ...) average over different numbers of frames, so a plain
   # mean of their losses would not be the whole batch's.
   assert len({int(batch['flow_mask'][i::4].sum()) for i in range(4)}) > 1
   mesh = sharding.make_mesh(config.mesh)
-  model, _, init_fn = train.build(config, info)
-  params = nn.unbox(init_fn(jax.random.key(0))).params
+  model, _, _ = train.build(config, info)
+  params = _initial_params(model, config, info)
   results = {}
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
     global_batch = sharding.to_global_batch(batch, mesh)
@@ -126,8 +134,8 @@ def test_remat_policies_give_the_same_gradients():
   grads = {}
   for policy in ('none', 'full', 'dots'):
     config.model.remat = policy
-    model, _, init_fn = train.build(config, info)
-    params = nn.unbox(init_fn(jax.random.key(0))).params
+    model, _, _ = train.build(config, info)
+    params = _initial_params(model, config, info)
     loss = lambda p: train.compute_losses(p, batch, jax.random.key(2), model=model,
                                           flow_config=config.flow, num_classes=0)[0]
     grads[policy] = jax.jit(jax.grad(loss))(params)

@@ -18,11 +18,13 @@ import tensorflow as tf
 from configs import coloring
 from flowception_jax import datasets
 from flowception_jax import sample
+from flowception_jax.core import model as model_lib
 from flowception_jax.training import checkpoint
 from flowception_jax.training import input_pipeline
 from flowception_jax.training import sharding
 from flowception_jax.training import train
 from tests import compilations
+from tests import tiny_params
 
 
 def _config(**overrides):
@@ -78,13 +80,10 @@ def test_padded_slots_change_no_loss():
   config = _config()
   source, info = datasets.make_source(config.data)
   config = train.resolve(config, source, info)
-  model, _, init_fn = train.build(config, info)
-  params = nn.unbox(init_fn(jax.random.key(0))).params
-  # Perturb every parameter so the zero-initialised heads and gates carry signal.
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  params = jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape)
-                                     for x, k in zip(leaves, keys)])
+  model, _, _ = train.build(config, info)
+  # Every parameter perturbed, so the zero-initialised heads and gates carry signal.
+  params = tiny_params.perturbed_init(model, *model_lib.init_inputs(
+      info.frame_shape, min(config.data.buckets), info.num_classes))['params']
   dataset = input_pipeline.make_train_dataset(source, config.data, config.flow, batch_size=4,
                                               seed=0, max_frames=info.max_frames)
   batch = next(b for b in iter(dataset) if not b['frame_mask'].all())
@@ -96,8 +95,9 @@ def test_padded_slots_change_no_loss():
                       batch['frames']).astype(np.float32),
       frame_times=np.where(pad, 0.5, batch['frame_times']).astype(np.float32),
       insert_targets=np.where(pad, 3, batch['insert_targets']).astype(np.int32))
-  losses = functools.partial(train.compute_losses, params, key=jax.random.key(2), model=model,
-                             flow_config=config.flow, num_classes=0)
+  losses = functools.partial(jax.jit(functools.partial(
+      train.compute_losses, model=model, flow_config=config.flow, num_classes=0)), params,
+                             key=jax.random.key(2))
   (loss_a, aux_a), (loss_b, aux_b) = losses(batch), losses(garbage)
   assert float(loss_a) > 0
   np.testing.assert_allclose(float(loss_a), float(loss_b), rtol=1e-6)
