@@ -490,18 +490,10 @@ def test_autoregressive_sampler_with_its_cache_makes_the_videos_of_whole_sequenc
   net = model_lib.DiT(patch_size=2, channels=1, hidden_size=16, depth=2, num_heads=2,
                       num_classes=3)
 
-  @jax.jit
-  def init(key):
-    params = nn.unbox(net.init(key, *model_lib.init_inputs(frame, 2, 3)))['params']
-    leaves, tree = jax.tree.flatten(params)  # Off adaLN-Zero's identity, so every frame counts.
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    return jax.tree.unflatten(
-        tree, [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
-
   def apply_fn(params, *inputs, **kwargs):
     return net.apply({'params': params}, *inputs, **kwargs)
 
-  params = init(jax.random.key(0))
+  params = tiny_params.perturbed_init(net, *model_lib.init_inputs(frame, 2, 3), scale=0.3)['params']
   config = _sampler_config(num_steps=3, snr_shift=2.0, guidance_scale=2.0)
   given = np.arange(capacity)[None, :] < np.array([0, 1, 2, 0])[:, None]
   rng = np.random.default_rng(0)

@@ -1,4 +1,5 @@
-"""DiT properties: shapes, padding isolation, relative positions, conditioning, dtypes, partitioning."""
+"""DiT properties: shapes, padding isolation, relative positions, conditioning, dtypes, partitioning,
+the key-value cache."""
 
 import flax.linen as nn
 import jax
@@ -74,6 +75,33 @@ def test_only_relative_slot_positions_matter():
   swapped = positions.at[:, 0].set(1).at[:, 1].set(0)
   v3, _ = tiny_params.apply(net, params, frames, context, times, swapped, mask)
   assert not np.allclose(v1, v3, atol=1e-3)
+
+
+@pytest.mark.parametrize('attn_window', [0, 1])
+def test_frames_called_against_a_cache_get_the_outputs_of_the_whole_sequence(attn_window):
+  """Frames 3 and 4 called alone against the keys and values of frames 0 to 2 (`return_kv`,
+  `past`) get the outputs of one call on all five in which frames 0 to 2 do not see 3 and 4 (the
+  autoregressive samplers' case), within the band of `attn_window`."""
+  config = ml_collections.ConfigDict(dict(size='tiny', patch_size=4, mlp_ratio=2.0,
+                                          dtype='float32', attn_window=attn_window))
+  net, inputs = model_lib.build_model(config, channels=C, num_classes=0), _inputs()
+  params = _params(net, inputs)
+  inputs = (*inputs[:4], jnp.ones((B, F), bool))
+  new = np.arange(F) >= 3
+  whole = jnp.asarray(np.broadcast_to(~new[None, :] | new[:, None], (B, F, F)))
+  velocity, log_rate = tiny_params.apply(net, params, *inputs, frame_attention=whole)
+  first, later = ([x[:, :3] for x in inputs], [x[:, 3:] for x in inputs])
+  _, _, past = jax.jit(lambda *a: net.apply(params, *a, return_kv=True))(*first)
+  tokens = (H // 4) * (W // 4) + 1
+  assert len(past.keys) == len(past.values) == model_lib.MODEL_SIZES['tiny'][1]
+  assert past.keys[0].shape == (B, 3 * tokens, 2, 16)
+  np.testing.assert_array_equal(past.positions, inputs[3][:, :3])
+  got_velocity, got_log_rate = jax.jit(lambda *a: net.apply(params, *a, past=past))(*later)
+  np.testing.assert_allclose(got_velocity, velocity[:, 3:], atol=1e-5)
+  np.testing.assert_allclose(got_log_rate, log_rate[:, 3:], atol=1e-5)
+  # Without the past frames, frames 3 and 4 are other frames.
+  alone, _ = tiny_params.apply(net, params, *later)
+  assert np.abs(np.asarray(alone) - np.asarray(velocity[:, 3:])).max() > 1e-2
 
 
 def test_time_conditioning_is_per_frame():
