@@ -19,6 +19,7 @@ from flowception_jax.core import model as model_lib
 from flowception_jax.research import bench
 from flowception_jax.research import recipe_cost
 from flowception_jax.storage import files
+from tests import compilations
 from tests import config_files
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -172,7 +173,9 @@ def test_sampler_comparison_times_the_same_videos():
 
   params = init()
   trained = inference.TrainedModel(config=config, info=info, model=model, params=params, step=0)
-  results = bench.compare_samplers(trained, config, num_videos=7, batch_size=3, repeats=1)
+  with compilations.counted() as counts:
+    results = bench.compare_samplers(trained, config, num_videos=7, batch_size=3, repeats=1)
+  assert counts['sample'] == 1  # The runs reuse the plain sampler's timed compilation.
   assert results['staged.same_lengths'] and results['staged.max_frame_difference'] < 1e-4
   assert results['staged.stages'] == [2, 4, 6]
   for key in ('staged.plain_s', 'staged.staged_s', 'staged.speed_ratio', 'staged.slot_ratio',
