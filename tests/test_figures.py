@@ -29,12 +29,13 @@ def test_frame_time_history_is_the_sampler_state_after_every_iteration():
   config = sampler_lib.SamplerConfig(num_steps=5, num_start_frames=2, insertion='poisson')
   batch, capacity = 3, 12
   key = jax.random.key(0)
-  empty = jnp.zeros((batch, capacity), bool)
+  empty = np.zeros((batch, capacity), bool)
   # The sampler's loop, one jitted iteration at a time, keeping every state.
   state = jax.jit(functools.partial(sampler_lib.initial_state, config=config,
                                     frame_shape=_FRAME_SHAPE))(
-      jax.random.split(key, batch), init_frames=jnp.zeros((batch, capacity) + _FRAME_SHAPE), init_alive=empty,
-      context_mask=empty, passive_mask=empty)
+      jax.random.split(key, batch), init_frames=np.zeros((batch, capacity) + _FRAME_SHAPE,
+                                                         np.float32),
+      init_alive=empty, context_mask=empty, passive_mask=empty)
   step = jax.jit(functools.partial(
       sampler_lib._step, apply_fn=_constant_rate_model, params=2.0, labels=None, config=config,
       kappa=flowception.get_kappa('linear'), num_classes=0))
@@ -46,6 +47,7 @@ def test_frame_time_history_is_the_sampler_state_after_every_iteration():
   # The jitted sampler runs the same process.
   out = sampler_lib.make_sampler(_constant_rate_model, config=config, batch_size=batch,
                                  capacity=capacity, frame_shape=_FRAME_SHAPE)(2.0, key)
+  out, states = jax.device_get((out, states))  # Read on the host, not op by op.
   np.testing.assert_array_equal(out.insert_step, state.insert_step)
   assert int(out.num_iterations) == len(states) - 1
   assert np.any(np.asarray(out.insert_step) > 0)  # Frames were inserted along the way.

@@ -1,6 +1,8 @@
 """The staged sampler draws the plain sampler's videos: same lengths, insertion steps and frames for
 the same keys, whatever the batch, the place in it or the capacity a video is sampled in."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -20,23 +22,28 @@ CAPACITY = 8
 STAGES = (2, 4, 8)
 
 
+@functools.cache
 def _tiny_dit(num_classes: int, seed: int = 0):
   """A one-block DiT with random weights everywhere (the zero-initialised heads included), so
   that its velocities and rates depend on every alive frame; the rate bias gives lengths from 2
-  up to the capacity."""
+  up to the capacity. Initialised in one compilation, cheaper than its operations one by one."""
   net = model_lib.DiT(patch_size=2, channels=1, hidden_size=16, depth=1, num_heads=2,
                       num_classes=num_classes)
-  params = nn.unbox(net.init(jax.random.key(seed), *model_lib.init_inputs(FRAME, 2, num_classes)))
-  leaves, tree = jax.tree.flatten(params['params'])
-  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-  params = jax.tree.unflatten(
-      tree, [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
-  params['rate_out']['bias'] -= 2.5
+
+  @jax.jit
+  def init():
+    params = nn.unbox(net.init(jax.random.key(seed), *model_lib.init_inputs(FRAME, 2, num_classes)))
+    leaves, tree = jax.tree.flatten(params['params'])
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    params = jax.tree.unflatten(
+        tree, [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    params['rate_out']['bias'] -= 2.5
+    return params
 
   def apply_fn(params, *inputs, **kwargs):
     return net.apply({'params': params}, *inputs, **kwargs)
 
-  return apply_fn, params
+  return net, apply_fn, init()
 
 
 def _mixing_model(params, frames, context, frame_times, positions, frame_mask, labels):
@@ -104,7 +111,7 @@ def test_staged_sampler_draws_the_plain_samplers_videos():
   """A small random class-conditional DiT, every video with its own key, under guidance (two
   evaluations per step), every other video given frames (the other laws and orders: below)."""
   num_videos, num_classes, with_context = 16, 3, True
-  apply_fn, params = _tiny_dit(num_classes)
+  _, apply_fn, params = _tiny_dit(num_classes)
   config = _config(insertion='poisson', guidance_scale=2.0)
   plain = _plain(apply_fn, config, num_videos, num_classes)
   staged = _staged(apply_fn, config, num_classes=num_classes)
@@ -188,8 +195,8 @@ def test_a_video_does_not_depend_on_its_batch(mixing):
 def test_stages_compile_once_and_videos_only_move_up():
   """A fresh sampler's first run compiles every stage ahead (side by side); later runs, with
   other keys and video counts, compile nothing."""
-  staged = _staged(_mixing_model, _config(insertion='poisson', solver='heun'), batch_size=3,
-                   stages=MIXING_STAGES)
+  # Bernoulli insertions and Euler steps: the mixing model's cheapest stages to compile.
+  staged = _staged(_mixing_model, _config(), batch_size=3, stages=MIXING_STAGES)
   params = jnp.float32(0.8)
   staged.compile(params)
   for seed in (5, 6):
@@ -237,9 +244,7 @@ def test_video_sampler_stages_when_the_config_asks():
   videos of the plain one in batches (the last one short), labels and context included; a call of
   one batch is sampled plain."""
   num_classes, num_videos = 3, 7
-  model = model_lib.DiT(patch_size=2, channels=1, hidden_size=16, depth=1, num_heads=2,
-                        num_classes=num_classes)
-  _, params = _tiny_dit(num_classes)
+  model, _, params = _tiny_dit(num_classes)
   info = datasets.SourceInfo(frame_shape=FRAME, max_frames=CAPACITY, num_classes=num_classes)
   config = config_lib.base_config()
   assert inference.sampler_stages(config, info) == tuple(range(2, CAPACITY + 1))  # Every count.
