@@ -205,7 +205,7 @@ def _exact_count_rate(length):
 
 @pytest.mark.parametrize('kappa', ['linear', 'cubic'])
 def test_thinning_reaches_the_exact_length_of_an_oracle(kappa):
-  b, length, num_steps = 1000, 8, 20
+  b, length, num_steps = 400, 8, 20
   shares = {}
   for insertion in ('thinning', 'bernoulli'):
     out = _sampler(_fake_model(log_rate=_exact_count_rate(length)), batch_size=b, capacity=12,
