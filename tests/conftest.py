@@ -15,7 +15,8 @@ filesystem reads its cache settings when it starts.
 import importlib.metadata
 import os
 
-_TEST_FLAGS = {'--xla_force_host_platform_device_count': '2', '--xla_backend_optimization_level': '0'}
+_TEST_FLAGS = {'--xla_force_host_platform_device_count': '2',
+               '--xla_backend_optimization_level': '0'}
 if importlib.metadata.version('jaxlib').startswith('0.10.'):  # XLA stops on a flag it lacks.
   _TEST_FLAGS['--xla_cpu_use_fusion_emitters'] = 'false'
 for _flag, _value in _TEST_FLAGS.items():

@@ -460,7 +460,8 @@ def _reference_autoregressive(apply_fn, params, key, labels, config, prefix_inpu
       apply_fn, params, (frames, jnp.zeros_like(frames), times, slots, mask), labels, config,
       num_classes=3, frame_attention=attention))
   noise_key, key = jax.random.split(key)
-  frames = np.where(given[..., None, None, None], frames, jax.random.normal(noise_key, frames.shape))
+  noise = jax.random.normal(noise_key, frames.shape)
+  frames = np.where(given[..., None, None, None], frames, noise)
   prefix, lengths, iteration = given.sum(axis=1), np.full(b, n), 0
   while np.any((prefix + iteration // steps < n) & (lengths > prefix + iteration // steps)):
     current, k = prefix + iteration // steps, iteration % steps

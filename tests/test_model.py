@@ -1,5 +1,5 @@
-"""DiT properties: shapes, padding isolation, relative positions, conditioning, dtypes, partitioning,
-the key-value cache."""
+"""DiT properties: shapes, padding isolation, relative positions, conditioning, dtypes,
+partitioning, the key-value cache."""
 
 import flax.linen as nn
 import jax

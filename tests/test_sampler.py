@@ -251,7 +251,7 @@ def test_posterior_mean_rates_reproduce_the_length_distribution():
   lengths; a rate right only on average does not."""
   lengths = (3, 9)
   shares = {}
-  # 1000 videos put a share within 0.05 (3 standard errors) of its law; the wrong rate misses by far.
+  # 1000 videos put a share within 0.05 (3 standard errors) of its law; the wrong rate misses far.
   for use_count, b in ((True, 1000), (False, 250)):
     out = _sampler(_fake_model(log_rate=_posterior_rate(lengths, use_count)), batch_size=b,
                    capacity=12, num_steps=100, num_start_frames=1, insertion='poisson')(

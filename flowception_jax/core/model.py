@@ -8,7 +8,9 @@ being made hidden from them), for the autoregressive baselines, a band of `attn_
 frames for any method. adaLN-Zero modulation is computed per frame from that frame's own time and
 the class, and broadcast to its tokens. Rotary embeddings encode (slot, row, column). After the last
 block the patch tokens give the velocity and the rate token gives the frame's insertion log-rate
-(`token_grid`).
+(`token_grid`). A call may return every block's keys and values (`KVCache`), and a later call on a
+few frames may attend to them besides its own: the autoregressive samplers compute the clean
+frames once per frame they make.
 
 Parameters carry logical axis names ('embed', 'mlp', 'heads', 'kv', 'patch', 'vocab') that
 `sharding.LOGICAL_RULES` maps onto the mesh; activations are constrained to ('batch', 'length',
@@ -199,11 +201,11 @@ class Attention(nn.Module):
   def __call__(self, x: jax.Array, angles: jax.Array, mask: attention_lib.FrameMask,
                past: tuple[jax.Array, jax.Array, jax.Array] | None = None
                ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """x [B, S, D], angles [B, S, D_head / 2] -> [B, S, D], and the keys and values [B, S, H, D_head].
+    """x [B, S, D], angles [B, S, D_head / 2] -> [B, S, D]; also the keys and values [B, S, H, D_head].
 
-    With `past` (keys and values [B, S_past, H, D_head] and the token-level mask bool
-    [B, 1, S, S_past + S] of the past then these tokens as keys), the queries attend to both, densely:
-    the queries are a few frames' then.
+    With `past`, keys and values [B, S_past, H, D_head] and a token-level mask bool
+    [B, 1, S, S_past + S] (the past keys first), the queries attend to the past and to themselves
+    by dense attention, which suits the few frames such a call makes.
     """
     b, s, d = x.shape
     h, head_dim = self.num_heads, d // self.num_heads
@@ -455,7 +457,7 @@ class DiT(nn.Module):
 
   def _past_masks(self, past: KVCache, positions: jax.Array, frame_mask: jax.Array,
                   frame_attention: jax.Array | None, tokens: int) -> list[tuple]:
-    """Each block's `Attention` past: keys, values and the token-level mask [B, 1, S, S_past + S]."""
+    """Each block's `Attention` past: keys, values, token-level mask [B, 1, S, S_past + S]."""
     b, f = frame_mask.shape
     key_positions = jnp.concatenate([past.positions, positions], axis=1)
     chex.assert_shape(past.keys[0], (b, past.positions.shape[1] * tokens, None, None))

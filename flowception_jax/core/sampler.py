@@ -38,8 +38,9 @@ INSERTION_MODES = ('bernoulli', 'thinning', 'poisson')
 SOLVERS = ('euler', 'heun')
 
 # `apply_fn(params, frames, context, frame_times, positions, frame_mask, labels)
-#   -> (velocity [B, N, H, W, C], log_rate [B, N])`.
-ApplyFn = Callable[..., tuple[jax.Array, jax.Array]]
+#   -> (velocity [B, N, H, W, C], log_rate [B, N])`; the autoregressive samplers also pass the
+# DiT's `frame_attention`, `past` and `return_kv` (which adds a `model.KVCache` to the outputs).
+ApplyFn = Callable[..., tuple[Any, ...]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,7 +223,7 @@ def initial_state(keys: jax.Array, config: SamplerConfig, frame_shape, init_fram
 
 
 def guided_apply(apply_fn: ApplyFn, params, inputs: tuple, labels, config: SamplerConfig,
-                 num_classes: int, **kwargs) -> tuple[jax.Array, jax.Array]:
+                 num_classes: int, **kwargs) -> tuple[Any, ...]:
   """The model's outputs on `inputs`, with classifier-free guidance where the config asks.
 
   `apply_fn(params, *inputs, labels, **kwargs)` returns the velocity [B, N, H, W, C] and a second
