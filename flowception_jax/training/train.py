@@ -11,6 +11,8 @@ import signal
 from typing import Any, Callable
 
 from absl import logging
+from clu import metric_writers
+from clu import periodic_actions
 import flax
 import flax.linen as nn
 import jax
@@ -375,10 +377,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   evaluate runs through it). `save_steps` are saved besides every `checkpoint_every` steps and the
   last one (a study saves the steps it evaluates, so that a stopped study resumes from them).
   """
-  # clu's writers and periodic actions import TensorFlow, seconds that only a training run needs.
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top
-  from clu import periodic_actions  # pylint: disable=g-import-not-at-top
-
   # ---- Data source and config -------------------------------------------------------------------
   source, info = datasets.make_source(config.data)
   config = resolve(config, source, info)
