@@ -154,9 +154,9 @@ stop_job() {
   fi
   kill -TERM "$pid"
   local waited
-  for ((waited = 0; waited < grace; waited++)); do
+  for ((waited = 0; waited < grace * 10; waited++)); do  # Tenths of a second.
     kill -0 "$pid" 2> /dev/null || break
-    sleep 1
+    sleep 0.1
   done
   if kill -0 "$pid" 2> /dev/null; then
     kill -KILL -- "-${pid}" 2> /dev/null || true  # A detached job leads its own process group.
