@@ -21,6 +21,7 @@ from flowception_jax.research import recipe_cost
 from flowception_jax.storage import files
 from tests import compilations
 from tests import config_files
+from tests import tiny_params
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -162,16 +163,9 @@ def test_sampler_comparison_times_the_same_videos():
   config.sampler.min_running = 1.0
   info = datasets.SourceInfo(frame_shape=(8, 8, 3), max_frames=6, num_classes=0)
   model = model_lib.DiT(patch_size=4, channels=3, hidden_size=16, depth=1, num_heads=2)
-
-  @jax.jit  # One compilation, cheaper than the initialisation's operations one by one.
-  def init():
-    params = nn.unbox(model.init(jax.random.key(0), *model_lib.init_inputs((8, 8, 3), 2, 0)))
-    leaves, tree = jax.tree.flatten(params['params'])  # Random heads too: lengths vary.
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    return jax.tree.unflatten(tree, [x + 0.2 * jax.random.normal(k, x.shape)
-                                     for x, k in zip(leaves, keys)])
-
-  params = init()
+  # Random heads too: lengths vary.
+  params = tiny_params.perturbed_init(model, *model_lib.init_inputs((8, 8, 3), 2, 0),
+                                      scale=0.2)['params']
   trained = inference.TrainedModel(config=config, info=info, model=model, params=params, step=0)
   with compilations.counted() as counts:
     results = bench.compare_samplers(trained, config, num_videos=7, batch_size=3, repeats=1)

@@ -3,7 +3,6 @@ the same keys, whatever the batch, the place in it or the capacity a video is sa
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +15,7 @@ from flowception_jax.core import sampler as sampler_lib
 from flowception_jax.core import staged_sampler
 from flowception_jax.training import config as config_lib
 from tests import compilations
+from tests import tiny_params
 
 FRAME = (4, 4, 1)
 CAPACITY = 8
@@ -26,24 +26,17 @@ STAGES = (2, 4, 8)
 def _tiny_dit(num_classes: int, seed: int = 0):
   """A one-block DiT with random weights everywhere (the zero-initialised heads included), so
   that its velocities and rates depend on every alive frame; the rate bias gives lengths from 2
-  up to the capacity. Initialised in one compilation, cheaper than its operations one by one."""
+  up to the capacity."""
   net = model_lib.DiT(patch_size=2, channels=1, hidden_size=16, depth=1, num_heads=2,
                       num_classes=num_classes)
-
-  @jax.jit
-  def init():
-    params = nn.unbox(net.init(jax.random.key(seed), *model_lib.init_inputs(FRAME, 2, num_classes)))
-    leaves, tree = jax.tree.flatten(params['params'])
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    params = jax.tree.unflatten(
-        tree, [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
-    params['rate_out']['bias'] -= 2.5
-    return params
+  params = tiny_params.perturbed_init(net, *model_lib.init_inputs(FRAME, 2, num_classes),
+                                      scale=0.3, seed=seed + 1)['params']
+  params['rate_out']['bias'] -= 2.5
 
   def apply_fn(params, *inputs, **kwargs):
     return net.apply({'params': params}, *inputs, **kwargs)
 
-  return net, apply_fn, init()
+  return net, apply_fn, params
 
 
 def _mixing_model(params, frames, context, frame_times, positions, frame_mask, labels):
