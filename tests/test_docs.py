@@ -10,11 +10,12 @@ fields of that config. A command's flags are those it reports with `--helpxml`, 
 `__main__` block up to the parsing of the flags (flags defined at import, in `_define_flags()`, by
 `jax.config.config_with_absl()`, ...): one process per module, forked from one that has imported
 the library once. The short commands of the fenced blocks (no training, no sampling) are run as
-written.
+written, forked from the same process.
 """
 
 import glob
 import importlib.util
+import json
 import os
 import re
 import shlex
@@ -111,23 +112,53 @@ def test_the_docs_show_the_commands():
              for _, _, words in COMMANDS)
 
 
-# Runs `python -m MODULE --helpxml > OUT` for each (MODULE, OUT) of its arguments, each in a child
-# forked after the imports the commands share, which then cost one process rather than each.
-_HELPXML_ALL = """
-import os, runpy, sys
+# Runs each job `[MODULE, ARG...]` of a JSON list as `python -m MODULE ARG...`, its output and
+# errors to files, each in a child forked after the imports the commands share, which then cost one
+# process rather than each; prints the JSON list of the exit codes.
+_RUN_FORKED = """
+import json, os, runpy, sys, traceback
 import flowception_jax.core.inference, flowception_jax.datasets, flowception_jax.training.train
-for module, out in zip(sys.argv[1::2], sys.argv[2::2]):
+codes = []
+for argv, out, err in json.loads(sys.argv[1]):
   pid = os.fork()
   if not pid:
-    os.dup2(os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 1)
-    sys.argv = [module, '--helpxml']
+    for fd, path in ((1, out), (2, err)):
+      os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+    sys.argv, code = argv, 0
     try:
-      runpy.run_module(module, run_name='__main__', alter_sys=True)
-    finally:
-      sys.stdout.flush()
-      os._exit(0)
-  os.waitpid(pid, 0)
+      runpy.run_module(argv[0], run_name='__main__', alter_sys=True)
+    except SystemExit as e:
+      code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    except BaseException:
+      traceback.print_exc()
+      code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+  codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+print(json.dumps(codes))
 """
+
+_RUN = [(where, words) for where, fenced, words in COMMANDS if fenced and words[2] in _SHORT]
+
+
+@pytest.fixture(scope='module')
+def command_runs(tmp_path_factory) -> dict[str, tuple[int, str, str]]:
+  """(exit code, output, errors) of `python -m MODULE --helpxml` for each module of the docs
+  (key: the module) and of each short command (key: where it is shown)."""
+  modules = sorted({words[2] for _, _, words in COMMANDS if importlib.util.find_spec(words[2])})
+  jobs = [(module, [module, '--helpxml']) for module in modules]
+  jobs += [(where, words[2:]) for where, words in _RUN]
+  folder = tmp_path_factory.mktemp('commands')
+  files = [(folder / f'{i}.out', folder / f'{i}.err') for i in range(len(jobs))]
+  result = subprocess.run(
+      [sys.executable, '-c', _RUN_FORKED,
+       json.dumps([(argv, *map(str, paths)) for (_, argv), paths in zip(jobs, files)])],
+      cwd=_ROOT, capture_output=True, text=True, timeout=600, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  codes = json.loads(result.stdout.splitlines()[-1])
+  return {key: (code, out.read_text(), err.read_text())
+          for (key, _), code, (out, err) in zip(jobs, codes, files)}
 
 
 def _parse_helpxml(module: str, text: str, stderr: str) -> dict[str, dict]:
@@ -139,19 +170,10 @@ def _parse_helpxml(module: str, text: str, stderr: str) -> dict[str, dict]:
 
 
 @pytest.fixture(scope='module')
-def command_flags(tmp_path_factory) -> dict[str, dict[str, dict]]:
+def command_flags(command_runs) -> dict[str, dict[str, dict]]:
   """The flags every command of the docs takes."""
-  modules = sorted({words[2] for _, _, words in COMMANDS if importlib.util.find_spec(words[2])})
-  outputs = [str(tmp_path_factory.mktemp('helpxml') / f'{module}.xml') for module in modules]
-  result = subprocess.run(
-      [sys.executable, '-c', _HELPXML_ALL, *[a for pair in zip(modules, outputs) for a in pair]],
-      cwd=_ROOT, capture_output=True, text=True, timeout=300, check=False)
-  assert result.returncode == 0, result.stderr[-3000:]
-  flags_of = {}
-  for module, output in zip(modules, outputs):
-    with open(output) as f:
-      flags_of[module] = _parse_helpxml(module, f.read(), result.stderr)
-  return flags_of
+  modules = {words[2] for _, _, words in COMMANDS if importlib.util.find_spec(words[2])}
+  return {module: _parse_helpxml(module, *command_runs[module][1:]) for module in modules}
 
 
 def _check_value(where: str, name: str, value: str | None, flag: dict) -> None:
@@ -216,12 +238,10 @@ def test_command_takes_the_flags_shown(where, fenced, words, command_flags, monk
     assert not config_args and not variants, f'{where}: overrides without --config'
 
 
-_RUN = [(where, words) for where, fenced, words in COMMANDS if fenced and words[2] in _SHORT]
-
-
+@pytest.mark.xdist_group('docs')  # With the flags' worker, which runs them in the same process.
 @pytest.mark.parametrize('where, words', _RUN, ids=[w for w, _ in _RUN])
-def test_short_commands_run_as_written(where, words):
-  result = subprocess.run([sys.executable, *words[1:]], cwd=_ROOT, capture_output=True,
-                          text=True, timeout=300, check=False)
-  assert result.returncode == 0, f'{where}:\n{result.stderr[-3000:]}'
-  assert result.stdout.strip(), where
+def test_short_commands_run_as_written(where, words, command_runs):
+  del words  # The fixture ran them.
+  code, out, err = command_runs[where]
+  assert code == 0, f'{where}:\n{err[-3000:]}'
+  assert out.strip(), where
