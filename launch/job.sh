@@ -115,7 +115,7 @@ run_job() {
   "$@" >> "$local_log" 2>&1 < /dev/null &
   job_pid=$!
   trap 'kill -TERM "$job_pid" 2> /dev/null || true' TERM INT
-  tail -n +1 -f --pid="$job_pid" "$local_log" &
+  tail -n +1 -f -s 0.1 --pid="$job_pid" "$local_log" &  # Ends within 0.1 s of the job.
   local tailer=$! syncer=""
   if [[ "$log" != "$local_log" ]]; then
     copy_log_periodically &

@@ -294,6 +294,7 @@ _TPU_VM = ['gcloud', 'compute', 'tpus', 'tpu-vm']
 _QUEUED = ['gcloud', 'compute', 'tpus', 'queued-resources']
 
 
+@pytest.mark.e2e
 def test_tpu_vm_from_creation_to_deletion(fakes):
   env = fakes.env
   env.update(TPU_NAME='run1', TPU_ZONE='europe-west4-b', TPU_PROJECT='proj',
@@ -365,6 +366,7 @@ def test_tpu_vm_from_creation_to_deletion(fakes):
       _TPU_VM + ['delete', 'run1', *where, '--quiet']]
 
 
+@pytest.mark.e2e
 def test_tpu_vm_multislice_is_a_queued_resource_as_wide_as_the_mesh(fakes, tmp_path):
   env = fakes.env
   env.update(TPU_ZONE='us-central2-b', TPU_ACCELERATOR_TYPE='v4-16',
@@ -412,6 +414,7 @@ def test_tpu_vm_multislice_is_a_queued_resource_as_wide_as_the_mesh(fakes, tmp_p
   assert fakes.calls() == [_QUEUED + ['delete', 'flowception', *where, '--force', '--quiet']]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize('num_slices', [1, 2])
 def test_tpu_vm_recovers_a_preempted_slice_and_runs_the_job_again(fakes, num_slices):
   env = fakes.env
@@ -474,6 +477,7 @@ def test_tpu_vm_asks_for_each_missing_setting_by_name(fakes):
   assert fakes.calls() == []
 
 
+@pytest.mark.e2e
 def test_gpu_multinode_under_slurm(fakes, tmp_path):
   env = fakes.env
   env.update(SLURM_JOB_ID='42', SLURM_JOB_NUM_NODES='2', SLURM_GPUS_PER_NODE='a100:4')
