@@ -13,8 +13,10 @@ import ml_collections
 import numpy as np
 import pytest
 
+from configs import camera as camera_config
 from configs import shapes as shapes_config
 from flowception_jax.core import inference
+from flowception_jax import datasets
 from flowception_jax.core import model as model_lib
 from flowception_jax.research import study
 from flowception_jax.storage import files
@@ -260,10 +262,12 @@ def test_a_full_sequence_curve_samples_lengths_as_its_training_measures(tmp_path
     inference.VideoSampler(model, without, curve.info, batch_size=2)
 
 
-def test_an_image_to_video_curve_continues_held_out_first_frames(tmp_path, monkeypatch):
-  """`--task=i2v`: every video starts with its held-out clip's first frame, and the continuation
-  scores join the exact metrics; other data sets are refused before any training."""
-  config = shapes_config.get_config('tiny')
+@pytest.mark.parametrize('data', ['shapes', 'camera'])
+def test_an_image_to_video_curve_continues_held_out_first_frames(data, tmp_path, monkeypatch):
+  """`--task=i2v`: every video starts with its held-out clip's first frame, scored by the set's
+  metrics, joined on shapes by the continuation scores; a set without held-out clips is refused
+  before any training."""
+  config = (shapes_config if data == 'shapes' else camera_config).get_config('tiny')
   config.context.update(p_none=0.0, p_first=1.0)
   with study._Clock() as clock:
     curve = study._Curve(config, str(tmp_path), (1,), 3, 0, clock, on_point=lambda: None,
@@ -284,12 +288,32 @@ def test_an_image_to_video_curve_continues_held_out_first_frames(tmp_path, monke
   (out,) = seen
   np.testing.assert_allclose(inference.to_pixels(out.frames, out.lengths)[:, 0], clips[:, 0],
                              atol=1 / 255)
-  assert {'i2v_position_error', 'i2v_tracked', 'i2v_length_error', 'clean_pixel_share'} <= set(
-      metrics)
-  assert 0 <= metrics['i2v_tracked'] <= 1
-  camera = ml_collections.ConfigDict(config.to_dict())
-  camera.data.name = 'camera'
-  with pytest.raises(ValueError, match='--task=i2v is scored on held-out shapes clips only'):
-    study.run_study(camera, [study.parse_variant('base')], [0], str(tmp_path / 'c'), steps=2,
+  if data == 'shapes':
+    assert {'i2v_position_error', 'i2v_tracked', 'i2v_length_error', 'clean_pixel_share'} <= set(
+        metrics)
+    assert 0 <= metrics['i2v_tracked'] <= 1
+  else:
+    assert {'motion_explained', 'motion_rmse', 'mean_length'} <= set(metrics)
+    assert not any(name.startswith('i2v_') for name in metrics)
+  coloring = ml_collections.ConfigDict(config.to_dict())
+  coloring.data.name = 'coloring'
+  with pytest.raises(ValueError, match='--task=i2v continues held-out clips of shapes or camera'):
+    study.run_study(coloring, [study.parse_variant('base')], [0], str(tmp_path / 'c'), steps=2,
                     task='i2v')
   assert not os.path.exists(tmp_path / 'c')
+
+
+def test_held_out_camera_clips_are_views_of_photos_training_never_sees():
+  """Clips over the test photos, none of which is a training photo."""
+  data = camera_config.get_config().data
+  clips, lengths = study.task_eval.held_out_clips(data, 4, 3)
+  assert np.all(lengths >= 3) and clips.shape[:2] == (4, data.max_frames)
+  train = datasets.make_source(data)[0]
+  test = datasets.make_source(ml_collections.ConfigDict({**data.to_dict(), 'split': 'test'}))[0]
+  assert not {p.tobytes() for p in train.photos} & {p.tobytes() for p in test.photos}
+  # Each held-out clip is a record of the test split under the next seed.
+  held = datasets.make_source(ml_collections.ConfigDict(
+      {**data.to_dict(), 'split': 'test', 'seed': data.seed + 1}))[0]
+  found = [r['video'] for r in (held[i] for i in range(40)) if len(r['video']) >= 3][:4]
+  for clip, length, video in zip(clips, lengths, found):
+    np.testing.assert_array_equal(clip[:length], video)

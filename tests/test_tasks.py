@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from configs import camera as camera_config
 from configs import shapes as shapes_config
 from flowception_jax.core import inference
 from flowception_jax.core import tasks
@@ -80,8 +81,10 @@ def test_written_contexts_load_as_task_inputs(tmp_path):
   assert prefix.shape == keys.shape == (3,) + FRAME
   np.testing.assert_allclose(first[0], prefix[0], atol=0.5 / 255)
   np.testing.assert_array_equal(keys[0], prefix[0])  # Both start at the clip's first frame.
-  with pytest.raises(ValueError, match='exact on shapes only'):
+  with pytest.raises(ValueError, match='held-out clips exist for shapes and camera only'):
     task_eval.held_out_clips(ml_collections.ConfigDict({'name': 'coloring'}), 2, 3)
+  with pytest.raises(ValueError, match='exact on shapes only'):
+    task_eval.write_contexts(str(tmp_path), camera_config.get_config().data, prefix=3)
 
 
 def test_task_and_context_must_agree():

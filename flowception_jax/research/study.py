@@ -11,10 +11,11 @@ seed) run trains through `train.train_and_evaluate` in `OUTPUT/runs/NAME/seed_S`
 S`. At `--evals` steps (the last at the end; `--eval_spacing=log` halves the step from each to the
 one before) the EMA weights sample `--num_videos` videos from the same noise in every run, scored
 by the data set's exact metrics (`datasets.task_metrics`); a GIF of them goes to the run's workdir.
-`--task=i2v` scores image-to-video instead (shapes only): each video continues the first frame of
-a held-out clip (`task_eval.held_out_clips`, the same clips at every evaluation), and the
-continuation scores (`datasets/shapes/tasks.py`, as `i2v_<score>`) join the exact metrics of the
-videos. Variants then train for it, e.g. `context.p_none=0.0 context.p_first=1.0`.
+`--task=i2v` scores image-to-video instead (shapes and camera): each video continues the first
+frame of a held-out clip (`task_eval.held_out_clips`, the same clips at every evaluation), scored by
+the same metrics, which on camera include the motion from the given frame on; on shapes the
+continuation scores (`datasets/shapes/tasks.py`, as `i2v_<score>`) join them. Variants then train
+for it, e.g. `context.p_none=0.0 context.p_first=1.0`.
 
 Time is training time: wall-clock seconds between blocking fetches of the train state, from the
 end of the first step, with evaluation and JAX compilation (as `jax.monitoring` reports it) taken
@@ -255,7 +256,7 @@ class _Curve:
                          video_io.video_grid(videos[:_GIF_VIDEOS], lengths[:_GIF_VIDEOS]))
     metrics = datasets.task_metrics(self.config.data.name, videos, lengths, self.config.data)
     metrics['mean_length'] = float(lengths.mean())
-    if self.task == 'i2v':
+    if self.task == 'i2v' and self.config.data.name == 'shapes':
       scores = shapes_tasks.continuation_scores(videos, lengths, clips, clip_lengths, 1)
       metrics.update({f'i2v_{name}': value for name, value in shapes_tasks.summarize(
           scores).items() if not name.endswith(('_se', '_count'))})
@@ -438,9 +439,10 @@ def run_study(config: ml_collections.ConfigDict, variants: list[Variant], seeds:
     raise ValueError('give a budget in --minutes or in --steps, not both')
   if task not in EVAL_TASKS:
     raise ValueError(f'unknown --task {task!r}; choose one of {", ".join(EVAL_TASKS)}')
-  if task == 'i2v' and config.data.name != 'shapes':
-    raise ValueError(f'--task=i2v is scored on held-out shapes clips only, not on '
-                     f'{config.data.name!r}; use --config=configs/shapes.py or --task=generate')
+  if task == 'i2v' and config.data.name not in task_eval.HELD_OUT_SETS:
+    raise ValueError(f'--task=i2v continues held-out clips of '
+                     f'{" or ".join(task_eval.HELD_OUT_SETS)} only, not of {config.data.name!r}; '
+                     'use --config=configs/shapes.py or configs/camera.py, or --task=generate')
   names = [v.name for v in variants]
   if len(set(names)) != len(names):
     raise ValueError(f'variant names must differ, got {names}')

@@ -31,17 +31,24 @@ from flowception_jax.storage import video_io
 
 
 
+HELD_OUT_SETS = ('shapes', 'camera')  # The sets with clips that training never draws.
+
+
 def held_out_clips(data_config, count: int, min_frames: int) -> tuple[np.ndarray, np.ndarray]:
-  """`count` one-shape clips of at least `min_frames` frames that training never drew.
+  """`count` clips of at least `min_frames` frames that training never drew: of `shapes`, with
+  one shape each (which the tracker follows exactly); of `camera`, over its held-out photos.
 
   Returns (clips float32 [count, N_max, H, W, C] in [0, 1] zero-padded, lengths int32 [count]).
   """
   config = ml_collections.ConfigDict(data_config.to_dict())
-  if config.name != 'shapes':
-    raise ValueError(f'task metrics are exact on shapes only, not {config.name!r}; give the '
-                     '--workdir of a model trained with configs/shapes.py')
+  if config.name not in HELD_OUT_SETS:
+    raise ValueError(f'held-out clips exist for {" and ".join(HELD_OUT_SETS)} only, not '
+                     f'{config.name!r}; give the --workdir of a model trained on one of them')
   config.seed += 1
-  config.max_shapes = 1
+  if config.name == 'shapes':
+    config.max_shapes = 1
+  else:
+    config.split = 'test'
   source, info = datasets.make_source(config)
   clips = np.zeros((count, info.max_frames) + tuple(info.frame_shape), np.float32)
   lengths = np.zeros(count, np.int32)
@@ -56,6 +63,12 @@ def held_out_clips(data_config, count: int, min_frames: int) -> tuple[np.ndarray
   return clips, lengths
 
 
+def _check_shapes(data_config) -> None:
+  if data_config.name != 'shapes':
+    raise ValueError(f'task metrics are exact on shapes only, not {data_config.name!r}; give the '
+                     '--workdir of a model trained with configs/shapes.py')
+
+
 def key_indices(lengths: np.ndarray) -> np.ndarray:
   """Key frames of interpolation: int [B, 3], frames 0, L // 2 and L - 1 of each clip."""
   lengths = np.asarray(lengths)
@@ -66,6 +79,7 @@ def evaluate(sampler: tasks.TaskSampler, seed: int, prefix: int) -> dict[str, di
   """Per-task summaries (`shapes_tasks.summarize`) of one model on `sampler.num_videos` held-out
   clips, every task sampled with the same seed."""
   num_videos = sampler.num_videos
+  _check_shapes(sampler.trained.config.data)
   clips, lengths = held_out_clips(sampler.trained.config.data, num_videos, max(prefix + 1, 3))
   keys = key_indices(lengths)
   free = sampler('generate', seed=seed)
@@ -88,6 +102,7 @@ def evaluate(sampler: tasks.TaskSampler, seed: int, prefix: int) -> dict[str, di
 def write_contexts(directory: str, data_config, prefix: int) -> None:
   """Given frames of a held-out clip as files `sample --context` reads: of the first 16 clips, the
   one whose first frame shows most of its shape (a shape enters the clip on its first frame)."""
+  _check_shapes(data_config)
   clips, lengths = held_out_clips(data_config, 16, max(prefix + 1, 3))
   areas = [tracker.track(clip[:length], max_shapes=1).coverage.sum(axis=(1, 2, 3))
            for clip, length in zip(clips, lengths)]
