@@ -68,6 +68,7 @@ def test_a_tiny_study_end_to_end(tmp_path):
   assert all(isinstance(p['train_seconds'], float) for p in run['points'])  # Not timed: no bounds.
   for point in run['points']:
     assert 0 <= point['metrics']['pass_share'] <= 1 and point['metrics']['mean_length'] >= 1
+    assert 0 <= point['metrics']['data_length_tv'] <= 1
   workdir = os.path.join(output, 'runs', 'weighted', 'seed_3')
   assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['4']
   assert os.path.isfile(os.path.join(workdir, 'samples_000004.gif'))
@@ -284,10 +285,14 @@ def test_an_image_to_video_curve_continues_held_out_first_frames(data, tmp_path,
 
   monkeypatch.setattr(inference.VideoSampler, '__call__', keep_videos)
   metrics = curve.evaluate(1, params)
-  clips, _ = study.task_eval.held_out_clips(curve.config.data, 3, 2)
+  clips, clip_lengths = study.task_eval.held_out_clips(curve.config.data, 3, 2)
   (out,) = seen
   np.testing.assert_allclose(inference.to_pixels(out.frames, out.lengths)[:, 0], clips[:, 0],
                              atol=1 / 255)
+  lengths = np.asarray(out.lengths)
+  bins = max(lengths.max(), clip_lengths.max()) + 1
+  shares = [np.bincount(x, minlength=bins) / len(x) for x in (lengths, clip_lengths)]
+  assert metrics['data_length_tv'] == pytest.approx(0.5 * np.abs(shares[0] - shares[1]).sum())
   if data == 'shapes':
     assert {'i2v_position_error', 'i2v_tracked', 'i2v_length_error', 'clean_pixel_share'} <= set(
         metrics)

@@ -10,12 +10,15 @@ flag), values read as Python literals (`data.buckets=(4,8)`, `flow.kappa=cosine`
 seed) run trains through `train.train_and_evaluate` in `OUTPUT/runs/NAME/seed_S` with `config.seed =
 S`. At `--evals` steps (the last at the end; `--eval_spacing=log` halves the step from each to the
 one before) the EMA weights sample `--num_videos` videos from the same noise in every run, scored
-by the data set's exact metrics (`datasets.task_metrics`); a GIF of them goes to the run's workdir.
+by the data set's exact metrics (`datasets.task_metrics`) and by `data_length_tv`, the total
+variation between their length histogram and the data's (`config.evals.samples.num_data_videos`
+clips); a GIF of them goes to the run's workdir.
 `--task=i2v` scores image-to-video instead (shapes and camera): each video continues the first
 frame of a held-out clip (`task_eval.held_out_clips`, the same clips at every evaluation), scored by
-the same metrics, which on camera include the motion from the given frame on; on shapes the
-continuation scores (`datasets/shapes/tasks.py`, as `i2v_<score>`) join them. Variants then train
-for it, e.g. `context.p_none=0.0 context.p_first=1.0`.
+the same metrics, which on camera include the motion from the given frame on, with
+`data_length_tv` against the lengths of those held-out clips; on shapes the continuation scores
+(`datasets/shapes/tasks.py`, as `i2v_<score>`) join them. Variants then train for it, e.g.
+`context.p_none=0.0 context.p_first=1.0`.
 
 Time is training time: wall-clock seconds between blocking fetches of the train state, from the
 end of the first step, with evaluation and JAX compilation (as `jax.monitoring` reports it) taken
@@ -61,7 +64,9 @@ from flowception_jax.core import inference
 from flowception_jax.core import model as model_lib
 from flowception_jax.core import tasks
 from flowception_jax import datasets
+from flowception_jax.datasets import metrics as metrics_lib
 from flowception_jax.datasets.shapes import tasks as shapes_tasks
+from flowception_jax.evaluation import evaluators
 from flowception_jax.research import task_eval
 from flowception_jax.storage import files
 from flowception_jax.storage import video_io
@@ -231,6 +236,7 @@ class _Curve:
     self.clock = clock
     self.on_point = on_point
     self.sampler = None
+    self.data_lengths = None  # int [M] lengths of the data's first clips, read once.
     self.start = None
     self.train_seconds = train_seconds
     self.points = [] if points is None else points
@@ -245,9 +251,15 @@ class _Curve:
     inputs = None
     if self.task == 'i2v':
       clips, clip_lengths = task_eval.held_out_clips(self.config.data, self.num_videos, 2)
+      reference_lengths = clip_lengths
       inputs = tasks.sampler_inputs('i2v', clips[:, :1], self.num_videos, self.info.max_frames,
                                     self.config.flow.num_start_frames,
                                     np.random.default_rng(self.eval_seed))
+    else:
+      if self.data_lengths is None:
+        self.data_lengths = evaluators.data_reference(
+            self.config.data, self.config.evals.samples.num_data_videos).lengths
+      reference_lengths = self.data_lengths
     out = self.sampler(params, jax.random.key(self.eval_seed), self.num_videos, inputs=inputs)
     lengths = np.asarray(out.lengths)
     videos = inference.to_pixels(out.frames, lengths)
@@ -256,6 +268,8 @@ class _Curve:
                          video_io.video_grid(videos[:_GIF_VIDEOS], lengths[:_GIF_VIDEOS]))
     metrics = datasets.task_metrics(self.config.data.name, videos, lengths, self.config.data)
     metrics['mean_length'] = float(lengths.mean())
+    metrics['data_length_tv'] = metrics_lib.total_variation(
+        metrics_lib.length_histogram(lengths), metrics_lib.length_histogram(reference_lengths))
     if self.task == 'i2v' and self.config.data.name == 'shapes':
       scores = shapes_tasks.continuation_scores(videos, lengths, clips, clip_lengths, 1)
       metrics.update({f'i2v_{name}': value for name, value in shapes_tasks.summarize(
