@@ -268,8 +268,8 @@ class _Curve:
                          video_io.video_grid(videos[:_GIF_VIDEOS], lengths[:_GIF_VIDEOS]))
     metrics = datasets.task_metrics(self.config.data.name, videos, lengths, self.config.data)
     metrics['mean_length'] = float(lengths.mean())
-    metrics['data_length_tv'] = metrics_lib.total_variation(
-        metrics_lib.length_histogram(lengths), metrics_lib.length_histogram(reference_lengths))
+    metrics['data_length_tv'] = metrics_lib.length_statistics(
+        lengths, reference_lengths)['data_length_tv']
     if self.task == 'i2v' and self.config.data.name == 'shapes':
       scores = shapes_tasks.continuation_scores(videos, lengths, clips, clip_lengths, 1)
       metrics.update({f'i2v_{name}': value for name, value in shapes_tasks.summarize(
