@@ -236,10 +236,20 @@ class _Curve:
     self.clock = clock
     self.on_point = on_point
     self.sampler = None
-    self.data_lengths = None  # int [M] lengths of the data's first clips, read once.
     self.start = None
     self.train_seconds = train_seconds
     self.points = [] if points is None else points
+
+  @functools.cached_property
+  def held_out(self) -> tuple[np.ndarray, np.ndarray]:
+    """The held-out clips (and lengths) whose first frames i2v continues, read once."""
+    return task_eval.held_out_clips(self.config.data, self.num_videos, 2)
+
+  @functools.cached_property
+  def data_lengths(self) -> np.ndarray:
+    """int [M] lengths of the data's first clips, which generated lengths face, read once."""
+    return evaluators.data_reference(self.config.data,
+                                     self.config.evals.samples.num_data_videos).lengths
 
   def evaluate(self, step: int, params) -> dict[str, float]:
     """The data set's metrics of `num_videos` videos sampled from `params`, from the same noise
@@ -250,15 +260,11 @@ class _Curve:
                                             batch_size=self.num_videos)
     inputs = None
     if self.task == 'i2v':
-      clips, clip_lengths = task_eval.held_out_clips(self.config.data, self.num_videos, 2)
-      reference_lengths = clip_lengths
+      clips, reference_lengths = self.held_out
       inputs = tasks.sampler_inputs('i2v', clips[:, :1], self.num_videos, self.info.max_frames,
                                     self.config.flow.num_start_frames,
                                     np.random.default_rng(self.eval_seed))
     else:
-      if self.data_lengths is None:
-        self.data_lengths = evaluators.data_reference(
-            self.config.data, self.config.evals.samples.num_data_videos).lengths
       reference_lengths = self.data_lengths
     out = self.sampler(params, jax.random.key(self.eval_seed), self.num_videos, inputs=inputs)
     lengths = np.asarray(out.lengths)
@@ -271,7 +277,7 @@ class _Curve:
     metrics['data_length_tv'] = metrics_lib.length_statistics(
         lengths, reference_lengths)['data_length_tv']
     if self.task == 'i2v' and self.config.data.name == 'shapes':
-      scores = shapes_tasks.continuation_scores(videos, lengths, clips, clip_lengths, 1)
+      scores = shapes_tasks.continuation_scores(videos, lengths, clips, reference_lengths, 1)
       metrics.update({f'i2v_{name}': value for name, value in shapes_tasks.summarize(
           scores).items() if not name.endswith(('_se', '_count'))})
     return {name: float(value) for name, value in metrics.items()}
